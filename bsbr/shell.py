@@ -1,0 +1,342 @@
+"""The model shell shared by every architecture in this project.
+
+Token embedding -> positions -> ``num_layers`` pre-norm blocks -> final norm -> LM head.
+Only the token *mixer* differs between architectures; everything here is written once.
+
+Axis legend used in shape comments:
+    b  batch            n  tokens in this call        D  hidden size
+    h  heads            d  head size                  V  vocabulary
+
+The mixer protocol (what ``Block`` needs from a token mixer):
+
+    mixer(x, mask=None, cache=None) -> y         x, y: (b, n, D); mask: (b, n) bool, True = real
+    mixer.init_cache(batch_size, device, dtype)  -> a mutable per-layer cache object
+    mixer.op_inputs(x, mask=None)                -> tuple of per-head tensors (projections done)
+    mixer.op(*inputs)                            -> per-head output; the pure token-mixing computation
+
+``forward`` without a cache must equal ``out_proj(op(*op_inputs(x, mask)))``. With a cache the
+mixer continues the sequence held in it and updates it in place.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+def exists(x) -> bool:
+    return x is not None
+
+
+def default(x, d):
+    return x if x is not None else d
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def check_positive_int(name: str, value, *, allow_zero: bool = False) -> None:
+    """Raise a one-line ValueError naming ``name`` unless ``value`` is a positive int."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        want = "a non-negative integer" if allow_zero else "a positive integer"
+        raise ValueError(f"{name} must be {want}, got {value!r}")
+
+
+def check_heads(hidden_dim: int, num_heads: int) -> int:
+    """Validate the head split and return the head size."""
+    check_positive_int("hidden_dim", hidden_dim)
+    check_positive_int("num_heads", num_heads)
+    if hidden_dim % num_heads:
+        raise ValueError(f"hidden_dim ({hidden_dim}) must be divisible by num_heads ({num_heads})")
+    return hidden_dim // num_heads
+
+
+def check_dropout(dropout) -> None:
+    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
+
+
+def normalize_mask(attention_mask: Optional[torch.Tensor], input_ids: torch.Tensor) -> Optional[torch.Tensor]:
+    """Turn a user attention_mask (b, n) of 0/1 (any dtype) into bool, True = real token.
+
+    Returns None when there is no mask or every position is real, so mixers can take their
+    mask-free fast path.
+    """
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, torch.Tensor):
+        raise ValueError(f"attention_mask must be a torch.Tensor of shape {tuple(input_ids.shape)}, got {type(attention_mask).__name__}")
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask shape {tuple(attention_mask.shape)} must match input_ids shape {tuple(input_ids.shape)}"
+        )
+    mask = attention_mask.to(device=input_ids.device) != 0
+    return None if bool(mask.all()) else mask
+
+
+def check_input_ids(input_ids, vocab_size: int) -> None:
+    if not isinstance(input_ids, torch.Tensor):
+        raise ValueError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
+    if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise ValueError(f"input_ids must have an integer dtype (e.g. torch.long), got {input_ids.dtype}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must have rank 2 (batch, seq_len), got shape {tuple(input_ids.shape)}")
+    if input_ids.shape[1] == 0:
+        raise ValueError("input_ids must hold at least one token per sequence (seq_len >= 1)")
+    if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size):
+        raise ValueError(f"input_ids must lie in [0, vocab_size={vocab_size}), got range [{int(input_ids.min())}, {int(input_ids.max())}]")
+
+
+# ----------------------------------------------------------------------------- positions
+
+
+def sinusoidal_positions(start: int, length: int, dim: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Vaswani et al. (2017) sinusoidal encodings for positions start .. start+length-1; no length cap."""
+    pos = torch.arange(start, start + length, device=device, dtype=torch.float64)[:, None]  # (n, 1)
+    half = (dim + 1) // 2
+    inv_freq = torch.exp(-math.log(10000.0) * torch.arange(half, device=device, dtype=torch.float64) * 2 / dim)
+    ang = pos * inv_freq[None, :]  # (n, half)
+    enc = torch.stack((ang.sin(), ang.cos()), dim=-1).flatten(-2)[:, :dim]  # (n, dim) interleaved sin/cos
+    return enc.to(dtype)
+
+
+# ----------------------------------------------------------------------------- blocks
+
+
+_ACTIVATIONS = {
+    "gelu": lambda x: F.gelu(x),
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),  # GPT-2's "gelu_new"
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
+
+class FeedForward(nn.Module):
+    def __init__(self, hidden_dim: int, ff_dim: int, dropout: float, activation: str = "gelu"):
+        super().__init__()
+        check_positive_int("ff_dim", ff_dim)
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
+        self.fc_in = nn.Linear(hidden_dim, ff_dim)
+        self.fc_out = nn.Linear(ff_dim, hidden_dim)
+        self.act = _ACTIVATIONS[activation]
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.drop(self.fc_out(self.act(self.fc_in(x))))
+
+
+class Block(nn.Module):
+    """Pre-norm block: ``x + drop(mixer(norm(x)))`` then ``x + ffn(norm(x))``."""
+
+    def __init__(self, hidden_dim: int, mixer: nn.Module, ff_dim: int, dropout: float,
+                 norm_eps: float = 1e-5, activation: str = "gelu"):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_dim, eps=norm_eps)
+        self.mixer = mixer
+        self.drop = nn.Dropout(dropout)
+        self.norm2 = nn.LayerNorm(hidden_dim, eps=norm_eps)
+        self.ffn = FeedForward(hidden_dim, ff_dim, dropout, activation)
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, cache=None) -> torch.Tensor:
+        x = x + self.drop(self.mixer(self.norm1(x), mask=mask, cache=cache))
+        return x + self.ffn(self.norm2(x))
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+@dataclass
+class ModelCache:
+    """Decoding state of a whole model: one mixer cache per layer plus the position reached."""
+
+    batch_size: int
+    layers: list = field(default_factory=list)
+    pos: int = 0
+
+    def nbytes(self) -> int:
+        """Bytes held by every tensor in the cache (for tests and the decode benchmark)."""
+        total = 0
+        seen = set()
+
+        def walk(obj):
+            nonlocal total
+            if isinstance(obj, torch.Tensor):
+                if id(obj) not in seen:
+                    seen.add(id(obj))
+                    total += obj.numel() * obj.element_size()
+            elif isinstance(obj, (list, tuple)):
+                for o in obj:
+                    walk(o)
+            elif isinstance(obj, dict):
+                for o in obj.values():
+                    walk(o)
+            elif hasattr(obj, "__dict__"):
+                for o in vars(obj).values():
+                    walk(o)
+
+        walk(self.layers)
+        return total
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class CausalLM(nn.Module):
+    """Embedding, positions, pre-norm blocks with a pluggable mixer, final norm, LM head.
+
+    Args:
+        mixer_factory: ``layer_index -> nn.Module`` following the mixer protocol above.
+        position: ``"sinusoidal"`` (default; any length) or ``"learned"`` (a table of
+            ``max_positions`` rows, as GPT-2 has; longer inputs raise a clear error).
+        tie_embeddings: share the LM head weight with the token embedding (default True).
+        use_checkpointing: recompute each block in backward instead of storing its activations.
+    """
+
+    def __init__(self, vocab_size: int, hidden_dim: int, num_layers: int, ff_dim: int, dropout: float,
+                 mixer_factory: Callable[[int], nn.Module], *, position: str = "sinusoidal",
+                 max_positions: Optional[int] = None, tie_embeddings: bool = True, norm_eps: float = 1e-5,
+                 activation: str = "gelu", use_checkpointing: bool = False):
+        super().__init__()
+        check_positive_int("vocab_size", vocab_size)
+        check_positive_int("hidden_dim", hidden_dim)
+        check_positive_int("num_layers", num_layers)
+        check_positive_int("ff_dim", ff_dim)
+        check_dropout(dropout)
+        if position not in ("sinusoidal", "learned"):
+            raise ValueError(f"position must be 'sinusoidal' or 'learned', got {position!r}")
+        if position == "learned":
+            check_positive_int("max_positions", max_positions)
+        self.vocab_size, self.hidden_dim, self.num_layers = vocab_size, hidden_dim, num_layers
+        self.position, self.max_positions = position, max_positions
+        self.use_checkpointing = bool(use_checkpointing)
+
+        self.embed = nn.Embedding(vocab_size, hidden_dim)
+        self.pos_embed = nn.Embedding(max_positions, hidden_dim) if position == "learned" else None
+        self.drop = nn.Dropout(dropout)
+        self.layers = nn.ModuleList(
+            Block(hidden_dim, mixer_factory(i), ff_dim, dropout, norm_eps, activation) for i in range(num_layers)
+        )
+        self.norm = nn.LayerNorm(hidden_dim, eps=norm_eps)
+        self.lm_head = nn.Linear(hidden_dim, vocab_size, bias=False)
+        self.apply(self._init_weights)
+        if tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        # GPT-2 style init; mixers may re-initialise their own special parameters afterwards.
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+
+    # ---- positions -----------------------------------------------------------------------
+
+    def _positions(self, start: int, n: int, device, dtype) -> torch.Tensor:
+        if self.pos_embed is None:
+            return sinusoidal_positions(start, n, self.hidden_dim, device=device, dtype=dtype)
+        if start + n > self.max_positions:
+            raise ValueError(
+                f"sequence reaches position {start + n}, past this model's learned position table "
+                f"(max_positions={self.max_positions}); use a sinusoidal-position model for longer inputs"
+            )
+        return self.pos_embed.weight[start:start + n]
+
+    # ---- forward -------------------------------------------------------------------------
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                cache: Optional[ModelCache] = None, **kwargs) -> torch.Tensor:
+        """Logits ``(batch, seq_len, vocab_size)``.
+
+        ``attention_mask`` (batch, seq_len): 1 for real tokens, 0 for padding; padded positions
+        are never attended to (their own outputs are unspecified). With ``cache`` the call
+        continues the sequence held in the cache and updates it in place.
+        """
+        if kwargs:
+            raise ValueError(f"unexpected keyword argument(s) {sorted(kwargs)}; valid: attention_mask, cache")
+        check_input_ids(input_ids, self.vocab_size)
+        mask = normalize_mask(attention_mask, input_ids)
+        b, n = input_ids.shape
+        start = 0
+        if cache is not None:
+            if not isinstance(cache, ModelCache) or len(cache.layers) != len(self.layers):
+                raise ValueError("cache must come from this model's init_cache()")
+            if cache.batch_size != b:
+                raise ValueError(f"cache was made for batch_size={cache.batch_size}, got input batch {b}")
+            start = cache.pos
+
+        x = self.embed(input_ids)  # (b, n, D)
+        x = self.drop(x + self._positions(start, n, x.device, x.dtype))
+        for i, block in enumerate(self.layers):
+            layer_cache = cache.layers[i] if cache is not None else None
+            if self.use_checkpointing and self.training and cache is None and torch.is_grad_enabled():
+                x = checkpoint(block, x, mask, None, use_reentrant=False)
+            else:
+                x = block(x, mask, layer_cache)
+        if cache is not None:
+            cache.pos += n
+        return self.lm_head(self.norm(x))  # (b, n, V)
+
+    def init_cache(self, batch_size: int, device=None, dtype=None) -> ModelCache:
+        """An empty decoding cache; pass it to ``forward`` to stream a sequence in pieces."""
+        check_positive_int("batch_size", batch_size)
+        p = self.embed.weight
+        device, dtype = default(device, p.device), default(dtype, p.dtype)
+        return ModelCache(batch_size, [blk.mixer.init_cache(batch_size, device, dtype) for blk in self.layers])
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+                 top_k: Optional[int] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Continue ``input_ids`` by ``max_new_tokens`` tokens using the cache.
+
+        Greedy (``temperature=0``, the default) or sampled. The prompt is prefilled once; each
+        further step feeds one token, so no step recomputes the prefix.
+        Returns ``(batch, prompt_len + max_new_tokens)`` token ids.
+        """
+        check_positive_int("max_new_tokens", max_new_tokens, allow_zero=True)
+        check_input_ids(input_ids, self.vocab_size)
+        cache = self.init_cache(input_ids.shape[0])
+        out = input_ids
+        logits = self(input_ids, cache=cache)[:, -1]
+        for step in range(max_new_tokens):
+            if temperature and temperature > 0:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator)
+            else:
+                nxt = logits.argmax(-1, keepdim=True)
+            out = torch.cat([out, nxt], dim=1)
+            if step + 1 < max_new_tokens:
+                logits = self(nxt, cache=cache)[:, -1]
+        return out
+
+    def num_parameters(self) -> int:
+        """Unique parameters (a tied head counts once)."""
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+
+# ----------------------------------------------------------------------------- head helpers
+
+
+def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(b, n, h*d) -> (b, h, n, d)"""
+    b, n, _ = x.shape
+    return x.view(b, n, num_heads, -1).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(b, h, n, d) -> (b, n, h*d)"""
+    b, h, n, d = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * d)

@@ -1,0 +1,121 @@
+"""The registry: one explicit table of the seven architectures.
+
+The CLI's choices, the tests' parametrisation and the plots' order and colours all come from
+``REGISTRY``. Nothing else in the project lists the models.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import asdict, dataclass, replace
+from typing import Callable, Optional
+
+from torch import nn
+
+MODES = ("forward", "train", "decode")
+LEVELS = ("model", "layer", "op")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Every hyperparameter any registered model takes; each builder reads what it needs."""
+
+    vocab_size: int = 1000
+    hidden_dim: int = 256
+    num_layers: int = 2
+    num_heads: int = 4
+    ff_dim: int = 512
+    dropout: float = 0.0
+    chunk_size: int = 64          # BSBR, Linear, DeltaNet, GAU
+    chunk_overlap: int = 0        # BSBR
+    compression_factor: Optional[int] = None  # BSBR
+    window_size: int = 64         # SlidingWindow
+    hopfield_beta: Optional[float] = None     # Hopfield; None -> 1/sqrt(head size)
+    update_steps: int = 1         # Hopfield
+    expansion_factor: int = 2     # GAU
+    qk_dim: int = 128             # GAU (the paper's s)
+
+    def with_(self, **kw) -> "ModelConfig":
+        return replace(self, **kw)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _common(c: ModelConfig) -> dict:
+    return dict(vocab_size=c.vocab_size, hidden_dim=c.hidden_dim, num_layers=c.num_layers,
+                num_heads=c.num_heads, ff_dim=c.ff_dim, dropout=c.dropout)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    method: str                      # the published method it follows
+    complexity: str                  # parallel-form cost, per head
+    time_class: str                  # expected growth in n of the parallel form: "n" or "n^2"
+    modes: tuple                     # which of MODES it supports
+    target: str                      # "module:ClassName" of the model class
+    kwargs: Callable[[ModelConfig], dict]
+    state: str = ""                  # what its decoding cache holds
+
+    def model_class(self):
+        mod, cls = self.target.split(":")
+        return getattr(importlib.import_module(mod), cls)
+
+    def build(self, cfg: ModelConfig) -> nn.Module:
+        """The whole model (embedding, layers, head) for ``cfg``."""
+        return self.model_class()(**self.kwargs(cfg))
+
+    def build_mixer(self, cfg: ModelConfig) -> nn.Module:
+        """One token-mixing layer with its projections (the ``layer`` level)."""
+        return self.build(cfg.with_(num_layers=1)).layers[0].mixer
+
+
+REGISTRY: dict[str, ModelSpec] = {
+    s.name: s
+    for s in [
+        ModelSpec(
+            "BSBR", "Block Sparse attention with Block Retrieval (this project; design/architectures.md s.1)",
+            "O(n(c+o)d + n d^2/f + C^2 d^2/f)", "n", MODES, "bsbr.model:BSBRModel",
+            lambda c: dict(_common(c), chunk_size=c.chunk_size, compression_factor=c.compression_factor,
+                           chunk_overlap=c.chunk_overlap),
+            state="current chunk K,V + one d x d/f state per completed chunk"),
+        ModelSpec(
+            "Standard", "Causal softmax attention (Vaswani et al., 2017)",
+            "O(n^2 d)", "n^2", MODES, "bsbr_extras.standard:StandardTransformerModel",
+            lambda c: _common(c), state="K,V of every token"),
+        ModelSpec(
+            "Linear", "Linear attention, phi=elu+1 (Katharopoulos et al., 2020)",
+            "O(n c d + n d^2)", "n", MODES, "bsbr_extras.linear:LinearTransformerModel",
+            lambda c: dict(_common(c), chunk_size=c.chunk_size), state="d x d state + d normaliser"),
+        ModelSpec(
+            "DeltaNet", "Delta rule, chunkwise WY form (Schlag et al., 2021; Yang et al., 2024)",
+            "O(n c d + n d^2)", "n", MODES, "bsbr_extras.deltanet:DeltaNetModel",
+            lambda c: dict(_common(c), chunk_size=c.chunk_size), state="d x d state"),
+        ModelSpec(
+            "SlidingWindow", "Causal sliding-window softmax attention (e.g. Beltagy et al., 2020)",
+            "O(n w d)", "n", MODES, "bsbr_extras.sliding_window:SlidingWindowTransformerModel",
+            lambda c: dict(_common(c), window_size=c.window_size), state="ring buffer of w keys and values"),
+        ModelSpec(
+            "Hopfield", "Modern Hopfield retrieval (Ramsauer et al., 2021)",
+            "O(update_steps * n^2 d)", "n^2", MODES, "bsbr_extras.hopfield:HopfieldNetworkModel",
+            lambda c: dict(_common(c), beta=c.hopfield_beta, update_steps=c.update_steps),
+            state="K,V of every token"),
+        ModelSpec(
+            "GAU", "Gated attention unit, FLASH mixed-chunk form (Hua et al., 2022)",
+            "O(n c e + n e^2)", "n", MODES, "bsbr_extras.gau:GAUModel",
+            lambda c: dict(_common(c), chunk_size=c.chunk_size, expansion_factor=c.expansion_factor,
+                           qk_dim=c.qk_dim),
+            state="current chunk + s x e cross-chunk state"),
+    ]
+}
+
+MODEL_NAMES: tuple = tuple(REGISTRY)
+
+
+def resolve_model(name: str) -> ModelSpec:
+    """Case-insensitive lookup; raises ValueError naming the valid choices."""
+    for key, spec in REGISTRY.items():
+        if key.lower() == str(name).strip().lower():
+            return spec
+    raise ValueError(f"unknown model {name!r}; valid: {', '.join(MODEL_NAMES)}")
