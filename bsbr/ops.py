@@ -1,0 +1,268 @@
+"""BSBR as pure tensor functions on per-head inputs (no parameters, no modules).
+
+Axis legend:
+    b  batch          h  heads           n  tokens              d  head size
+    c  chunk size     C  chunks in call  P  chunks already in the cache (past)
+    o  overlap        L  keys seen by one chunk's queries (c + o)
+    e  compressed key size d / f
+
+For token t in chunk i the output is (design/architectures.md s.1)
+
+    local_t     = sum_{s in W(t)} softmax_s(q_t . k_s / sqrt(d)) v_s,
+                  W(t) = { s real : max(i c - o, 0) <= s <= t }
+    F_j         = sum_{s in chunk j, real} (A^T k_s) v_s^T                      (e x d)
+    P_ij        = softmax over earlier chunks j < i that hold a real token of (r_i . h_j / sqrt(d))
+    S_i         = sum_j P_ij F_j                                                (S = 0 if no such j)
+    retrieved_t = gamma (A^T q_t)^T S_i
+    o_t         = local_t + retrieved_t
+
+``A`` (h, d, e) is the optional per-head compression map (identity when None). ``gamma`` defaults
+to ``1 / (c sqrt(e))``: the retrieved term is then the P-weighted mean over a chunk's tokens of
+``(q.k / sqrt(e)) v``, i.e. values weighted by attention-logit-sized scalars, the same order of
+magnitude as the local term's softmax average of values while logits are O(1).
+
+Everything is batched over chunks: the local term is one batched (b h C) attention over
+``c x (c + o)`` blocks, the retrieval is one (C x (P + C)) softmax and one matmul that mixes the
+chunk states. No tensor of size n x n is built, and there is no Python loop over tokens or chunks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+_NEG_INF = float("-inf")
+
+
+@dataclass
+class BSBRPast:
+    """What a continuation needs from the chunks before it (all optional-empty).
+
+    F:      (b, h, P, e, d) states of completed chunks
+    hk:     (b, h, P, d)    their meta keys
+    valid:  (b, P) bool     chunk holds at least one real token
+    tail_k, tail_v: (b, h, o', d) the last o' <= o keys/values of the previous chunk
+    tail_m: (b, o') bool    their mask
+    """
+
+    F: torch.Tensor
+    hk: torch.Tensor
+    valid: torch.Tensor
+    tail_k: torch.Tensor
+    tail_v: torch.Tensor
+    tail_m: torch.Tensor
+
+
+def default_gamma(chunk_size: int, key_dim: int) -> float:
+    return 1.0 / (chunk_size * math.sqrt(key_dim))
+
+
+# ----------------------------------------------------------------------------- local term
+
+
+def _block_softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+                             scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale + bias) v over a batch of small blocks.
+
+    q: (B, c, d); k, v: (B, L, d); bias broadcastable to (B, c, L) with 0 / -inf.
+    Every row must allow at least one key (callers guarantee the diagonal).
+    """
+    kt = k.transpose(1, 2)  # (B, d, L)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        att = torch.baddbmm(bias.expand(q.shape[0], -1, -1) if bias.dim() == 3 else bias, q, kt, alpha=scale)
+        return torch.bmm(att.softmax(-1), v)
+    # Inference: tile over the block batch so each tile's logits stay in cache; fusing the
+    # scale and the mask into baddbmm avoids two extra passes over the logits.
+    B, c, L = q.shape[0], q.shape[1], k.shape[1]
+    out = torch.empty(B, c, v.shape[-1], dtype=q.dtype, device=q.device)
+    tile = max(1, (1 << 22) // (c * L))
+    per_block = bias.dim() == 3 and bias.shape[0] == B
+    for s in range(0, B, tile):
+        e = min(s + tile, B)
+        logits = torch.baddbmm(bias[s:e] if per_block else bias, q[s:e], kt[s:e], alpha=scale)
+        torch.bmm(torch.softmax(logits, -1), v[s:e], out=out[s:e])
+    return out
+
+
+def _local_keys(x: torch.Tensor, tail: Optional[torch.Tensor], o: int, c: int, C: int) -> torch.Tensor:
+    """Per-chunk key windows: chunk i sees the last o positions before it, then itself.
+
+    x: (b, h, C*c, d); tail: (b, h, o, d) that precede position 0. Returns (b, h, C, o + c, d).
+    """
+    if o == 0:
+        return x.unflatten(2, (C, c))
+    full = torch.cat([tail, x], dim=2)  # (b, h, o + C c, d)
+    return full.unfold(2, o + c, c).transpose(-1, -2)  # (b, h, C, o + c, d)
+
+
+def _local_mask(m: torch.Tensor, tail_m: Optional[torch.Tensor], o: int, c: int, C: int) -> torch.Tensor:
+    """Key-validity windows matching _local_keys: (b, C, o + c) bool."""
+    if o == 0:
+        return m.view(m.shape[0], C, c)
+    return torch.cat([tail_m, m], dim=1).unfold(1, o + c, c)
+
+
+def local_attention(q, k, v, *, chunk_size: int, overlap: int = 0, mask: Optional[torch.Tensor] = None,
+                    tail_k=None, tail_v=None, tail_m=None) -> torch.Tensor:
+    """Causal softmax attention within chunks, each reaching ``overlap`` tokens back.
+
+    q, k, v: (b, h, n, d) with n a multiple of chunk_size; mask (b, n) bool or None.
+    tail_*: the ``overlap`` keys/values/mask preceding position 0 (zeros/False when absent).
+    """
+    b, h, n, d = q.shape
+    c, o = chunk_size, overlap
+    C = n // c
+    if o and tail_k is None:
+        tail_k = q.new_zeros(b, h, o, d)
+        tail_v = q.new_zeros(b, h, o, d)
+        tail_m = torch.zeros(b, o, dtype=torch.bool, device=q.device)
+    # query i (0..c-1) of a chunk may see window slot j (0..o+c-1) iff j - o <= i
+    causal = torch.ones(c, o + c, dtype=torch.bool, device=q.device).tril(diagonal=o)  # (c, L)
+    diag = torch.zeros(c, o + c, dtype=torch.bool, device=q.device)
+    diag[torch.arange(c), torch.arange(c) + o] = True  # the query itself: keeps masked rows finite
+    if mask is None and o == 0:  # the common fast path: one (c, c) causal bias shared by all blocks
+        bias = torch.zeros(c, c, dtype=q.dtype, device=q.device).masked_fill(~causal, _NEG_INF)
+    else:
+        m = mask if mask is not None else torch.ones(b, n, dtype=torch.bool, device=q.device)
+        win = _local_mask(m, tail_m, o, c, C)  # (b, C, L)
+        allowed = (causal & win[:, :, None, :]) | diag  # (b, C, c, L)
+        bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill(~allowed, _NEG_INF)
+        bias = bias[:, None].expand(b, h, C, c, o + c).reshape(b * h * C, c, o + c)
+    kw = _local_keys(k, tail_k, o, c, C).reshape(b * h * C, o + c, d)
+    vw = _local_keys(v, tail_v, o, c, C).reshape(b * h * C, o + c, d)
+    out = _block_softmax_attention(q.reshape(b * h * C, c, d), kw, vw, bias, 1.0 / math.sqrt(d))
+    return out.view(b, h, n, d)
+
+
+# ----------------------------------------------------------------------------- retrieval term
+
+
+def chunk_states(k: torch.Tensor, v: torch.Tensor, chunk_size: int, mask: Optional[torch.Tensor] = None,
+                 compress: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """F_j = sum_{s in chunk j, real} (A^T k_s) v_s^T.  k, v: (b, h, C*c, d) -> (b, h, C, e, d)."""
+    if compress is not None:
+        k = torch.einsum("bhnd,hde->bhne", k, compress)
+    if mask is not None:
+        k = k * mask[:, None, :, None].to(k.dtype)
+    b, h, n, e = k.shape
+    C = n // chunk_size
+    kc = k.view(b, h, C, chunk_size, e)
+    vc = v.view(b, h, C, chunk_size, v.shape[-1])
+    return kc.transpose(-1, -2) @ vc  # (b, h, C, e, d)
+
+
+def retrieval_weights(r: torch.Tensor, hk: torch.Tensor, valid: torch.Tensor, num_past: int) -> torch.Tensor:
+    """P_ij: softmax over valid chunks j < num_past + i of r_i . h_j / sqrt(d); all-zero rows if none.
+
+    r: (b, h, C, d) queries of the new chunks; hk: (b, h, P + C, d); valid: (b, P + C) bool.
+    Returns (b, h, C, P + C).
+    """
+    C, T, d = r.shape[2], hk.shape[2], r.shape[-1]
+    scores = (r @ hk.transpose(-1, -2)) / math.sqrt(d)  # (b, h, C, P+C)
+    earlier = torch.ones(C, T, dtype=torch.bool, device=r.device).tril(diagonal=num_past - 1)  # j < P + i
+    allowed = earlier & valid[:, None, None, :]  # (b, 1, C, T)
+    any_allowed = allowed.any(-1, keepdim=True)  # (b, 1, C, 1)
+    # rows with nothing to retrieve get a dummy all-zero score row and are zeroed after the softmax,
+    # so neither the values nor the gradients ever see NaN
+    scores = scores.masked_fill(~allowed & any_allowed, _NEG_INF).masked_fill(~any_allowed, 0.0)
+    return scores.softmax(-1) * allowed.to(scores.dtype)
+
+
+def bsbr_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r: torch.Tensor, hk: torch.Tensor, *,
+                   chunk_size: int, overlap: int = 0, mask: Optional[torch.Tensor] = None,
+                   compress: Optional[torch.Tensor] = None, gamma: Optional[float] = None,
+                   past: Optional[BSBRPast] = None, return_states: bool = False):
+    """The BSBR token mixer, chunkwise-parallel.
+
+    Args:
+        q, k, v: (b, h, n, d) per-head projections; any n >= 1 (padded internally to chunks).
+        r: (b, h, C, d) meta query of each chunk (from the summary of the chunk before it).
+        hk: (b, h, C, d) meta key of each chunk (from its own summary). C = ceil(n / chunk_size).
+        mask: (b, n) bool, True = real token; masked tokens are never attended to or stored.
+        compress: (h, d, e) per-head compression map A, or None.
+        gamma: retrieval scale; default ``default_gamma(chunk_size, e)``.
+        past: state of the chunks before position 0 (the call must start on a chunk boundary).
+        return_states: also return the new chunks' states (F, valid, S) for the cache.
+    Returns:
+        (b, h, n, d) outputs; with ``return_states`` also a dict of F (b,h,C,e,d), valid (b,C),
+        S (b,h,C,e,d).
+    """
+    b, h, n, d = q.shape
+    c, o = chunk_size, overlap
+    C = -(-n // c)
+    pad = C * c - n
+    if pad:
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    m = mask
+    if pad and m is None:
+        m = torch.ones(b, n, dtype=torch.bool, device=q.device)
+    if m is not None and pad:
+        m = F.pad(m, (0, pad), value=False)
+
+    tail = (past.tail_k, past.tail_v, past.tail_m) if past is not None and past.tail_k.shape[2] == o else (None,) * 3
+    local = local_attention(q, k, v, chunk_size=c, overlap=o, mask=m,
+                            tail_k=tail[0], tail_v=tail[1], tail_m=tail[2])  # (b, h, C c, d)
+
+    F_new = chunk_states(k, v, c, m, compress)  # (b, h, C, e, d)
+    e = F_new.shape[3]
+    valid_new = m.view(b, C, c).any(-1) if m is not None else torch.ones(b, C, dtype=torch.bool, device=q.device)
+    if past is not None and past.F.shape[2]:
+        F_all = torch.cat([past.F, F_new], dim=2)
+        hk_all = torch.cat([past.hk, hk], dim=2)
+        valid_all = torch.cat([past.valid, valid_new], dim=1)
+        P = past.F.shape[2]
+    else:
+        F_all, hk_all, valid_all, P = F_new, hk, valid_new, 0
+    weights = retrieval_weights(r, hk_all, valid_all, P)  # (b, h, C, P + C)
+    S = (weights @ F_all.flatten(-2)).view(b, h, C, e, d)  # (b, h, C, e, d)
+    qe = torch.einsum("bhnd,hde->bhne", q, compress) if compress is not None else q
+    g = default_gamma(c, e) if gamma is None else gamma
+    retrieved = (qe.view(b, h, C, c, e) @ S).view(b, h, C * c, d)
+    out = (local + g * retrieved)[:, :, :n]
+    if return_states:
+        return out, dict(F=F_new, valid=valid_new, S=S)
+    return out
+
+
+def bsbr_open_chunk(q, k_ctx, v_ctx, m_ctx, start: int, S: Optional[torch.Tensor],
+                    compress: Optional[torch.Tensor], gamma: float) -> torch.Tensor:
+    """Outputs for queries continuing an open chunk (the decoding step).
+
+    q: (b, h, m, d) queries at context positions start .. start+m-1 of k_ctx/v_ctx (b, h, T, d),
+    which hold [overlap tail | chunk so far | these m tokens]; m_ctx (b, T) bool. S (b, h, e, d) is
+    the chunk's retrieval state. Cost per query O(T d + e d): no prefix recomputation.
+    """
+    mq, T = q.shape[2], k_ctx.shape[2]
+    qi = torch.arange(mq, device=q.device)[:, None] + start
+    kj = torch.arange(T, device=q.device)[None, :]
+    allowed = ((kj <= qi) & m_ctx[:, None, :]) | (kj == qi)  # (b, m, T)
+    bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill(~allowed, _NEG_INF)
+    out = F.scaled_dot_product_attention(q, k_ctx, v_ctx, attn_mask=bias[:, None])
+    if S is not None:
+        qe = torch.einsum("bhnd,hde->bhne", q, compress) if compress is not None else q
+        out = out + gamma * (qe @ S)
+    return out
+
+
+def bsbr_attention_flops(batch: int, heads: int, n: int, head_dim: int, chunk_size: int, overlap: int = 0,
+                         compression_factor: Optional[int] = None) -> int:
+    """Analytic FLOPs (2 per multiply-add) of ``bsbr_attention`` as implemented.
+
+    Counts the matrix products only (softmax and elementwise work are lower order), over the full
+    c x (c + o) blocks and the full C x C chunk-score matrix, as computed.
+    """
+    c, o, d = chunk_size, overlap, head_dim
+    C = -(-n // c)
+    N = C * c
+    e = d // (compression_factor or 1)
+    local = 2 * 2 * N * (c + o) * d            # q k^T and p v over (c, c+o) blocks
+    compress = 2 * 2 * N * d * e if compression_factor else 0  # k A and q A
+    states = 2 * N * e * d                     # (k A)^T v per chunk
+    scores = 2 * C * C * d                     # r h^T
+    mixing = 2 * C * C * e * d                 # P F
+    readout = 2 * N * e * d                    # (q A) S
+    return batch * heads * (local + compress + states + scores + mixing + readout)
