@@ -1,0 +1,204 @@
+"""Every figure of the evaluation suite: the one module that draws (matplotlib Agg, seaborn).
+
+Public API: each ``plot_*`` function takes long-form DataFrames (one row per observation, as
+``compare`` and ``evals.analysis`` produce them) and an output folder, writes PNGs there and
+returns the paths it wrote, in a stable order.
+
+    plot_scaling(df, fits, out_dir)   time and memory vs length, log-log, measured points with
+                                      their p20-p80 band and the fitted curve; faceted device x mode
+    plot_speedup(rel, out_dir)        speedup and memory ratio against Standard vs length
+    plot_params(df, out_dir)          parameter count per model
+
+Conventions for a new ``plot_*`` function: take DataFrames, not paths; colour and order models
+with ``model_palette`` / ``model_order``; label both axes with units; save with ``_save``; never
+draw a failed (oom / error / skipped) row as a value (``_mark_failures`` marks them instead).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on CI machines or cluster nodes
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+
+from evals.analysis import UNDERDETERMINED, evaluate_class, model_order, ok_rows  # noqa: E402
+from evals.registry import MODEL_NAMES  # noqa: E402
+
+METRIC_LABELS = {"time_ms": "time (ms, median of repeats)", "peak_memory_mb": "peak memory (MB)"}
+METRIC_TITLES = {"time_ms": "Time", "peak_memory_mb": "Peak memory"}
+LENGTH_LABEL = "sequence length n (tokens)"
+# Facets: one panel per device (columns) and mode (rows). The rest of the configuration is fixed
+# within one figure; a CSV with several such configurations gives one figure each.
+CONFIG_KEYS = ("level", "dtype", "batch_size", "hidden_dim", "num_layers", "num_heads")
+FAILURE_MARKERS = {"oom": "X", "error": "P", "skipped": "v"}
+DPI = 120
+
+
+def model_palette(models: Iterable[str] = ()) -> dict:
+    """A fixed colour per model: registry order picks the colour, so it is the same in every figure."""
+    names = list(MODEL_NAMES) + [m for m in model_order(models) if m not in MODEL_NAMES]
+    colours = sns.color_palette("tab10", max(10, len(names)))
+    return {m: colours[i] for i, m in enumerate(names)}
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _config_groups(df: pd.DataFrame):
+    """Yield (file-name suffix, title fragment, rows) per fixed configuration.
+
+    The suffix is just the level when each level has one configuration, as it usually does.
+    """
+    keys = [k for k in CONFIG_KEYS if k in df.columns]
+    groups = list(df.groupby(keys, sort=True, dropna=False))
+    per_level = pd.Series([k[0] for k, _ in groups]).value_counts()
+    for key, sub in groups:
+        c = dict(zip(keys, key))
+        title = (f"level={c['level']}, {c['dtype']}, batch {_i(c['batch_size'])}, d={_i(c['hidden_dim'])}, "
+                 f"{_i(c['num_layers'])} layer(s), {_i(c['num_heads'])} head(s)")
+        suffix = str(c["level"])
+        if per_level[c["level"]] > 1:
+            suffix += (f"_{c['dtype']}_b{_i(c['batch_size'])}_d{_i(c['hidden_dim'])}"
+                       f"_L{_i(c['num_layers'])}_h{_i(c['num_heads'])}")
+        yield suffix, title, sub
+
+
+def _i(v) -> str:
+    return str(int(v)) if isinstance(v, (int, float, np.number)) and np.isfinite(v) else str(v)
+
+
+def _grid(data: pd.DataFrame, height: float = 3.6) -> sns.FacetGrid:
+    return sns.FacetGrid(data, row="mode", col="device", height=height, aspect=1.35, sharex=True, sharey=False,
+                         margin_titles=True, row_order=sorted(data["mode"].unique()),
+                         col_order=sorted(data["device"].unique()), despine=False)
+
+
+def _mark_failures(ax, failed: pd.DataFrame, palette: dict) -> None:
+    """Failed rows as markers on the axis floor (x = length), so a failure never reads as a value."""
+    for _, r in failed.iterrows():
+        ax.plot(r["seq_len"], 0.03, transform=ax.get_xaxis_transform(), marker=FAILURE_MARKERS[r["status"]],
+                color=palette[r["model"]], markersize=8, linestyle="none", clip_on=False)
+
+
+def _legend(fig, models: list, palette: dict, extra: list) -> None:
+    handles = [Line2D([], [], color=palette[m], marker="o", label=m) for m in models] + extra
+    fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 0.95), frameon=False)
+
+
+def plot_scaling(df: pd.DataFrame, fits: pd.DataFrame, out_dir: Path) -> list:
+    """Time and memory vs length on log-log axes, with fitted curves, faceted by device and mode.
+
+    Points are medians; vertical bars span p20-p80 of the timing samples. The curve is the AICc-best
+    class (solid) or, where the fit is underdetermined, the log-log power law (dotted).
+    """
+    out_dir = Path(out_dir)
+    palette = model_palette(df["model"])
+    written = []
+    for metric in ("time_ms", "peak_memory_mb"):
+        for suffix, title, sub in _config_groups(df):
+            ok = ok_rows(sub, metric)
+            if ok.empty:
+                continue
+            failed = sub[sub["status"] != "ok"]
+            models = model_order(sub["model"])
+            # the fits of this metric and this configuration
+            fits_here = fits[fits["metric"] == metric].merge(sub[list(CONFIG_KEYS)].drop_duplicates(), on=list(CONFIG_KEYS))
+            g = _grid(sub)
+            for (mode, device), ax in g.axes_dict.items():
+                pts = ok[(ok["mode"] == mode) & (ok["device"] == device)]
+                sns.scatterplot(data=pts, x="seq_len", y=metric, hue="model", hue_order=models, palette=palette,
+                                ax=ax, legend=False, s=30, zorder=3)
+                if metric == "time_ms":
+                    lo = (pts["time_ms"] - pts["time_ms_p20"]).clip(lower=0)
+                    hi = (pts["time_ms_p80"] - pts["time_ms"]).clip(lower=0)
+                    for m, p in pts.groupby("model"):
+                        ax.errorbar(p["seq_len"], p["time_ms"], yerr=[lo[p.index], hi[p.index]], fmt="none",
+                                    ecolor=palette[m], elinewidth=1, capsize=2, zorder=2)
+                f = fits_here[(fits_here["mode"] == mode) & (fits_here["device"] == device)]
+                for _, r in f.iterrows():
+                    if r["model"] not in models or not np.isfinite(r["min_len"]):
+                        continue
+                    n = np.geomspace(r["min_len"], r["max_len"], 64)
+                    if r["best_class"] == UNDERDETERMINED:
+                        if np.isfinite(r["slope"]):
+                            ax.plot(n, np.exp(r["intercept"]) * n ** r["slope"], ":", color=palette[r["model"]])
+                    else:
+                        ax.plot(n, evaluate_class(r.to_dict(), n), "-", color=palette[r["model"]], lw=1.3)
+                _mark_failures(ax, failed[(failed["mode"] == mode) & (failed["device"] == device)], palette)
+                ax.set(xscale="log", yscale="log")
+            g.set_axis_labels(LENGTH_LABEL, METRIC_LABELS[metric])
+            g.set_titles(row_template="mode: {row_name}", col_template="device: {col_name}")
+            g.figure.suptitle(f"{METRIC_TITLES[metric]} vs length ({title})", y=1.02)
+            extra = [Line2D([], [], color="grey", ls="-", label="fit: best class (AICc)"),
+                     Line2D([], [], color="grey", ls=":", label="fit: power law (underdetermined)")]
+            extra += [Line2D([], [], color="grey", marker=mk, ls="none", label=f"{st} (not measured)")
+                      for st, mk in FAILURE_MARKERS.items() if (failed["status"] == st).any()]
+            _legend(g.figure, models, palette, extra)
+            written.append(_save(g.figure, out_dir / f"{metric}_{suffix}.png"))
+    return written
+
+
+def plot_speedup(rel: pd.DataFrame, out_dir: Path) -> list:
+    """Speedup (t_Standard / t) and memory ratio (mem / mem_Standard) vs length, per device and mode."""
+    out_dir = Path(out_dir)
+    written = []
+    if rel.empty:
+        return written
+    palette = model_palette(rel["model"])
+    specs = [("speedup", "speedup vs Standard (x, higher is faster)", "Speedup over Standard"),
+             ("memory_ratio", "memory / Standard's (x, lower is leaner)", "Peak memory relative to Standard")]
+    for col, ylabel, name in specs:
+        for suffix, title, sub in _config_groups(rel):
+            sub = sub[np.isfinite(sub[col].astype(float)) & (sub["model"] != "Standard")]
+            if sub.empty:
+                continue
+            models = model_order(sub["model"])
+            g = _grid(sub)
+            g.map_dataframe(sns.lineplot, x="seq_len", y=col, hue="model", hue_order=models, palette=palette,
+                            marker="o", estimator="median", errorbar=None)
+            for ax in g.axes.flat:
+                ax.axhline(1.0, color="black", lw=0.8, ls="--")
+                ax.set(xscale="log", yscale="log")
+            g.set_axis_labels(LENGTH_LABEL, ylabel)
+            g.set_titles(row_template="mode: {row_name}", col_template="device: {col_name}")
+            g.figure.suptitle(f"{name} ({title})", y=1.02)
+            _legend(g.figure, models, palette, [Line2D([], [], color="black", ls="--", label="Standard (= 1)")])
+            written.append(_save(g.figure, out_dir / f"{col}_{suffix}.png"))
+    return written
+
+
+def plot_params(df: pd.DataFrame, out_dir: Path) -> list:
+    """Parameter count per model, one panel per level (the op level has none and is left out)."""
+    d = df[np.isfinite(df["params"]) & (df["params"] > 0)]
+    if d.empty:
+        return []
+    # params depend on the shape, not on the length; one value per model and configuration
+    keys = ["model", "level", "hidden_dim", "num_layers", "num_heads"]
+    d = d.groupby(keys, as_index=False)["params"].max()
+    d["config"] = ("d=" + d["hidden_dim"].map(_i) + ", " + d["num_layers"].map(_i) + " layer(s), "
+                   + d["num_heads"].map(_i) + " head(s)")
+    d["params_m"] = d["params"] / 1e6
+    models = model_order(d["model"])
+    g = sns.catplot(data=d, kind="bar", y="model", x="params_m", hue="model", order=models, hue_order=models,
+                    palette=model_palette(models), col="level", row="config" if d["config"].nunique() > 1 else None,
+                    legend=False, height=3.2, aspect=1.4, sharex=False)
+    for ax in g.axes.flat:
+        for c in ax.containers:
+            ax.bar_label(c, fmt="%.3g", padding=2, fontsize=8)
+    g.set_axis_labels("parameters (millions)", "")
+    g.set_titles(col_template="level: {col_name}", row_template="{row_name}")
+    g.figure.suptitle(f"Parameter count ({d['config'].iloc[0]})" if d["config"].nunique() == 1
+                      else "Parameter count", y=1.03)
+    return [_save(g.figure, Path(out_dir) / "params.png")]
