@@ -1,0 +1,214 @@
+"""DeltaNet: linear attention with the delta rule.
+
+Schlag, Irie & Schmidhuber (2021), "Linear Transformers Are Secretly Fast Weight Programmers";
+chunkwise-parallel training form from Yang, Wang, Zhang, Shen & Kim (2024), "Parallelizing Linear
+Transformers with the Delta Rule over Sequence Length" (NeurIPS).
+
+Per head, with L2-normalised ``q_t, k_t`` and a write strength ``beta_t = sigmoid(w_beta . x_t)``:
+
+    S_t = S_{t-1} + beta_t k_t (v_t - S_{t-1}^T k_t)^T        S: (d_k, d_v)
+    o_t = S_t^T q_t
+
+i.e. ``S_t = (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T``: each write first erases what the
+state currently returns for ``k_t``. No clamps, decay or noise are added.
+
+Chunkwise form (Yang et al., 2024, s.3). Inside a chunk that starts from state ``S``, the product of
+the ``c`` Householder-like factors has the WY representation ``I - sum_r k_r w_r^T`` and the written
+part ``sum_r k_r u_r^T``, where (UT transform)
+
+    T = (I + strict_tril(diag(beta) K K^T))^{-1}      W = T diag(beta) K,   U = T diag(beta) V
+
+so, with ``U~ = U - W S`` (the "pseudo values" corrected for what ``S`` already stores),
+
+    O      = Q S + tril(Q K^T) U~        (tril keeps the diagonal)
+    S_next = S + K^T U~
+
+``T`` needs one unit-lower-triangular solve per chunk, done for all chunks at once
+(``torch.linalg.solve_triangular``). Only the ``S -> S_next`` pass is sequential across chunks, as
+in the paper's algorithm: two small matmuls per chunk; every ``(c x c)`` and output product is
+batched over all chunks. Cost per head ``O(n c d + n d^2)``.
+
+Axis legend:  b batch   h heads   n tokens   C chunks   c chunk size   d head size   D hidden
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bsbr.shell import CausalLM, check_heads, check_positive_int, exists, merge_heads, split_heads
+
+
+def _check_inputs(q, k, v, beta, mask):
+    if q.dim() != 4 or q.shape != k.shape or q.shape[:3] != v.shape[:3] or beta.shape != q.shape[:3]:
+        raise ValueError(f"expected q, k (b, h, n, d), v (b, h, n, d_v), beta (b, h, n); got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}, beta {tuple(beta.shape)}")
+    if exists(mask) and mask.shape != (q.shape[0], q.shape[2]):
+        raise ValueError(f"mask must be (batch, n) = {(q.shape[0], q.shape[2])}, got {tuple(mask.shape)}")
+
+
+def _apply_mask(k, beta, mask):
+    """Masked tokens get beta = 0 and k = 0, so they neither erase nor write."""
+    if not exists(mask):
+        return k, beta
+    m = mask[:, None, :].to(beta.dtype)                               # (b, 1, n)
+    return k * m[..., None], beta * m
+
+
+# ----------------------------------------------------------------------------- ops
+
+
+def delta_rule_chunkwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
+                         chunk_size: int, mask: Optional[torch.Tensor] = None, *,
+                         initial_state: Optional[torch.Tensor] = None, output_final_state: bool = False):
+    """The delta rule, chunkwise WY/UT-transform form (Yang et al., 2024).
+
+    Args:
+        q, k: (b, h, n, d), expected L2-normalised per head (``DeltaNetAttention`` does it).
+        v: (b, h, n, d_v).  beta: (b, h, n) write strengths in (0, 1).
+        chunk_size: tokens per chunk; any ``n`` works (the last chunk is zero-padded).
+        mask: (b, n) bool, True = real token; masked tokens get beta = 0 and k = 0.
+        initial_state: optional (b, h, d, d_v) state ``S`` before the first token.
+        output_final_state: also return the state after the last token.
+
+    Returns:
+        o (b, h, n, d_v), and the final state (b, h, d, d_v) if ``output_final_state``.
+    """
+    check_positive_int("chunk_size", chunk_size)
+    _check_inputs(q, k, v, beta, mask)
+    k, beta = _apply_mask(k, beta, mask)
+    b, h, n, d = q.shape
+    dv = v.shape[-1]
+    c = min(chunk_size, n)
+    C = -(-n // c)
+    pad = C * c - n
+    if pad:  # zero keys with beta 0 are no-ops on the state; padded outputs are dropped
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+        beta = F.pad(beta, (0, pad))
+    q = q.reshape(b, h, C, c, d)
+    k = k.reshape(b, h, C, c, d)
+    v = v.reshape(b, h, C, c, dv)
+    beta = beta.reshape(b, h, C, c, 1)
+
+    # UT transform for every chunk at once: (I + strict_tril(diag(beta) K K^T)) [W U] = diag(beta) [K V]
+    kb = k * beta                                                     # (b, h, C, c, d)
+    A = (kb @ k.transpose(-1, -2)).tril(-1)                           # (b, h, C, c, c)
+    eye = torch.eye(c, dtype=q.dtype, device=q.device)
+    WU = torch.linalg.solve_triangular(A + eye, torch.cat([kb, v * beta], dim=-1),
+                                       upper=False, unitriangular=True)  # (b, h, C, c, d + dv)
+    W, U = WU.split([d, dv], dim=-1)                                  # (b, h, C, c, d), (b, h, C, c, dv)
+    qk = (q @ k.transpose(-1, -2)).tril()                             # (b, h, C, c, c), diagonal kept
+
+    # the only sequential part: carry S across chunks (two (c x d) @ (d x dv)-sized products each)
+    S = initial_state if exists(initial_state) else q.new_zeros(b, h, d, dv)
+    states, pseudo_v = [], []
+    for i in range(C):
+        states.append(S)
+        u = U[:, :, i] - W[:, :, i] @ S                               # (b, h, c, dv)
+        pseudo_v.append(u)
+        S = S + k[:, :, i].transpose(-1, -2) @ u                      # (b, h, d, dv)
+    states = torch.stack(states, dim=2)                               # (b, h, C, d, dv)
+    pseudo_v = torch.stack(pseudo_v, dim=2)                           # (b, h, C, c, dv)
+
+    o = q @ states + qk @ pseudo_v                                    # (b, h, C, c, dv)
+    o = o.reshape(b, h, C * c, dv)[:, :, :n]
+    return (o, S) if output_final_state else o
+
+
+def delta_rule_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
+                         mask: Optional[torch.Tensor] = None, *, initial_state: Optional[torch.Tensor] = None,
+                         output_final_state: bool = False):
+    """The delta rule one token at a time (the decoding form; ``O(d^2)`` per token).
+
+    Same arguments and results as :func:`delta_rule_chunkwise`, without ``chunk_size``.
+    """
+    _check_inputs(q, k, v, beta, mask)
+    k, beta = _apply_mask(k, beta, mask)
+    b, h, n, d = q.shape
+    S = initial_state if exists(initial_state) else q.new_zeros(b, h, d, v.shape[-1])
+    out = []
+    for t in range(n):
+        kt = k[:, :, t:t + 1]                                         # (b, h, 1, d)
+        err = v[:, :, t:t + 1] - kt @ S                               # (b, h, 1, dv): v_t - S^T k_t
+        S = S + beta[:, :, t, None, None] * kt.transpose(-1, -2) @ err  # (b, h, d, dv)
+        out.append(q[:, :, t:t + 1] @ S)                              # (b, h, 1, dv): S^T q_t
+    o = torch.cat(out, dim=2)                                         # (b, h, n, dv)
+    return (o, S) if output_final_state else o
+
+
+# ----------------------------------------------------------------------------- mixer
+
+
+@dataclass
+class DeltaNetCache:
+    """Decoding state of one layer: the fast-weight matrix ``S`` (b, h, d, d)."""
+
+    S: torch.Tensor
+
+
+class DeltaNetAttention(nn.Module):
+    """Multi-head DeltaNet mixer: q, k, v and per-head beta projections -> delta rule -> out_proj."""
+
+    def __init__(self, hidden_dim: int, num_heads: int, chunk_size: int = 64):
+        super().__init__()
+        self.head_dim = check_heads(hidden_dim, num_heads)
+        check_positive_int("chunk_size", chunk_size)
+        self.num_heads, self.chunk_size = num_heads, chunk_size
+        self.qkv = nn.Linear(hidden_dim, 3 * hidden_dim)
+        self.beta_proj = nn.Linear(hidden_dim, num_heads, bias=False)  # w_beta, one row per head
+        self.out_proj = nn.Linear(hidden_dim, hidden_dim)
+
+    def op_inputs(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> tuple:
+        q, k, v = self.qkv(x).chunk(3, dim=-1)                        # 3 x (b, n, D)
+        q, k, v = (split_heads(t, self.num_heads) for t in (q, k, v))  # 3 x (b, h, n, d)
+        # unit-norm keys keep every (I - beta k k^T) a contraction for beta in (0, 1)
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        beta = torch.sigmoid(self.beta_proj(x)).transpose(1, 2)       # (b, h, n)
+        return (q, k, v, beta) if mask is None else (q, k, v, beta, mask)
+
+    def op(self, q, k, v, beta, mask=None) -> torch.Tensor:
+        return delta_rule_chunkwise(q, k, v, beta, self.chunk_size, mask)
+
+    def init_cache(self, batch_size: int, device=None, dtype=None) -> DeltaNetCache:
+        d = self.head_dim
+        return DeltaNetCache(S=torch.zeros(batch_size, self.num_heads, d, d, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                cache: Optional[DeltaNetCache] = None) -> torch.Tensor:
+        inputs = self.op_inputs(x, mask)
+        if cache is None:
+            o = self.op(*inputs)
+        else:
+            # one token: the recurrence; a longer piece (a prompt): the chunkwise form from the cached S
+            if x.shape[1] == 1:
+                o, S = delta_rule_recurrent(*inputs[:4], mask, initial_state=cache.S, output_final_state=True)
+            else:
+                o, S = delta_rule_chunkwise(*inputs[:4], self.chunk_size, mask, initial_state=cache.S,
+                                            output_final_state=True)
+            cache.S.copy_(S)
+        return self.out_proj(merge_heads(o))                           # (b, n, D)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class DeltaNetModel(CausalLM):
+    """Causal LM with a DeltaNet token mixer (Schlag et al., 2021; Yang et al., 2024).
+
+    Args:
+        chunk_size: chunk length of the chunkwise-parallel form (a speed knob only: the output
+            does not depend on it beyond round-off). Positive int.
+        **shell_kwargs: passed to :class:`bsbr.shell.CausalLM`.
+    """
+
+    def __init__(self, vocab_size: int, hidden_dim: int, num_layers: int, num_heads: int, ff_dim: int,
+                 dropout: float = 0.1, chunk_size: int = 64, **shell_kwargs):
+        check_heads(hidden_dim, num_heads)
+        check_positive_int("chunk_size", chunk_size)
+        super().__init__(vocab_size, hidden_dim, num_layers, ff_dim, dropout,
+                         mixer_factory=lambda i: DeltaNetAttention(hidden_dim, num_heads, chunk_size),
+                         **shell_kwargs)

@@ -1,0 +1,255 @@
+"""GAU: the gated attention unit in FLASH's mixed-chunk form.
+
+Hua, Dai, Liu & Le (2022), "Transformer Quality in Linear Time" (ICML), s.2 (GAU) and s.3 (FLASH).
+
+A single-head unit (there are no heads: ``num_heads`` is accepted by :class:`GAUModel` for the
+registry's common signature and ignored):
+
+    U = silu(W_u x),  V = silu(W_v x)            width e = expansion_factor * hidden_dim
+    Z = silu(W_z x)                              width s = qk_dim (shared by all four below)
+    Q_quad, K_quad, Q_lin, K_lin = Z * gamma_i + beta_i    (per-dimension scale and offset)
+    O = W_o (U * (A V))
+
+Mixed-chunk attention (FLASH, s.3.2), chunks of ``c`` tokens at absolute positions:
+
+* quadratic inside a chunk:  ``relu(Q_quad K_quad^T / c)^2``, causal (diagonal kept);
+* linear across chunks: every token of chunk ``i`` reads ``Q_lin S_i`` with
+  ``S_i = sum_{j < i} K_lin_j^T V_j / c``, an exclusive prefix sum (``cumsum``) of one
+  ``s x e`` state per chunk; never recomputed per pair.
+
+Cost ``O(n c (s + e) + n s e)``. Choices the paper leaves open, stated here: the linear term is
+scaled by ``1/c`` like the quadratic one (so the state does not depend on ``n``); there is no
+relative-position bias (the shared shell adds sinusoidal positions); ``gamma ~ N(0, 0.02)`` and
+``beta = 0`` at init, as in the paper's pseudo-code. The shell wraps this unit in its standard
+pre-norm block, so a feed-forward layer follows it (the paper stacks GAUs *instead* of
+attention + FFN; here GAU is only the token mixer, like every other architecture).
+
+Decoding keeps the open chunk's ``K_quad, K_lin, V`` (fewer than ``c`` rows) and ``S``: a step
+costs ``O(c (s + e) + s e)``.
+
+Axis legend:  b batch   n tokens   C chunks   c chunk size   s qk_dim   e expansion width   D hidden
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bsbr.shell import CausalLM, check_positive_int, exists
+
+
+def _mask_keys(quad_k, lin_k, mask):
+    """A masked token's keys are zeroed: relu(q . 0)^2 = 0 and 0^T v = 0, so it is never read."""
+    if not exists(mask):
+        return quad_k, lin_k
+    m = mask[..., None].to(quad_k.dtype)                              # (b, n, 1)
+    return quad_k * m, lin_k * m
+
+
+def _check_inputs(quad_q, quad_k, lin_q, lin_k, v, mask):
+    if not (quad_q.dim() == 3 and quad_q.shape == quad_k.shape == lin_q.shape == lin_k.shape
+            and v.dim() == 3 and v.shape[:2] == quad_q.shape[:2]):
+        raise ValueError(f"expected quad_q, quad_k, lin_q, lin_k (b, n, s) and v (b, n, e); got "
+                         f"{[tuple(t.shape) for t in (quad_q, quad_k, lin_q, lin_k, v)]}")
+    if exists(mask) and mask.shape != quad_q.shape[:2]:
+        raise ValueError(f"mask must be (batch, n) = {tuple(quad_q.shape[:2])}, got {tuple(mask.shape)}")
+
+
+# ----------------------------------------------------------------------------- ops
+
+
+def gau_mixed_chunk(quad_q: torch.Tensor, quad_k: torch.Tensor, lin_q: torch.Tensor, lin_k: torch.Tensor,
+                    v: torch.Tensor, chunk_size: int, mask: Optional[torch.Tensor] = None, *,
+                    initial_state: Optional[torch.Tensor] = None, output_final_state: bool = False):
+    """FLASH mixed-chunk attention ``A V`` (before the ``U`` gate), chunks starting at position 0.
+
+    Args:
+        quad_q, quad_k, lin_q, lin_k: (b, n, s).  v: (b, n, e).
+        chunk_size: ``c``; also the scale in ``relu(q k / c)^2``, so unlike Linear/DeltaNet the
+            output depends on it. Any ``n`` works (the last chunk is zero-padded).
+        mask: (b, n) bool, True = real token; masked tokens are never attended to.
+        initial_state: optional (b, s, e) cross-chunk state from an earlier, chunk-aligned prefix.
+        output_final_state: also return the state after the last *complete* chunk (a trailing
+            partial chunk is the caller's to keep, as the decoding cache does).
+
+    Returns:
+        (b, n, e), and the state (b, s, e) if ``output_final_state``.
+    """
+    check_positive_int("chunk_size", chunk_size)
+    _check_inputs(quad_q, quad_k, lin_q, lin_k, v, mask)
+    quad_k, lin_k = _mask_keys(quad_k, lin_k, mask)
+    b, n, s = quad_q.shape
+    e = v.shape[-1]
+    c = chunk_size
+    C = -(-n // c)
+    pad = C * c - n
+    if pad:  # zero keys are never read; padded query rows are dropped
+        quad_q, quad_k, lin_q, lin_k, v = (F.pad(t, (0, 0, 0, pad)) for t in (quad_q, quad_k, lin_q, lin_k, v))
+    qq, qk, lq, lk = (t.reshape(b, C, c, s) for t in (quad_q, quad_k, lin_q, lin_k))
+    vc = v.reshape(b, C, c, e)
+
+    # quadratic term inside each chunk
+    kernel = F.relu((qq @ qk.transpose(-1, -2)) / c).square()        # (b, C, c, c)
+    causal = torch.ones(c, c, dtype=torch.bool, device=v.device).tril()
+    quad = (kernel * causal.to(kernel.dtype)) @ vc                    # (b, C, c, e)
+
+    # linear term across chunks: exclusive prefix sum of per-chunk states
+    kv = (lk.transpose(-1, -2) @ vc) / c                              # (b, C, s, e)
+    kv_cum = kv.cumsum(dim=1)                                         # inclusive
+    kv_prev = torch.cat([torch.zeros_like(kv[:, :1]), kv_cum[:, :-1]], dim=1)  # (b, C, s, e)
+    if exists(initial_state):
+        kv_prev = kv_prev + initial_state[:, None]
+    lin = lq @ kv_prev                                                # (b, C, c, e)
+
+    o = (quad + lin).reshape(b, C * c, e)[:, :n]                      # (b, n, e)
+    if not output_final_state:
+        return o
+    complete = n // c
+    state = kv_cum[:, complete - 1] if complete else torch.zeros_like(kv[:, 0])
+    if exists(initial_state):
+        state = state + initial_state
+    return o, state
+
+
+def gau_continue_chunk(quad_q: torch.Tensor, quad_k: torch.Tensor, lin_q: torch.Tensor, v: torch.Tensor,
+                       chunk_size: int, past_quad_k: torch.Tensor, past_v: torch.Tensor,
+                       state: torch.Tensor) -> tuple:
+    """The step form: ``m`` new tokens that all fall in the open chunk, which already holds ``r`` tokens.
+
+    Args:
+        quad_q, quad_k, lin_q: (b, m, s) for the new tokens (masked keys already zeroed).
+        v: (b, m, e).  past_quad_k: (b, r, s), past_v: (b, r, e): the open chunk so far.
+        state: (b, s, e) cross-chunk state ``S_i`` of the open chunk.  Requires ``r + m <= c``.
+
+    Returns:
+        (o (b, m, e), the open chunk's quad keys (b, r+m, s), its values (b, r+m, e)).
+    """
+    r, m = past_v.shape[1], v.shape[1]
+    if r + m > chunk_size:
+        raise ValueError(f"the open chunk holds {r} tokens; {m} more exceed chunk_size={chunk_size}")
+    keys = torch.cat([past_quad_k, quad_k], dim=1)                    # (b, r+m, s)
+    vals = torch.cat([past_v, v], dim=1)                              # (b, r+m, e)
+    kernel = F.relu((quad_q @ keys.transpose(-1, -2)) / chunk_size).square()  # (b, m, r+m)
+    causal = torch.ones(m, r + m, dtype=torch.bool, device=v.device).tril(diagonal=r)  # new token j sees keys <= r+j
+    o = (kernel * causal.to(kernel.dtype)) @ vals + lin_q @ state     # (b, m, e)
+    return o, keys, vals
+
+
+# ----------------------------------------------------------------------------- mixer
+
+
+@dataclass
+class GAUCache:
+    """Decoding state of one layer: cross-chunk ``state`` (b, s, e) and the open chunk's rows."""
+
+    state: torch.Tensor   # (b, s, e)   sum over completed chunks of K_lin^T V / c
+    quad_k: torch.Tensor  # (b, r, s)   open chunk, r < c
+    lin_k: torch.Tensor   # (b, r, s)
+    v: torch.Tensor       # (b, r, e)
+
+
+class ScaleOffset(nn.Module):
+    """``heads`` cheap per-dimension affine maps of one shared ``Z`` (Hua et al., 2022, s.2)."""
+
+    def __init__(self, dim: int, heads: int = 4):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.randn(heads, dim) * 0.02)
+        self.beta = nn.Parameter(torch.zeros(heads, dim))
+
+    def forward(self, z: torch.Tensor) -> tuple:
+        out = z[..., None, :] * self.gamma + self.beta                # (b, n, heads, s)
+        return out.unbind(dim=-2)
+
+
+class GatedAttentionUnit(nn.Module):
+    """Single-head gated attention unit with FLASH mixed-chunk attention (Hua et al., 2022)."""
+
+    def __init__(self, hidden_dim: int, chunk_size: int = 128, expansion_factor: int = 2, qk_dim: int = 128):
+        super().__init__()
+        for name, val in (("hidden_dim", hidden_dim), ("chunk_size", chunk_size),
+                          ("expansion_factor", expansion_factor), ("qk_dim", qk_dim)):
+            check_positive_int(name, val)
+        self.chunk_size, self.qk_dim = chunk_size, qk_dim
+        self.expansion_dim = e = expansion_factor * hidden_dim
+        self.uv = nn.Linear(hidden_dim, 2 * e)
+        self.z = nn.Linear(hidden_dim, qk_dim)
+        self.scale_offset = ScaleOffset(qk_dim, heads=4)
+        self.out_proj = nn.Linear(e, hidden_dim)
+
+    def _project(self, x: torch.Tensor) -> tuple:
+        u, v = F.silu(self.uv(x)).chunk(2, dim=-1)                    # 2 x (b, n, e)
+        z = F.silu(self.z(x))                                         # (b, n, s)
+        quad_q, quad_k, lin_q, lin_k = self.scale_offset(z)           # 4 x (b, n, s)
+        return u, (quad_q, quad_k, lin_q, lin_k, v)
+
+    def op_inputs(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> tuple:
+        _, inputs = self._project(x)
+        return inputs if mask is None else (*inputs, mask)
+
+    def op(self, quad_q, quad_k, lin_q, lin_k, v, mask=None) -> torch.Tensor:
+        return gau_mixed_chunk(quad_q, quad_k, lin_q, lin_k, v, self.chunk_size, mask)
+
+    def init_cache(self, batch_size: int, device=None, dtype=None) -> GAUCache:
+        s, e = self.qk_dim, self.expansion_dim
+        z = lambda *shape: torch.zeros(batch_size, *shape, device=device, dtype=dtype)
+        return GAUCache(state=z(s, e), quad_k=z(0, s), lin_k=z(0, s), v=z(0, e))
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                cache: Optional[GAUCache] = None) -> torch.Tensor:
+        u, inputs = self._project(x)
+        o = self.op(*inputs, mask) if cache is None else self._continue(cache, *inputs, mask)
+        return self.out_proj(u * o)                                   # (b, n, D)
+
+    def _continue(self, cache: GAUCache, quad_q, quad_k, lin_q, lin_k, v, mask) -> torch.Tensor:
+        """Continue the cached sequence: first fill the open chunk, then whole chunks from a boundary."""
+        c, r, m = self.chunk_size, cache.v.shape[1], v.shape[1]
+        quad_k, lin_k = _mask_keys(quad_k, lin_k, mask)
+        head = min(m, (c - r) % c)  # tokens that land in the open chunk (0 at a boundary)
+        outs = []
+        if head:
+            o, keys, vals = gau_continue_chunk(quad_q[:, :head], quad_k[:, :head], lin_q[:, :head], v[:, :head],
+                                               c, cache.quad_k, cache.v, cache.state)
+            outs.append(o)
+            lin_keys = torch.cat([cache.lin_k, lin_k[:, :head]], dim=1)  # (b, r+head, s)
+            if keys.shape[1] == c:  # the chunk is complete: fold it into the cross-chunk state
+                cache.state = cache.state + (lin_keys.transpose(-1, -2) @ vals) / c
+                keys, lin_keys, vals = keys[:, :0], lin_keys[:, :0], vals[:, :0]
+            cache.quad_k, cache.lin_k, cache.v = keys, lin_keys, vals
+        if m > head:
+            rest = slice(head, m)
+            o, cache.state = gau_mixed_chunk(quad_q[:, rest], quad_k[:, rest], lin_q[:, rest], lin_k[:, rest],
+                                             v[:, rest], c, initial_state=cache.state, output_final_state=True)
+            outs.append(o)
+            tail = (m - head) % c  # a trailing partial chunk stays open in the cache
+            cache.quad_k, cache.lin_k, cache.v = (t[:, m - tail:] for t in (quad_k, lin_k, v))
+        return torch.cat(outs, dim=1)                                 # (b, m, e)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class GAUModel(CausalLM):
+    """Causal LM whose token mixer is a gated attention unit (FLASH mixed-chunk; Hua et al., 2022).
+
+    Args:
+        num_heads: accepted for the common model signature and ignored: GAU is single-head.
+        chunk_size: FLASH chunk length ``c`` (positive int; also scales ``relu(q k / c)^2``).
+        expansion_factor: ``e = expansion_factor * hidden_dim``, the width of ``U`` and ``V`` (positive int).
+        qk_dim: ``s``, the width of the shared ``Z`` behind the queries and keys (positive int).
+        **shell_kwargs: passed to :class:`bsbr.shell.CausalLM`.
+
+    The shared shell's pre-norm block adds its feed-forward layer after the unit.
+    """
+
+    def __init__(self, vocab_size: int, hidden_dim: int, num_layers: int, num_heads: int, ff_dim: int,
+                 dropout: float = 0.1, chunk_size: int = 128, expansion_factor: int = 2, qk_dim: int = 128,
+                 **shell_kwargs):
+        for name, val in (("chunk_size", chunk_size), ("expansion_factor", expansion_factor), ("qk_dim", qk_dim)):
+            check_positive_int(name, val)
+        super().__init__(vocab_size, hidden_dim, num_layers, ff_dim, dropout,
+                         mixer_factory=lambda i: GatedAttentionUnit(hidden_dim, chunk_size, expansion_factor, qk_dim),
+                         **shell_kwargs)

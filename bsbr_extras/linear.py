@@ -1,0 +1,210 @@
+"""Linear attention (Katharopoulos et al., 2020, "Transformers are RNNs: Fast Autoregressive
+Transformers with Linear Attention", ICML).
+
+Softmax is replaced by the kernel ``phi(x) = elu(x) + 1``, so causal attention becomes a running
+sum of outer products:
+
+    S_t = sum_{s<=t} phi(k_s) v_s^T        (d x d state)
+    z_t = sum_{s<=t} phi(k_s)              (d normaliser)
+    o_t = phi(q_t)^T S_t / (phi(q_t)^T z_t + eps)
+
+The state is a full ``d x d`` matrix, so the output varies across the head dimension (the scalar
+"sum of values" degenerate form would not).
+
+Two forms that give the same numbers:
+
+* ``linear_attention``: chunkwise parallel. Inside a chunk, a causally masked ``c x c`` product;
+  across chunks, an exclusive ``cumsum`` over per-chunk states (no Python loop over chunks or
+  tokens). Cost per head ``O(n c d + n d^2)``.
+* ``linear_attention_step``: the recurrence for one token, ``O(d^2)``; the decoding cache keeps
+  ``(S, z)``.
+
+Axis legend:  b batch   h heads   n tokens   C chunks   c chunk size   d head size   D hidden
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bsbr.shell import CausalLM, check_heads, check_positive_int, exists, merge_heads, split_heads
+
+EPS = 1e-6
+
+
+def feature_map(x: torch.Tensor) -> torch.Tensor:
+    """phi(x) = elu(x) + 1 > 0 (Katharopoulos et al., 2020, eq. 7)."""
+    return F.elu(x) + 1.0
+
+
+def _check_qkv(q, k, v, mask):
+    if q.dim() != 4 or q.shape != k.shape or q.shape[:3] != v.shape[:3]:
+        raise ValueError(f"q, k must be (b, h, n, d) and v (b, h, n, d_v) with matching b, h, n; "
+                         f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if exists(mask) and mask.shape != (q.shape[0], q.shape[2]):
+        raise ValueError(f"mask must be (batch, n) = {(q.shape[0], q.shape[2])}, got {tuple(mask.shape)}")
+
+
+# ----------------------------------------------------------------------------- ops
+
+
+def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size: int,
+                     mask: Optional[torch.Tensor] = None, *, initial_state=None,
+                     output_final_state: bool = False, eps: float = EPS):
+    """Causal linear attention, chunkwise-parallel form.
+
+    Args:
+        q, k: (b, h, n, d) raw queries and keys (the feature map is applied here).
+        v: (b, h, n, d_v).
+        chunk_size: tokens per chunk ``c``; any ``n`` works (the last chunk is zero-padded).
+        mask: (b, n) bool, True = real token. Masked keys never enter ``S`` or ``z``.
+        initial_state: optional ``(S0, z0)`` of shapes (b, h, d, d_v), (b, h, d): the sums over an
+            earlier prefix (used by the decoding cache to continue a sequence).
+        output_final_state: also return ``(S_n, z_n)``.
+
+    Returns:
+        o (b, h, n, d_v), and ``(S, z)`` if ``output_final_state``.
+    """
+    check_positive_int("chunk_size", chunk_size)
+    _check_qkv(q, k, v, mask)
+    b, h, n, d = q.shape
+    dv = v.shape[-1]
+    c = min(chunk_size, n)
+    C = -(-n // c)
+    pad = C * c - n
+
+    fq, fk = feature_map(q), feature_map(k)
+    if exists(mask):
+        fk = fk * mask[:, None, :, None].to(fk.dtype)  # masked keys: phi(k) = 0 -> no contribution
+    if pad:
+        # zero keys contribute nothing; padded query rows are dropped at the end
+        fq, fk, v = (F.pad(t, (0, 0, 0, pad)) for t in (fq, fk, v))
+    fq = fq.view(b, h, C, c, d)
+    fk = fk.view(b, h, C, c, d)
+    vc = v.reshape(b, h, C, c, dv)
+
+    # per-chunk states and their exclusive prefix sums (what every token of chunk i sees from before i)
+    kv = fk.transpose(-1, -2) @ vc                                    # (b, h, C, d, dv)
+    ksum = fk.sum(dim=-2)                                             # (b, h, C, d)
+    kv_cum, ksum_cum = kv.cumsum(dim=2), ksum.cumsum(dim=2)           # inclusive
+    kv_prev = torch.cat([torch.zeros_like(kv[:, :, :1]), kv_cum[:, :, :-1]], dim=2)       # (b, h, C, d, dv)
+    ksum_prev = torch.cat([torch.zeros_like(ksum[:, :, :1]), ksum_cum[:, :, :-1]], dim=2)  # (b, h, C, d)
+    if exists(initial_state):
+        S0, z0 = initial_state
+        kv_prev = kv_prev + S0[:, :, None]
+        ksum_prev = ksum_prev + z0[:, :, None]
+
+    # intra-chunk: causal (c, c) scores, including the diagonal
+    scores = fq @ fk.transpose(-1, -2)                                # (b, h, C, c, c)
+    causal = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
+    scores = scores * causal.to(scores.dtype)
+
+    num = scores @ vc + fq @ kv_prev                                  # (b, h, C, c, dv)
+    den = scores.sum(-1) + (fq * ksum_prev[:, :, :, None, :]).sum(-1)  # (b, h, C, c)
+    o = (num / (den[..., None] + eps)).reshape(b, h, C * c, dv)[:, :, :n]  # (b, h, n, dv)
+
+    if not output_final_state:
+        return o
+    S = kv_cum[:, :, -1]                                              # (b, h, d, dv)
+    z = ksum_cum[:, :, -1]                                            # (b, h, d)
+    if exists(initial_state):
+        S, z = S + initial_state[0], z + initial_state[1]
+    return o, (S, z)
+
+
+def linear_attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, S: torch.Tensor,
+                          z: torch.Tensor, mask: Optional[torch.Tensor] = None, eps: float = EPS) -> torch.Tensor:
+    """One decoding step of the recurrence; updates ``S`` and ``z`` in place.
+
+    Args:
+        q, k: (b, h, 1, d); v: (b, h, 1, d_v).
+        S: (b, h, d, d_v), z: (b, h, d): the sums over every earlier token.
+        mask: (b, 1) bool; a masked token does not enter the state.
+
+    Returns:
+        o (b, h, 1, d_v).
+    """
+    fq, fk = feature_map(q), feature_map(k)                           # (b, h, 1, d)
+    if exists(mask):
+        fk = fk * mask[:, None, :, None].to(fk.dtype)
+    S += fk.transpose(-1, -2) @ v                                     # (b, h, d, dv)
+    z += fk[:, :, 0]                                                  # (b, h, d)
+    num = fq @ S                                                      # (b, h, 1, dv)
+    den = fq @ z[..., None]                                           # (b, h, 1, 1)
+    return num / (den + eps)
+
+
+# ----------------------------------------------------------------------------- mixer
+
+
+@dataclass
+class LinearAttentionCache:
+    """Decoding state of one layer: ``S`` (b, h, d, d) and ``z`` (b, h, d); O(d^2) per head."""
+
+    S: torch.Tensor
+    z: torch.Tensor
+
+
+class LinearAttention(nn.Module):
+    """Multi-head causal linear attention: q, k, v projections -> ``linear_attention`` -> out_proj."""
+
+    def __init__(self, hidden_dim: int, num_heads: int, chunk_size: int = 64):
+        super().__init__()
+        self.head_dim = check_heads(hidden_dim, num_heads)
+        check_positive_int("chunk_size", chunk_size)
+        self.num_heads, self.chunk_size = num_heads, chunk_size
+        self.qkv = nn.Linear(hidden_dim, 3 * hidden_dim)
+        self.out_proj = nn.Linear(hidden_dim, hidden_dim)
+
+    def op_inputs(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> tuple:
+        q, k, v = self.qkv(x).chunk(3, dim=-1)                        # 3 x (b, n, D)
+        q, k, v = (split_heads(t, self.num_heads) for t in (q, k, v))  # 3 x (b, h, n, d)
+        return (q, k, v) if mask is None else (q, k, v, mask)
+
+    def op(self, q, k, v, mask=None) -> torch.Tensor:
+        return linear_attention(q, k, v, self.chunk_size, mask)
+
+    def init_cache(self, batch_size: int, device=None, dtype=None) -> LinearAttentionCache:
+        h, d = self.num_heads, self.head_dim
+        return LinearAttentionCache(S=torch.zeros(batch_size, h, d, d, device=device, dtype=dtype),
+                                    z=torch.zeros(batch_size, h, d, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                cache: Optional[LinearAttentionCache] = None) -> torch.Tensor:
+        inputs = self.op_inputs(x, mask)
+        if cache is None:
+            o = self.op(*inputs)
+        elif x.shape[1] == 1:
+            o = linear_attention_step(*inputs[:3], cache.S, cache.z, mask)
+        else:
+            # a longer piece (e.g. the prompt): chunkwise form continuing from the cached sums
+            o, (S, z) = linear_attention(*inputs[:3], self.chunk_size, mask,
+                                         initial_state=(cache.S, cache.z), output_final_state=True)
+            cache.S.copy_(S)
+            cache.z.copy_(z)
+        return self.out_proj(merge_heads(o))                           # (b, n, D)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class LinearTransformerModel(CausalLM):
+    """Causal LM with linear attention (Katharopoulos et al., 2020) as the token mixer.
+
+    Args:
+        chunk_size: chunk length of the chunkwise-parallel form (a speed knob only: the output
+            does not depend on it beyond round-off). Positive int.
+        **shell_kwargs: passed to :class:`bsbr.shell.CausalLM` (position, tie_embeddings, ...).
+    """
+
+    def __init__(self, vocab_size: int, hidden_dim: int, num_layers: int, num_heads: int, ff_dim: int,
+                 dropout: float = 0.1, chunk_size: int = 64, **shell_kwargs):
+        check_heads(hidden_dim, num_heads)
+        check_positive_int("chunk_size", chunk_size)
+        super().__init__(vocab_size, hidden_dim, num_layers, ff_dim, dropout,
+                         mixer_factory=lambda i: LinearAttention(hidden_dim, num_heads, chunk_size),
+                         **shell_kwargs)
