@@ -1,0 +1,226 @@
+"""Causal sliding-window softmax attention (local attention as in Longformer, Beltagy et al., 2020;
+Mistral 7B, Jiang et al., 2023): each token attends to the last ``w`` positions, itself included,
+
+    o_t = sum_{s in [t-w+1, t], s real} softmax_s(q_t . k_s / sqrt(d)) v_s
+
+Parallel (blocked) form: cut the sequence into blocks of ``w`` queries. Every key a block can see lies
+in that block or the one before, so each block attends to those 2w keys under one fixed (w, 2w) band
+mask. Cost O(n w d) per head; no n x n tensor or mask is ever built.
+
+Decoding form: a ring buffer holding the last ``w`` keys and values; one step costs O(w d) and the
+cache never grows.
+
+Axis legend used in shape comments:
+    b  batch      h  heads      m  queries in this call     n  keys (prefix + this call)
+    d  head size  w  window     C  blocks of w queries      D  hidden size (h * d)
+
+As in :mod:`bsbr_extras.standard`, queries may be the last ``m`` of ``n`` keys (bottom-right aligned).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bsbr.shell import CausalLM, check_dropout, check_heads, check_positive_int, exists, merge_heads
+from bsbr_extras.standard import StandardAttention, allowed_keys, check_qkv
+
+# ----------------------------------------------------------------------------- the op
+
+
+def _band(m: int, n: int, window_size: int, device) -> torch.Tensor:
+    """(m, n) bool: query i at position n-m+i sees key s iff 0 <= (n-m+i) - s < window_size."""
+    t = torch.arange(n - m, n, device=device)[:, None]
+    s = torch.arange(n, device=device)[None, :]
+    return (t - s >= 0) & (t - s < window_size)
+
+
+def _banded_dense(q, k, v, window_size, mask, scale, dropout_p):
+    """Direct form for few queries (m <= w, e.g. decoding): only the last m + w - 1 keys can be seen."""
+    m, n = q.shape[-2], k.shape[-2]
+    lo = max(0, n - m - window_size + 1)
+    k, v = k[:, :, lo:], v[:, :, lo:]  # (b, h, n', d), n' <= m + w - 1
+    mask = mask[:, lo:] if exists(mask) else None
+    n = k.shape[-2]
+    attn_mask = allowed_keys(_band(m, n, window_size, q.device), mask, m, n)  # (m, n') or (b, 1, m, n')
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale, dropout_p=dropout_p)
+
+
+def _banded_blocked(q, k, v, window_size, mask, scale, dropout_p):
+    """Blocked form for m == n: block i of w queries attends to key blocks i-1 and i under a band mask."""
+    b, h, n, d = q.shape
+    w = window_size
+    C = math.ceil(n / w)
+    pad = C * w - n
+    # padded tail positions come after every real query, so causality keeps them out of real outputs
+    q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))  # (b, h, C*w, d)
+    qb = q.view(b, h, C, w, d)
+    kb, vb = k.view(b, h, C, w, d), v.view(b, h, C, w, v.shape[-1])
+    # keys of block i-1 next to block i's own keys; block 0's "previous" block is zeros, handled below
+    kk = torch.cat([F.pad(kb, (0, 0, 0, 0, 1, 0))[:, :, :C], kb], dim=-2)  # (b, h, C, 2w, d)
+    vv = torch.cat([F.pad(vb, (0, 0, 0, 0, 1, 0))[:, :, :C], vb], dim=-2)  # (b, h, C, 2w, d)
+    # local query i sits at column w+i of its 2w keys; it sees columns j with 0 <= w+i-j < w
+    band = _band(w, 2 * w, w, q.device)  # (w, 2w), the same for every block
+
+    if not exists(mask):
+        # 4-D (b, h*C, w, d) views keep PyTorch's fused CPU/GPU kernel; (w, 2w) broadcasts over blocks
+        out = F.scaled_dot_product_attention(qb.flatten(1, 2), kk.flatten(1, 2), vv.flatten(1, 2),
+                                             attn_mask=band, scale=scale, dropout_p=dropout_p)
+        out = out.view(b, h, C, w, -1)
+        # block 0 has no previous block: redo it as plain causal attention within the block
+        first = F.scaled_dot_product_attention(qb[:, :, 0], kb[:, :, 0], vb[:, :, 0], is_causal=True,
+                                               scale=scale, dropout_p=dropout_p)  # (b, h, w, d)
+        out = torch.cat([first.unsqueeze(2), out[:, :, 1:]], dim=2)  # (b, h, C, w, d)
+        return out.view(b, h, C * w, -1)[:, :, :n]
+
+    km = F.pad(mask, (0, pad), value=False).view(b, C, w)  # (b, C, w)
+    km = torch.cat([F.pad(km, (0, 0, 1, 0), value=False)[:, :C], km], dim=-1)  # (b, C, 2w); block 0's prev: False
+    diag = torch.arange(w, device=q.device)[:, None] + w == torch.arange(2 * w, device=q.device)  # (w, 2w)
+    attn_mask = band & (km[:, :, None, :] | diag)  # (b, C, w, 2w): see allowed_keys for the diagonal
+    # the key mask differs per (batch, block), so put blocks in the batch axis: (b*C, h, w, d)
+    to_bc = lambda t: t.transpose(1, 2).reshape(b * C, h, t.shape[-2], t.shape[-1])
+    out = F.scaled_dot_product_attention(to_bc(qb), to_bc(kk), to_bc(vv), attn_mask=attn_mask.view(b * C, 1, w, 2 * w),
+                                         scale=scale, dropout_p=dropout_p)  # (b*C, h, w, d)
+    return out.view(b, C, h, w, -1).transpose(1, 2).reshape(b, h, C * w, -1)[:, :, :n]
+
+
+def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_size: int,
+                             mask: Optional[torch.Tensor] = None, scale: Optional[float] = None,
+                             dropout_p: float = 0.0) -> torch.Tensor:
+    """Causal softmax attention over the last ``window_size`` positions (blocked parallel form).
+
+    Args:
+        q: (b, h, m, d) queries for the last ``m`` of the ``n`` key positions (m <= n).
+        k, v: (b, h, n, d).
+        window_size: w >= 1; position t sees s in [t - w + 1, t]. w >= n gives standard causal attention.
+        mask: (b, n) bool, True = real token, or None. Masked keys are never attended to.
+        scale: None -> 1/sqrt(d).
+
+    Returns (b, h, m, d). O(m w d) time and memory; never builds an (m, n) tensor when m > w.
+    """
+    check_positive_int("window_size", window_size)
+    check_qkv(q, k, v, mask)
+    m, n = q.shape[-2], k.shape[-2]
+    if m <= window_size:
+        return _banded_dense(q, k, v, window_size, mask, scale, dropout_p)
+    if m < n:  # a long piece after a cached prefix (< w keys): pad the queries to the keys' length
+        q = F.pad(q, (0, 0, n - m, 0))
+    return _banded_blocked(q, k, v, window_size, mask, scale, dropout_p)[:, :, n - m:]
+
+
+def sliding_window_step(q: torch.Tensor, k_ring: torch.Tensor, v_ring: torch.Tensor, valid: torch.Tensor,
+                        slot: int, scale: Optional[float] = None) -> torch.Tensor:
+    """One decoding step over a ring buffer that already holds the current token.
+
+    Args:
+        q: (b, h, 1, d) the current query.
+        k_ring, v_ring: (b, h, w, d) the last w keys/values in slot order (softmax is order-free).
+        valid: (b, w) bool, slots holding a real (filled, unmasked) token.
+        slot: the current token's slot; it is always allowed (see ``allowed_keys``).
+
+    Returns (b, h, 1, d). O(w d).
+    """
+    w = k_ring.shape[-2]
+    own = torch.arange(w, device=q.device) == slot  # (w,)
+    attn_mask = (valid | own)[:, None, None, :]  # (b, 1, 1, w)
+    return F.scaled_dot_product_attention(q, k_ring, v_ring, attn_mask=attn_mask, scale=scale)
+
+
+# ----------------------------------------------------------------------------- ring-buffer cache
+
+
+class RingKVCache:
+    """The last ``w`` keys and values of one layer; token at absolute position p lives in slot p % w."""
+
+    def __init__(self, batch_size: int, window_size: int, device=None, dtype=None):
+        self.batch_size, self.window_size, self.device, self.dtype = batch_size, window_size, device, dtype
+        self.k = self.v = None  # (b, h, w, d), allocated on first use with the inputs' shape and dtype
+        self.valid = None       # (b, w) bool
+        self.pos = 0            # tokens seen so far
+
+    def _alloc(self, k, v):
+        b, h, _, d = k.shape
+        if b != self.batch_size:
+            raise ValueError(f"cache was made for batch_size={self.batch_size}, got {b}")
+        if self.k is None:
+            w = self.window_size
+            self.k, self.v = k.new_zeros(b, h, w, d), v.new_zeros(b, h, w, v.shape[-1])
+            self.valid = torch.zeros(b, w, dtype=torch.bool, device=k.device)
+
+    def prefix(self):
+        """Chronological keys/values/validity of the last min(pos, w-1) tokens: all a new query can see."""
+        P = min(self.pos, self.window_size - 1)
+        idx = (torch.arange(self.pos - P, self.pos, device=self.k.device)) % self.window_size  # (P,)
+        return self.k[:, :, idx], self.v[:, :, idx], self.valid[:, idx]
+
+    def write(self, k, v, mask):
+        """Store this call's (b, h, m, d) keys/values: only the last w of them can ever be seen again."""
+        m, w = k.shape[-2], self.window_size
+        keep = min(m, w)
+        idx = torch.arange(self.pos + m - keep, self.pos + m, device=k.device) % w  # (keep,)
+        self.k[:, :, idx] = k[:, :, m - keep:]
+        self.v[:, :, idx] = v[:, :, m - keep:]
+        self.valid[:, idx] = mask[:, m - keep:] if exists(mask) else True
+        self.pos += m
+
+
+# ----------------------------------------------------------------------------- mixer
+
+
+class SlidingWindowAttention(StandardAttention):
+    """Multi-head sliding-window attention: Standard's projections, a windowed op, a ring-buffer cache."""
+
+    def __init__(self, hidden_dim: int, num_heads: int, window_size: int = 512, dropout: float = 0.0,
+                 bias: bool = True):
+        check_positive_int("window_size", window_size)
+        super().__init__(hidden_dim, num_heads, dropout, bias)
+        self.window_size = window_size
+
+    def op(self, q, k, v, mask=None):
+        return sliding_window_attention(q, k, v, self.window_size, mask,
+                                        dropout_p=self.dropout if self.training else 0.0)
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, cache: Optional[RingKVCache] = None):
+        q, k, v, mask = self.op_inputs(x, mask)  # (b, h, m, d) each
+        if not exists(cache):
+            out = self.op(q, k, v, mask)
+        elif q.shape[-2] == 1:
+            # decode step: write the token into its slot, then attend over the ring as it stands
+            cache._alloc(k, v)
+            slot = cache.pos % cache.window_size
+            cache.write(k, v, mask)
+            out = sliding_window_step(q, cache.k, cache.v, cache.valid, slot)
+        else:
+            # a piece of several tokens: the ring's last w-1 tokens in order, then this piece
+            cache._alloc(k, v)
+            kp, vp, mp = cache.prefix()  # (b, h, P, d), (b, P)
+            new_mask = mask if exists(mask) else torch.ones(q.shape[0], q.shape[-2], dtype=torch.bool, device=q.device)
+            full_mask = torch.cat([mp, new_mask], dim=1)  # (b, P + m)
+            out = self.op(q, torch.cat([kp, k], dim=-2), torch.cat([vp, v], dim=-2),
+                          None if bool(full_mask.all()) else full_mask)
+            cache.write(k, v, mask)
+        return self.out_proj(merge_heads(out))  # (b, m, D)
+
+    def init_cache(self, batch_size: int, device=None, dtype=None) -> RingKVCache:
+        return RingKVCache(batch_size, self.window_size, device, dtype)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class SlidingWindowTransformerModel(CausalLM):
+    """Decoder-only transformer whose attention sees the last ``window_size`` tokens (O(n w) cost)."""
+
+    def __init__(self, vocab_size: int, hidden_dim: int, num_layers: int, num_heads: int, ff_dim: int,
+                 dropout: float = 0.1, window_size: int = 512, **shell_kwargs):
+        check_heads(hidden_dim, num_heads)
+        check_dropout(dropout)
+        check_positive_int("window_size", window_size)
+        super().__init__(vocab_size, hidden_dim, num_layers, ff_dim, dropout,
+                         mixer_factory=lambda i: SlidingWindowAttention(hidden_dim, num_heads, window_size, dropout),
+                         **shell_kwargs)
+        self.window_size = window_size

@@ -1,0 +1,183 @@
+"""Standard causal softmax attention (Vaswani et al., 2017, "Attention Is All You Need").
+
+    o_t = sum_{s <= t, s real} softmax_s(q_t . k_s / sqrt(d)) v_s
+
+Parallel form: ``F.scaled_dot_product_attention(is_causal=True)`` (PyTorch's fused kernel; it never
+stores the n x n score matrix but still does O(n^2 d) work). Decoding form: the same function over a
+KV cache holding every past key and value, O(n d) per generated token.
+
+Axis legend used in shape comments:
+    b  batch      h  heads      m  queries in this call      n  keys (cached prefix + this call)
+    d  head size  D  hidden size (h * d)
+
+Queries may be fewer than keys (``m <= n``): query ``i`` then sits at absolute position ``n - m + i``
+(the last ``m`` positions, "bottom-right" causal alignment). With ``m == n`` that is the usual
+training/prefill case; with a KV cache it is how a piece of any length, one token included,
+continues the sequence without recomputing the prefix.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bsbr.shell import CausalLM, check_dropout, check_heads, exists, merge_heads, split_heads
+
+# ----------------------------------------------------------------------------- checks
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
+    """One-line ValueErrors for per-head inputs q (b, h, m, d), k/v (b, h, n, d), mask (b, n) bool."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor (batch, heads, tokens, head_dim), got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if k.shape[:-1] != v.shape[:-1]:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must agree on (batch, heads, tokens)")
+    if q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on batch, heads and head_dim")
+    if q.shape[-2] > k.shape[-2]:
+        raise ValueError(f"q has {q.shape[-2]} tokens but k only {k.shape[-2]}; queries are the last tokens of k")
+    if exists(mask):
+        if mask.dtype != torch.bool or mask.shape != (k.shape[0], k.shape[-2]):
+            raise ValueError(f"mask must be a bool tensor of shape (batch, n_keys)={(k.shape[0], k.shape[-2])}, "
+                             f"got {mask.dtype} {tuple(mask.shape)}")
+
+
+def allowed_keys(causal: torch.Tensor, mask: Optional[torch.Tensor], m: int, n: int) -> torch.Tensor:
+    """Combine a structural (m, n) bool pattern with a (b, n) key mask into a (b, 1, m, n) bool mask.
+
+    Masked keys are never attended to. The diagonal (each query's own position) is kept even when
+    that position is masked: a padded query then still has one key, so its (unspecified) output is
+    finite instead of a 0/0 softmax. A real query never reaches a masked key through this.
+    """
+    if not exists(mask):
+        return causal
+    diag = torch.arange(n - m, n, device=causal.device)[:, None] == torch.arange(n, device=causal.device)  # (m, n)
+    return causal & (mask[:, None, None, :] | diag)  # (b, 1, m, n)
+
+
+# ----------------------------------------------------------------------------- the op
+
+
+def causal_softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                             scale: Optional[float] = None, dropout_p: float = 0.0) -> torch.Tensor:
+    """Causal softmax attention, Vaswani et al. (2017), on per-head inputs.
+
+    Args:
+        q: (b, h, m, d) queries for the last ``m`` positions of the ``n`` keys (m <= n).
+        k, v: (b, h, n, d) keys and values of every position so far.
+        mask: (b, n) bool, True = real token, or None. Masked keys are never attended to.
+        scale: the softmax temperature; None -> 1/sqrt(d).
+        dropout_p: dropout on the attention probabilities (training only).
+
+    Returns (b, h, m, d). O(m n d) time; the fused kernel keeps memory O((m + n) d).
+    """
+    check_qkv(q, k, v, mask)
+    m, n = q.shape[-2], k.shape[-2]
+    if not exists(mask):
+        if m == n:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, dropout_p=dropout_p)
+        if m == 1:  # one decode step sees every cached key
+            return F.scaled_dot_product_attention(q, k, v, scale=scale, dropout_p=dropout_p)
+    # bottom-right aligned causal pattern: query i (position n-m+i) sees keys s <= n-m+i
+    causal = torch.ones(m, n, dtype=torch.bool, device=q.device).tril(diagonal=n - m)  # (m, n)
+    attn_mask = allowed_keys(causal, mask, m, n)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale, dropout_p=dropout_p)
+
+
+# ----------------------------------------------------------------------------- KV cache
+
+
+class KVCache:
+    """Keys and values of every token seen so far, for one layer.
+
+    Stored in a buffer whose capacity doubles when full, so appending a token copies O(d) amortised
+    instead of re-concatenating the whole prefix. ``key_mask`` stays None until some token is padding.
+    """
+
+    def __init__(self, batch_size: int, device=None, dtype=None):
+        self.batch_size, self.device, self.dtype = batch_size, device, dtype
+        self.k = self.v = None          # (b, h, capacity, d)
+        self.key_mask = None            # (b, capacity) bool, or None while every token is real
+        self.length = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]):
+        """Add this call's (b, h, m, d) keys/values; return views of all (b, h, n, d) and the (b, n) mask."""
+        b, h, m, d = k.shape
+        if b != self.batch_size:
+            raise ValueError(f"cache was made for batch_size={self.batch_size}, got {b}")
+        need = self.length + m
+        if self.k is None or need > self.k.shape[-2]:
+            cap = max(need, 2 * (self.k.shape[-2] if self.k is not None else 0), 16)
+            new_k, new_v = k.new_empty(b, h, cap, d), v.new_empty(b, h, cap, v.shape[-1])
+            if self.k is not None:
+                new_k[:, :, :self.length] = self.k[:, :, :self.length]
+                new_v[:, :, :self.length] = self.v[:, :, :self.length]
+            if self.key_mask is not None:
+                new_mask = torch.ones(b, cap, dtype=torch.bool, device=k.device)
+                new_mask[:, :self.length] = self.key_mask[:, :self.length]
+                self.key_mask = new_mask
+            self.k, self.v = new_k, new_v
+        self.k[:, :, self.length:need] = k
+        self.v[:, :, self.length:need] = v
+        if exists(mask) and self.key_mask is None:
+            self.key_mask = torch.ones(b, self.k.shape[-2], dtype=torch.bool, device=k.device)
+        if self.key_mask is not None:
+            self.key_mask[:, self.length:need] = mask if exists(mask) else True
+        self.length = need
+        key_mask = self.key_mask[:, :need] if self.key_mask is not None else None
+        return self.k[:, :, :need], self.v[:, :, :need], key_mask
+
+
+# ----------------------------------------------------------------------------- mixer
+
+
+class StandardAttention(nn.Module):
+    """Multi-head causal softmax attention with fused QKV and output projections (nanoGPT layout)."""
+
+    def __init__(self, hidden_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True):
+        super().__init__()
+        self.head_dim = check_heads(hidden_dim, num_heads)
+        check_dropout(dropout)
+        self.hidden_dim, self.num_heads, self.dropout = hidden_dim, num_heads, float(dropout)
+        self.qkv = nn.Linear(hidden_dim, 3 * hidden_dim, bias=bias)
+        self.out_proj = nn.Linear(hidden_dim, hidden_dim, bias=bias)
+
+    def op_inputs(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)  # 3 x (b, n, D)
+        return split_heads(q, self.num_heads), split_heads(k, self.num_heads), split_heads(v, self.num_heads), mask
+
+    def op(self, q, k, v, mask=None):
+        return causal_softmax_attention(q, k, v, mask, dropout_p=self.dropout if self.training else 0.0)
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None):
+        q, k, v, mask = self.op_inputs(x, mask)  # (b, h, m, d) each
+        if exists(cache):
+            # the new queries attend to the whole cached prefix plus themselves; nothing is recomputed
+            k, v, mask = cache.append(k, v, mask)  # (b, h, n, d), (b, n) or None
+        return self.out_proj(merge_heads(self.op(q, k, v, mask)))  # (b, m, D)
+
+    def init_cache(self, batch_size: int, device=None, dtype=None) -> KVCache:
+        return KVCache(batch_size, device, dtype)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class StandardTransformerModel(CausalLM):
+    """Decoder-only transformer with causal softmax attention (the quadratic baseline).
+
+    ``dropout`` is used by the shell (embeddings, residual, FFN) and on the attention probabilities.
+    """
+
+    def __init__(self, vocab_size: int, hidden_dim: int, num_layers: int, num_heads: int, ff_dim: int,
+                 dropout: float = 0.1, **shell_kwargs):
+        check_heads(hidden_dim, num_heads)
+        check_dropout(dropout)
+        super().__init__(vocab_size, hidden_dim, num_layers, ff_dim, dropout,
+                         mixer_factory=lambda i: StandardAttention(hidden_dim, num_heads, dropout),
+                         **shell_kwargs)
