@@ -54,6 +54,11 @@ class BSBRCache:
         return self.cur_k.shape[2]
 
 
+def _own(*ts):
+    """Contiguous copies, so that what the cache keeps holds no reference to larger tensors."""
+    return tuple(t.clone(memory_format=torch.contiguous_format) for t in ts)
+
+
 def chunk_summaries(x: torch.Tensor, mask: Optional[torch.Tensor], chunk_size: int) -> torch.Tensor:
     """Mean of x over each chunk's real tokens: (b, n, D) -> (b, C, D); 0 for an all-padding chunk."""
     b, n, D = x.shape
@@ -196,9 +201,9 @@ class BSBRAttention(nn.Module):
         cache.hk = torch.cat([cache.hk, hk[:, :, None]], dim=2)
         cache.valid = torch.cat([cache.valid, m.any(-1, keepdim=True)], dim=1)
         cache.last_summary = s
-        cache.tail_k, cache.tail_v, cache.tail_m = cache.cur_k[:, :, c - o:], cache.cur_v[:, :, c - o:], m[:, c - o:]
-        cache.cur_k, cache.cur_v = cache.cur_k[:, :, :0], cache.cur_v[:, :, :0]
-        cache.cur_m, cache.cur_x = m[:, :0], cache.cur_x[:, :0]
+        cache.tail_k, cache.tail_v, cache.tail_m = _own(cache.cur_k[:, :, c - o:], cache.cur_v[:, :, c - o:], m[:, c - o:])
+        cache.cur_k, cache.cur_v, cache.cur_m, cache.cur_x = _own(cache.cur_k[:, :, :0], cache.cur_v[:, :, :0],
+                                                                  m[:, :0], cache.cur_x[:, :0])
         cache.S = None
 
     def _forward_cached(self, x: torch.Tensor, mask: Optional[torch.Tensor], cache: BSBRCache) -> torch.Tensor:
@@ -240,10 +245,12 @@ class BSBRAttention(nn.Module):
                 cache.F = torch.cat([cache.F, st["F"][:, :, :full]], dim=2)
                 cache.hk = torch.cat([cache.hk, hk[:, :, :full]], dim=2)
                 cache.valid = torch.cat([cache.valid, st["valid"][:, :full]], dim=1)
-                cache.last_summary = s[:, full - 1]
+                cache.last_summary = s[:, full - 1].clone()
                 end = full * c
-                cache.tail_k, cache.tail_v, cache.tail_m = ks[:, :, end - o:end], vs[:, :, end - o:end], mm[:, end - o:end]
-            cache.cur_k, cache.cur_v = ks[:, :, full * c:], vs[:, :, full * c:]
-            cache.cur_m, cache.cur_x = mm[:, full * c:], xs[:, full * c:]
-            cache.S = st["S"][:, :, full] if rem else None
+                cache.tail_k, cache.tail_v, cache.tail_m = _own(ks[:, :, end - o:end], vs[:, :, end - o:end],
+                                                                mm[:, end - o:end])
+            # copies, not views: a view would pin the whole call's activations in the cache
+            cache.cur_k, cache.cur_v, cache.cur_m, cache.cur_x = _own(ks[:, :, full * c:], vs[:, :, full * c:],
+                                                                      mm[:, full * c:], xs[:, full * c:])
+            cache.S = st["S"][:, :, full].clone() if rem else None
         return merge_heads(torch.cat(outs, dim=2))

@@ -162,16 +162,18 @@ class ModelCache:
     pos: int = 0
 
     def nbytes(self) -> int:
-        """Bytes held by every tensor in the cache (for tests and the decode benchmark)."""
+        """Bytes of storage the cache keeps alive (a view pins its whole base tensor, so views of a
+        long prefill's activations would show up here rather than hide)."""
         total = 0
         seen = set()
 
         def walk(obj):
             nonlocal total
             if isinstance(obj, torch.Tensor):
-                if id(obj) not in seen:
-                    seen.add(id(obj))
-                    total += obj.numel() * obj.element_size()
+                st = obj.untyped_storage()
+                if st.data_ptr() not in seen:
+                    seen.add(st.data_ptr())
+                    total += st.nbytes()
             elif isinstance(obj, (list, tuple)):
                 for o in obj:
                     walk(o)

@@ -16,5 +16,5 @@ def _seed():
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """Relative RMS error ||a - b|| / ||b|| (flash-linear-attention style), robust to scale."""
-    a, b = a.double(), b.double()
+    a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
