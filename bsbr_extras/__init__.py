@@ -6,3 +6,9 @@ model class (a thin subclass of :class:`bsbr.shell.CausalLM`).
 
 # GPT-2 -> BSBR converter (transformers is imported lazily, only when a conversion runs).
 from .convert import TransformerToBSBRConverter, convert_to_bsbr  # noqa: E402,F401
+
+# Softmax family: the quadratic baseline, its windowed and its Hopfield variants.
+from .standard import StandardAttention, StandardTransformerModel, causal_softmax_attention  # noqa: E402,F401
+from .sliding_window import (SlidingWindowAttention, SlidingWindowTransformerModel,  # noqa: E402,F401
+                             sliding_window_attention)
+from .hopfield import HopfieldAttention, HopfieldNetworkModel, hopfield_retrieval  # noqa: E402,F401
