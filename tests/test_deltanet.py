@@ -1,0 +1,153 @@
+"""DeltaNet (Schlag et al., 2021; Yang et al., 2024): the chunkwise WY/UT form and the recurrence
+against the token-loop oracle, the delta rule's exact-recall property, masking, the mixer protocol,
+bad hyperparameters."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bsbr.shell import merge_heads
+from bsbr_extras.deltanet import DeltaNetAttention, DeltaNetModel, delta_rule_chunkwise, delta_rule_recurrent
+from tests.conftest import rel_err
+from tests.reference_linear import delta_rule_ref
+
+TOL = 1e-5
+
+
+def inputs(b=2, h=3, n=29, d=8, dv=None, dtype=torch.float32, seed=0):
+    """L2-normalised q, k (as the mixer makes them), random v, beta in (0, 1)."""
+    g = torch.Generator().manual_seed(seed)
+    q, k = (F.normalize(torch.randn(b, h, n, d, generator=g, dtype=dtype), dim=-1) for _ in range(2))
+    v = torch.randn(b, h, n, dv or d, generator=g, dtype=dtype)
+    beta = torch.rand(b, h, n, generator=g, dtype=dtype)
+    return q, k, v, beta
+
+
+def pad_mask(b, n, lens):
+    return torch.arange(n)[None, :] < torch.tensor(lens)[:, None]
+
+
+@pytest.mark.parametrize("n,chunk", [(1, 8), (29, 8), (32, 8), (29, 64), (29, 1)], ids=lambda x: str(x))
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+def test_chunkwise_matches_oracle(n, chunk, masked):
+    q, k, v, beta = inputs(n=n, dv=5)
+    mask = pad_mask(2, n, [n, max(1, n - 11)]) if masked else None
+    out = delta_rule_chunkwise(q, k, v, beta, chunk, mask)
+    assert out.dtype == torch.float32
+    ref = delta_rule_ref(*(t.double() for t in (q, k, v, beta)), mask)
+    assert rel_err(out, ref) <= TOL
+
+
+def test_gradients_match_oracle():
+    q, k, v, beta = (t.requires_grad_() for t in inputs(n=29))
+    mask = pad_mask(2, 29, [29, 17])
+    cot = torch.randn(2, 3, 29, 8)
+    grads = torch.autograd.grad((delta_rule_chunkwise(q, k, v, beta, 8, mask) * cot).sum(), (q, k, v, beta))
+    ref = torch.autograd.grad((delta_rule_ref(q, k, v, beta, mask) * cot).sum(), (q, k, v, beta))
+    for g, r in zip(grads, ref):
+        assert rel_err(g, r) <= TOL
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+def test_recurrent_matches_chunkwise(masked):
+    q, k, v, beta = inputs(n=37, dv=6, dtype=torch.float64)  # 37 = 4 chunks of 8 + 5
+    mask = pad_mask(2, 37, [37, 22]) if masked else None
+    o_c, S_c = delta_rule_chunkwise(q, k, v, beta, 8, mask, output_final_state=True)
+    o_r, S_r = delta_rule_recurrent(q, k, v, beta, mask, output_final_state=True)
+    assert rel_err(o_c, o_r) <= 1e-12
+    assert rel_err(S_c, S_r) <= 1e-12
+
+
+def test_initial_state_continues_a_sequence():
+    q, k, v, beta = inputs(n=30, dtype=torch.float64)
+    full = delta_rule_chunkwise(q, k, v, beta, 8)
+    cut = lambda t, sl: t[:, :, sl]
+    a, S = delta_rule_chunkwise(*(cut(t, slice(0, 11)) for t in (q, k, v, beta)), 8, output_final_state=True)
+    b = delta_rule_chunkwise(*(cut(t, slice(11, 30)) for t in (q, k, v, beta)), 8, initial_state=S)
+    c = delta_rule_recurrent(*(cut(t, slice(11, 30)) for t in (q, k, v, beta)), initial_state=S)
+    assert rel_err(torch.cat([a, b], dim=2), full) <= 1e-12
+    assert rel_err(torch.cat([a, c], dim=2), full) <= 1e-12
+
+
+def test_delta_rule_recalls_the_last_write_exactly():
+    # With beta = 1 and unit keys, S_t^T k_t = v_t: the write replaces what k_t read before.
+    # Reading with q_t = k_t must return v_t, whatever was stored earlier (an additive
+    # linear-attention update, or S read in the wrong orientation, would not).
+    q, k, v, _ = inputs(n=27, d=16, dtype=torch.float64)
+    k[:, :, 10] = k[:, :, 3]  # overwrite the same key: recall must give the newer value
+    beta = torch.ones(2, 3, 27, dtype=torch.float64)
+    for out in (delta_rule_chunkwise(k, k, v, beta, 8), delta_rule_recurrent(k, k, v, beta)):
+        assert rel_err(out, v) <= 1e-10
+
+
+def test_chunk_size_does_not_change_the_result():
+    q, k, v, beta = inputs(n=37, dtype=torch.float64)
+    outs = [delta_rule_chunkwise(q, k, v, beta, c) for c in (1, 4, 7, 37, 100)]
+    for o in outs[1:]:
+        assert rel_err(o, outs[0]) <= 1e-12
+
+
+def test_masked_tokens_neither_erase_nor_write():
+    q, k, v, beta = inputs(n=21, dtype=torch.float64)
+    mask = torch.ones(2, 21, dtype=torch.bool)
+    drop = [0, 5, 8, 9, 20]
+    mask[:, drop] = False
+    out, S = delta_rule_chunkwise(q, k, v, beta, 4, mask, output_final_state=True)
+    keep = mask[0]
+    # the same as running the real tokens alone
+    alone, S_alone = delta_rule_chunkwise(*(t[:, :, keep] for t in (q, k, v, beta)), 4, output_final_state=True)
+    assert rel_err(out[:, :, keep], alone) <= 1e-12
+    assert rel_err(S, S_alone) <= 1e-12
+    assert torch.isfinite(out).all()
+
+
+def test_mixer_normalises_q_k_and_bounds_beta():
+    torch.manual_seed(0)
+    mixer = DeltaNetAttention(24, 3, chunk_size=5).double()
+    x = torch.randn(2, 13, 24, dtype=torch.float64)
+    q, k, v, beta = mixer.op_inputs(x)
+    assert torch.allclose(q.norm(dim=-1), torch.ones((), dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(k.norm(dim=-1), torch.ones((), dtype=torch.float64), atol=1e-12)
+    assert beta.shape == (2, 3, 13) and ((beta > 0) & (beta < 1)).all()
+    # beta_t = sigmoid(w_beta . x_t) per head
+    assert torch.allclose(beta, torch.sigmoid(x @ mixer.beta_proj.weight.T).transpose(1, 2))
+
+
+def test_mixer_forward_is_out_proj_of_op():
+    torch.manual_seed(0)
+    mixer = DeltaNetAttention(24, 3, chunk_size=5).double()
+    x = torch.randn(2, 13, 24, dtype=torch.float64)
+    mask = pad_mask(2, 13, [13, 9])
+    for m in (None, mask):
+        want = mixer.out_proj(merge_heads(mixer.op(*mixer.op_inputs(x, m))))
+        assert torch.equal(mixer(x, mask=m), want)
+
+
+def test_cache_is_constant_size_and_continues():
+    torch.manual_seed(0)
+    mixer = DeltaNetAttention(16, 2, chunk_size=4).double()
+    x = torch.randn(1, 19, 16, dtype=torch.float64)
+    cache = mixer.init_cache(1, dtype=torch.float64)
+    pieces = []
+    with torch.no_grad():
+        for lo, hi in [(0, 6), (6, 7), (7, 8), (8, 19)]:
+            pieces.append(mixer(x[:, lo:hi], cache=cache))
+            assert cache.S.shape == (1, 2, 8, 8)
+        full = mixer(x)
+    assert rel_err(torch.cat(pieces, dim=1), full) <= 1e-12
+
+
+@pytest.mark.parametrize("kw,name", [(dict(chunk_size=0), "chunk_size"), (dict(chunk_size=-1), "chunk_size"),
+                                     (dict(chunk_size=None), "chunk_size"), (dict(num_heads=3), "num_heads")])
+def test_bad_hyperparameters_raise(kw, name):
+    args = dict(vocab_size=11, hidden_dim=16, num_layers=1, num_heads=2, ff_dim=8) | kw
+    with pytest.raises(ValueError, match=name):
+        DeltaNetModel(**args)
+
+
+def test_op_rejects_bad_arguments():
+    q, k, v, beta = inputs(n=6)
+    with pytest.raises(ValueError, match="chunk_size"):
+        delta_rule_chunkwise(q, k, v, beta, 0)
+    with pytest.raises(ValueError, match="beta"):
+        delta_rule_chunkwise(q, k, v, beta[..., :5], 4)

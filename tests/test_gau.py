@@ -1,0 +1,152 @@
+"""GAU / FLASH mixed-chunk attention (Hua et al., 2022): the op against the full-matrix oracle,
+the step form, the two terms separately, the unit against its weights, num_heads ignored,
+bad hyperparameters."""
+
+import pytest
+import torch
+
+from bsbr_extras.gau import GatedAttentionUnit, GAUModel, gau_continue_chunk, gau_mixed_chunk
+from tests.conftest import rel_err
+from tests.reference_linear import gau_attention_ref, gau_unit_ref
+
+TOL = 1e-5
+
+
+def inputs(b=2, n=29, s=8, e=12, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    qq, qk, lq, lk = (torch.randn(b, n, s, generator=g, dtype=dtype) for _ in range(4))
+    return qq, qk, lq, lk, torch.randn(b, n, e, generator=g, dtype=dtype)
+
+
+def pad_mask(b, n, lens):
+    return torch.arange(n)[None, :] < torch.tensor(lens)[:, None]
+
+
+@pytest.mark.parametrize("n,chunk", [(1, 8), (29, 8), (32, 8), (29, 64), (29, 1)], ids=lambda x: str(x))
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+def test_mixed_chunk_matches_oracle(n, chunk, masked):
+    x = inputs(n=n)
+    mask = pad_mask(2, n, [n, max(1, n - 11)]) if masked else None
+    out = gau_mixed_chunk(*x, chunk, mask)
+    assert out.dtype == torch.float32
+    assert rel_err(out, gau_attention_ref(*(t.double() for t in x), chunk, mask)) <= TOL
+
+
+def test_gradients_match_oracle():
+    x = [t.requires_grad_() for t in inputs(n=29)]
+    mask = pad_mask(2, 29, [29, 17])
+    cot = torch.randn(2, 29, 12)
+    grads = torch.autograd.grad((gau_mixed_chunk(*x, 8, mask) * cot).sum(), x)
+    ref = torch.autograd.grad((gau_attention_ref(*x, 8, mask) * cot).sum(), x)
+    for g, r in zip(grads, ref):
+        assert rel_err(g, r) <= TOL
+
+
+def test_each_term_alone():
+    # quadratic term only (zero linear queries): relu^2 inside the chunk, nothing across chunks
+    qq, qk, lq, lk, v = inputs(n=12, dtype=torch.float64)
+    c = 4
+    quad = gau_mixed_chunk(qq, qk, torch.zeros_like(lq), lk, v, c)
+    for i in range(3):
+        sl = slice(i * c, (i + 1) * c)
+        w = torch.relu(qq[:, sl] @ qk[:, sl].transpose(-1, -2) / c) ** 2 * torch.ones(c, c).tril()
+        assert rel_err(quad[:, sl], w @ v[:, sl]) <= 1e-12
+    # linear term only (zero quadratic queries): the first chunk reads nothing; chunk i reads
+    # lq @ sum_{j<i} lk_j^T v_j / c
+    lin = gau_mixed_chunk(torch.zeros_like(qq), qk, lq, lk, v, c)
+    assert lin[:, :c].abs().max() == 0
+    state = lk[:, :8].transpose(-1, -2) @ v[:, :8] / c
+    assert rel_err(lin[:, 8:], lq[:, 8:] @ state) <= 1e-12
+
+
+def test_step_form_matches_mixed_chunk():
+    # Token by token through gau_continue_chunk, folding each completed chunk into the state.
+    qq, qk, lq, lk, v = inputs(n=21, dtype=torch.float64)
+    c = 4
+    state = torch.zeros(2, 8, 12, dtype=torch.float64)
+    keys, lkeys, vals = qk[:, :0], lk[:, :0], v[:, :0]
+    outs = []
+    for t in range(21):
+        sl = slice(t, t + 1)
+        o, keys, vals = gau_continue_chunk(qq[:, sl], qk[:, sl], lq[:, sl], v[:, sl], c, keys, vals, state)
+        lkeys = torch.cat([lkeys, lk[:, sl]], dim=1)
+        outs.append(o)
+        if keys.shape[1] == c:
+            state = state + lkeys.transpose(-1, -2) @ vals / c
+            keys, lkeys, vals = keys[:, :0], lkeys[:, :0], vals[:, :0]
+    assert rel_err(torch.cat(outs, dim=1), gau_mixed_chunk(qq, qk, lq, lk, v, c)) <= 1e-12
+
+
+def test_final_state_counts_only_complete_chunks():
+    qq, qk, lq, lk, v = inputs(n=30, dtype=torch.float64)
+    full = gau_mixed_chunk(qq, qk, lq, lk, v, 8)
+    a, S = gau_mixed_chunk(qq[:, :16], qk[:, :16], lq[:, :16], lk[:, :16], v[:, :16], 8, output_final_state=True)
+    b = gau_mixed_chunk(qq[:, 16:], qk[:, 16:], lq[:, 16:], lk[:, 16:], v[:, 16:], 8, initial_state=S)
+    assert rel_err(torch.cat([a, b], dim=1), full) <= 1e-12
+    _, S_partial = gau_mixed_chunk(qq[:, :13], qk[:, :13], lq[:, :13], lk[:, :13], v[:, :13], 8,
+                                   output_final_state=True)
+    assert rel_err(S_partial, lk[:, :8].transpose(-1, -2) @ v[:, :8] / 8) <= 1e-12
+
+
+def test_unit_matches_reference_from_weights():
+    torch.manual_seed(0)
+    unit = GatedAttentionUnit(16, chunk_size=4, expansion_factor=2, qk_dim=8).double()
+    with torch.no_grad():  # make attention non-negligible (paper init gamma ~ N(0, 0.02) is tiny)
+        unit.scale_offset.gamma.normal_(0, 1.0)
+        unit.scale_offset.beta.normal_(0, 0.5)
+    x = torch.randn(2, 15, 16, dtype=torch.float64)
+    mask = pad_mask(2, 15, [15, 10])
+    for m in (None, mask):
+        out = unit(x, mask=m)
+        ref = gau_unit_ref(unit, x, m)
+        rows = slice(None) if m is None else m
+        assert rel_err(out[rows], ref[rows]) <= 1e-12
+        u = torch.nn.functional.silu(unit.uv(x))[..., :32]
+        assert torch.equal(out, unit.out_proj(u * unit.op(*unit.op_inputs(x, m))))
+
+
+def test_cache_streams_any_split():
+    torch.manual_seed(0)
+    unit = GatedAttentionUnit(16, chunk_size=4, expansion_factor=2, qk_dim=8).double()
+    with torch.no_grad():
+        unit.scale_offset.gamma.normal_(0, 1.0)
+    x = torch.randn(1, 23, 16, dtype=torch.float64)
+    with torch.no_grad():
+        full = unit(x)
+        for cuts in ([1, 2, 3, 5, 6, 11, 12, 13], [3, 9, 10, 16], list(range(1, 23))):
+            cache = unit.init_cache(1, dtype=torch.float64)
+            pieces, prev = [], 0
+            for c in cuts + [23]:
+                pieces.append(unit(x[:, prev:c], cache=cache))
+                prev = c
+                assert cache.v.shape[1] == c % 4 and cache.state.shape == (1, 8, 32)  # open chunk only
+            assert rel_err(torch.cat(pieces, dim=1), full) <= 1e-12
+
+
+def test_num_heads_is_ignored():
+    outs = []
+    for h in (1, 3, 7):  # 3 and 7 do not even divide hidden_dim: GAU is single-head
+        torch.manual_seed(0)
+        model = GAUModel(vocab_size=11, hidden_dim=16, num_layers=1, num_heads=h, ff_dim=8, dropout=0.0,
+                         chunk_size=4, qk_dim=8).eval()
+        outs.append(model(torch.arange(10)[None] % 11))
+    assert all(torch.equal(o, outs[0]) for o in outs)
+
+
+@pytest.mark.parametrize("kw,name", [(dict(chunk_size=0), "chunk_size"), (dict(chunk_size=-4), "chunk_size"),
+                                     (dict(expansion_factor=0), "expansion_factor"),
+                                     (dict(expansion_factor=-1), "expansion_factor"),
+                                     (dict(expansion_factor=1.5), "expansion_factor"),
+                                     (dict(qk_dim=0), "qk_dim"), (dict(qk_dim=-8), "qk_dim")])
+def test_bad_hyperparameters_raise(kw, name):
+    args = dict(vocab_size=11, hidden_dim=16, num_layers=1, num_heads=2, ff_dim=8) | kw
+    with pytest.raises(ValueError, match=name):
+        GAUModel(**args)
+
+
+def test_op_rejects_bad_arguments():
+    x = inputs(n=6)
+    with pytest.raises(ValueError, match="chunk_size"):
+        gau_mixed_chunk(*x, 0)
+    with pytest.raises(ValueError, match="mask"):
+        gau_mixed_chunk(*x, 4, torch.ones(2, 5, dtype=torch.bool))
