@@ -12,3 +12,9 @@ from .standard import StandardAttention, StandardTransformerModel, causal_softma
 from .sliding_window import (SlidingWindowAttention, SlidingWindowTransformerModel,  # noqa: E402,F401
                              sliding_window_attention)
 from .hopfield import HopfieldAttention, HopfieldNetworkModel, hopfield_retrieval  # noqa: E402,F401
+
+# Linear family: kernelised linear attention, the delta rule, and the gated attention unit.
+from .linear import LinearAttention, LinearTransformerModel, linear_attention, linear_attention_step  # noqa: E402,F401
+from .deltanet import (DeltaNetAttention, DeltaNetModel, delta_rule_chunkwise,  # noqa: E402,F401
+                       delta_rule_recurrent)
+from .gau import GatedAttentionUnit, GAUModel, gau_continue_chunk, gau_mixed_chunk  # noqa: E402,F401
