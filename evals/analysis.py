@@ -102,8 +102,9 @@ def validate(df: pd.DataFrame, source: str = "input") -> pd.DataFrame:
     """Check the contract; coerce numeric columns; return a copy. Raises AnalysisInputError."""
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
-        raise AnalysisInputError(f"{source}: missing required column(s) {', '.join(missing)}; "
-                                 f"required: {', '.join(REQUIRED_COLUMNS)}")
+        shown = ", ".join(missing[:6]) + (f" (+{len(missing) - 6} more)" if len(missing) > 6 else "")
+        raise AnalysisInputError(f"{source}: missing required column(s) {shown}; a compare CSV has: "
+                                 f"{', '.join(REQUIRED_COLUMNS)}")
     if len(df) == 0:
         raise AnalysisInputError(f"{source}: no rows (the CSV has a header only)")
     df = df.copy()
@@ -145,6 +146,30 @@ def load_results(paths: Sequence[Path | str]) -> pd.DataFrame:
     out = pd.concat(frames, ignore_index=True)
     cols = [c for c in out.columns if c != "source"]
     return out.drop_duplicates(subset=cols).reset_index(drop=True)
+
+
+def newest_results_csv(root: Path | str = "results") -> Optional[Path]:
+    """The most recently modified results CSV under ``root`` (recursively), or None.
+
+    Only files whose header has the required columns count, so this never picks an analysis's own
+    fits.csv or relative.csv.
+    """
+    best = None
+    for p in Path(root).rglob("*.csv"):
+        try:
+            with p.open() as fh:
+                header = {h.strip() for h in fh.readline().strip().split(",")}
+        except (OSError, UnicodeDecodeError):
+            continue
+        if set(REQUIRED_COLUMNS) <= header and (best is None or p.stat().st_mtime > best.stat().st_mtime):
+            best = p
+    return best
+
+
+def default_output_dir(csv_path: Path | str) -> Path:
+    """``results/run.csv`` -> ``results/run_analysis/``."""
+    p = Path(csv_path)
+    return p.parent / f"{p.stem}_analysis"
 
 
 def model_order(names: Iterable[str]) -> list:
