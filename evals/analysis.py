@@ -29,8 +29,9 @@ What is computed, following design/evaluation.md ("Analysis"):
 * **Relative figures** against ``Standard`` (Vaswani et al., 2017) at equal configuration and
   length: speedup ``t_Standard / t_model`` and memory ratio ``mem_model / mem_Standard``; and the
   crossover length at which a model becomes, and stays, faster than Standard.
-* **Achieved FLOP rate** ``flops / time`` as a fraction of the run's matmul calibration
-  (``matmul_gflops`` in the JSON sidecar beside each CSV; NaN when the sidecar lacks it).
+* **Achieved FLOP rate** ``flops / time`` as a fraction of the run's matmul calibration for
+  that device (``calibration_matmul_gflops`` or ``matmul_gflops`` in the JSON sidecar beside
+  each CSV; NaN when the sidecar lacks it).
 """
 
 from __future__ import annotations
@@ -98,6 +99,21 @@ def load_sidecar(csv_path: Path) -> Optional[dict]:
     return meta if isinstance(meta, dict) else None
 
 
+def calibration_gflops(meta: dict, device: str) -> float:
+    """The run's matmul calibration for ``device`` in GFLOP/s, NaN if the sidecar has none.
+
+    Accepts ``matmul_gflops`` or ``calibration_matmul_gflops`` (what ``compare`` writes), each either
+    one number or a mapping per device ("cpu", "cuda"); "cuda:1" falls back to "cuda".
+    """
+    for key in ("matmul_gflops", "calibration_matmul_gflops"):
+        v = meta.get(key)
+        if isinstance(v, dict):
+            v = v.get(device, v.get(device.split(":")[0]))
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0:
+            return float(v)
+    return np.nan
+
+
 def validate(df: pd.DataFrame, source: str = "input") -> pd.DataFrame:
     """Check the contract; coerce numeric columns; return a copy. Raises AnalysisInputError."""
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
@@ -139,8 +155,7 @@ def load_results(paths: Sequence[Path | str]) -> pd.DataFrame:
             raise AnalysisInputError(f"{p}: not a readable CSV ({str(e).splitlines()[0]})") from None
         df = validate(raw, source=str(p))
         meta = load_sidecar(p) or {}
-        gf = meta.get("matmul_gflops")
-        df["matmul_gflops"] = float(gf) if isinstance(gf, (int, float)) and gf > 0 else np.nan
+        df["matmul_gflops"] = [calibration_gflops(meta, d) for d in df["device"].astype(str)]
         df["source"] = str(p)
         frames.append(df)
     out = pd.concat(frames, ignore_index=True)

@@ -122,16 +122,27 @@ def _measured_summary(rows: pd.DataFrame) -> list:
     ]
 
 
-def _flatten(meta: dict, prefix: str = "") -> dict:
+def _flatten(meta, prefix: str = "") -> dict:
+    """Nested sidecar fields as ``a.b`` / ``a[0].b`` keys, so any sidecar layout reads as a table."""
     out = {}
-    for k, v in meta.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
+    items = meta.items() if isinstance(meta, dict) else ((f"[{i}]", v) for i, v in enumerate(meta))
+    for k, v in items:
+        key = f"{prefix}{k}" if str(k).startswith("[") or not prefix else f"{prefix}.{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key))
+        elif isinstance(v, (list, tuple)) and any(isinstance(x, (dict, list, tuple)) for x in v):
+            out.update(_flatten(list(v), key))
         elif isinstance(v, (list, tuple)):
-            out[prefix + k] = " ".join(map(str, v))
+            out[key] = " ".join(map(str, v))
         else:
-            out[prefix + k] = v
+            out[key] = v
     return out
+
+
+# shown first, in this order, when present; every other field follows
+_SIDECAR_FIRST = ("device_name", "cpu_model", "cpu_count", "torch_num_threads", "threads", "torch_version",
+                  "cuda_version", "python_version", "hostname", "git_sha", "git_dirty", "run_id", "command",
+                  "started_utc", "ended_utc")
 
 
 def _machine_section(sources: Sequence[str]) -> list:
@@ -145,8 +156,9 @@ def _machine_section(sources: Sequence[str]) -> list:
                       "FLOP-rate fraction is left blank._", ""]
             continue
         flat = _flatten(meta)
-        lines.append(md_table(pd.DataFrame({"field": list(flat), "value": [f"`{v}`" if k.endswith("command")
-                                                                           else v for k, v in flat.items()]})))
+        keys = [k for k in _SIDECAR_FIRST if k in flat] + [k for k in flat if k not in _SIDECAR_FIRST]
+        lines.append(md_table(pd.DataFrame({"field": keys, "value": [f"`{flat[k]}`" if k.endswith("command")
+                                                                     else flat[k] for k in keys]})))
     return lines
 
 

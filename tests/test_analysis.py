@@ -169,11 +169,19 @@ def test_no_standard_gives_empty_relative_tables():
 
 def test_flop_fraction_from_the_sidecar(tmp_path):
     df = rows(MODELS)
+    ok = (df.status == "ok").to_numpy()
     a = analysis.flop_rate(analysis.load_results([write_run(tmp_path, df, "a", gflops=40.0)]))
     expect = df["flops"] / (df["time_ms"] * 1e-3) / 1e9
     assert np.allclose(a["achieved_gflops"], expect) and np.allclose(a["flop_fraction"], expect / 40.0)
     b = analysis.flop_rate(analysis.load_results([write_run(tmp_path, df, "b", sidecar=False)]))
     assert b["flop_fraction"].isna().all() and np.allclose(b["achieved_gflops"], expect)
+    # compare's layout: one calibration per device; a device without one gets NaN
+    two = pd.concat([df, df.assign(device="cuda:0")], ignore_index=True)
+    p = write_run(tmp_path, two, "c", sidecar=False)
+    (tmp_path / "c.json").write_text(json.dumps({"calibration_matmul_gflops": {"cpu": 20.0}}))
+    c = analysis.flop_rate(analysis.load_results([p]))
+    assert np.allclose(c.loc[c.device == "cpu", "flop_fraction"], expect / 20.0)
+    assert c.loc[c.device == "cuda:0", "flop_fraction"].isna().all() and ok.all()
 
 
 def test_shards_concatenate_to_the_whole_run(tmp_path):
