@@ -65,26 +65,32 @@ def default_gamma(chunk_size: int, key_dim: int) -> float:
 
 
 def _block_softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
-                             scale: float) -> torch.Tensor:
-    """softmax(q k^T * scale + bias) v over a batch of small blocks.
+                             scale: float, readout=None) -> torch.Tensor:
+    """softmax(q k^T * scale + bias) v [+ gamma * qe @ S] over a batch of small blocks.
 
     q: (B, c, d); k, v: (B, L, d); bias broadcastable to (B, c, L) with 0 / -inf.
+    readout: optional (qe (B, c, e), S (B, e, d), gamma), fused into the same pass.
     Every row must allow at least one key (callers guarantee the diagonal).
     """
     kt = k.transpose(1, 2)  # (B, d, L)
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        att = torch.baddbmm(bias.expand(q.shape[0], -1, -1) if bias.dim() == 3 else bias, q, kt, alpha=scale)
-        return torch.bmm(att.softmax(-1), v)
-    # Inference: tile over the block batch so each tile's logits stay in cache; fusing the
-    # scale and the mask into baddbmm avoids two extra passes over the logits.
+    per_block = bias.dim() == 3 and bias.shape[0] == q.shape[0]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v) + tuple(readout[:2] if readout else ())):
+        att = torch.baddbmm(bias if per_block else bias.expand(q.shape[0], -1, -1), q, kt, alpha=scale)
+        out = torch.bmm(att.softmax(-1), v)
+        return out if readout is None else torch.baddbmm(out, readout[0], readout[1], alpha=readout[2])
+    # Inference: tile over the block batch so each tile's logits stay in cache, fuse scale and mask
+    # into baddbmm, soften in place, and fuse the retrieval read-out into the output matmul.
     B, c, L = q.shape[0], q.shape[1], k.shape[1]
     out = torch.empty(B, c, v.shape[-1], dtype=q.dtype, device=q.device)
-    tile = max(1, (1 << 22) // (c * L))
-    per_block = bias.dim() == 3 and bias.shape[0] == B
+    tile = max(1, (1 << 21) // (c * L))
     for s in range(0, B, tile):
         e = min(s + tile, B)
         logits = torch.baddbmm(bias[s:e] if per_block else bias, q[s:e], kt[s:e], alpha=scale)
-        torch.bmm(torch.softmax(logits, -1), v[s:e], out=out[s:e])
+        torch.softmax(logits, -1, out=logits)
+        torch.bmm(logits, v[s:e], out=out[s:e])
+        if readout is not None:
+            # the out= overload (unlike baddbmm_) is one FlopCounterMode counts
+            torch.baddbmm(out[s:e], readout[0][s:e], readout[1][s:e], alpha=readout[2], out=out[s:e])
     return out
 
 
@@ -107,11 +113,12 @@ def _local_mask(m: torch.Tensor, tail_m: Optional[torch.Tensor], o: int, c: int,
 
 
 def local_attention(q, k, v, *, chunk_size: int, overlap: int = 0, mask: Optional[torch.Tensor] = None,
-                    tail_k=None, tail_v=None, tail_m=None) -> torch.Tensor:
+                    tail_k=None, tail_v=None, tail_m=None, readout=None) -> torch.Tensor:
     """Causal softmax attention within chunks, each reaching ``overlap`` tokens back.
 
     q, k, v: (b, h, n, d) with n a multiple of chunk_size; mask (b, n) bool or None.
     tail_*: the ``overlap`` keys/values/mask preceding position 0 (zeros/False when absent).
+    readout: optional (qe (b, h, n, e), S (b, h, C, e, d), gamma): adds gamma * qe_t S_i in the same pass.
     """
     b, h, n, d = q.shape
     c, o = chunk_size, overlap
@@ -134,7 +141,10 @@ def local_attention(q, k, v, *, chunk_size: int, overlap: int = 0, mask: Optiona
         bias = bias[:, None].expand(b, h, C, c, o + c).reshape(b * h * C, c, o + c)
     kw = _local_keys(k, tail_k, o, c, C).reshape(b * h * C, o + c, d)
     vw = _local_keys(v, tail_v, o, c, C).reshape(b * h * C, o + c, d)
-    out = _block_softmax_attention(q.reshape(b * h * C, c, d), kw, vw, bias, 1.0 / math.sqrt(d))
+    if readout is not None:
+        qe, S, g = readout
+        readout = (qe.reshape(b * h * C, c, qe.shape[-1]), S.reshape(b * h * C, S.shape[-2], d), g)
+    out = _block_softmax_attention(q.reshape(b * h * C, c, d), kw, vw, bias, 1.0 / math.sqrt(d), readout)
     return out.view(b, h, n, d)
 
 
@@ -149,10 +159,10 @@ def chunk_states(k: torch.Tensor, v: torch.Tensor, chunk_size: int, mask: Option
     if mask is not None:
         k = k * mask[:, None, :, None].to(k.dtype)
     b, h, n, e = k.shape
-    C = n // chunk_size
-    kc = k.view(b, h, C, chunk_size, e)
-    vc = v.view(b, h, C, chunk_size, v.shape[-1])
-    return kc.transpose(-1, -2) @ vc  # (b, h, C, e, d)
+    C, d = n // chunk_size, v.shape[-1]
+    kc = k.reshape(b * h * C, chunk_size, e)
+    vc = v.reshape(b * h * C, chunk_size, d)
+    return torch.bmm(kc.transpose(1, 2), vc).view(b, h, C, e, d)
 
 
 def retrieval_weights(r: torch.Tensor, hk: torch.Tensor, valid: torch.Tensor, num_past: int) -> torch.Tensor:
@@ -203,10 +213,6 @@ def bsbr_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r: torch.T
     if m is not None and pad:
         m = F.pad(m, (0, pad), value=False)
 
-    tail = (past.tail_k, past.tail_v, past.tail_m) if past is not None and past.tail_k.shape[2] == o else (None,) * 3
-    local = local_attention(q, k, v, chunk_size=c, overlap=o, mask=m,
-                            tail_k=tail[0], tail_v=tail[1], tail_m=tail[2])  # (b, h, C c, d)
-
     F_new = chunk_states(k, v, c, m, compress)  # (b, h, C, e, d)
     e = F_new.shape[3]
     valid_new = m.view(b, C, c).any(-1) if m is not None else torch.ones(b, C, dtype=torch.bool, device=q.device)
@@ -221,8 +227,10 @@ def bsbr_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r: torch.T
     S = (weights @ F_all.flatten(-2)).view(b, h, C, e, d)  # (b, h, C, e, d)
     qe = torch.einsum("bhnd,hde->bhne", q, compress) if compress is not None else q
     g = default_gamma(c, e) if gamma is None else gamma
-    retrieved = (qe.view(b, h, C, c, e) @ S).view(b, h, C * c, d)
-    out = (local + g * retrieved)[:, :, :n]
+
+    tail = (past.tail_k, past.tail_v, past.tail_m) if past is not None and past.tail_k.shape[2] == o else (None,) * 3
+    out = local_attention(q, k, v, chunk_size=c, overlap=o, mask=m, tail_k=tail[0], tail_v=tail[1],
+                          tail_m=tail[2], readout=(qe, S, g))[:, :, :n]  # (b, h, n, d)
     if return_states:
         return out, dict(F=F_new, valid=valid_new, S=S)
     return out
