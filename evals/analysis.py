@@ -74,6 +74,7 @@ MIN_LENGTHS = 5      # distinct lengths a fit needs ...
 MIN_SPAN = 8.0       # ... and the factor max/min they must span
 CLASSES: tuple = ("1", "n", "n log n", "n^2", "n + n^2")
 UNDERDETERMINED = "underdetermined"
+NOISY_SPREAD = 0.25  # a fit's note flags timings whose p20-p80 spread exceeds this share of the median
 
 
 class AnalysisInputError(ValueError):
@@ -311,7 +312,8 @@ def fit_one(n: np.ndarray, y: np.ndarray) -> dict:
 FIT_COLUMNS: tuple = (FIT_KEYS + ("metric", "slope", "slope_ci_low", "slope_ci_high", "upper_slope",
                                   "upper_slope_ci_low", "upper_slope_ci_high", "best_class", "runner_up",
                                   "delta_aicc", "rel_rmse", "n_lengths", "n_points", "min_len", "max_len", "span",
-                                  "intercept") + COEF_COLUMNS + tuple(f"aicc[{c}]" for c in CLASSES) + ("note",))
+                                  "intercept") + COEF_COLUMNS + tuple(f"aicc[{c}]" for c in CLASSES)
+               + ("p20_p80_spread", "note"))
 
 
 def complexity_fits(df: pd.DataFrame, metrics: Sequence[str] = METRICS) -> pd.DataFrame:
@@ -325,6 +327,13 @@ def complexity_fits(df: pd.DataFrame, metrics: Sequence[str] = METRICS) -> pd.Da
         for key, g in d.groupby(list(FIT_KEYS), sort=False, dropna=False):
             r = dict(zip(FIT_KEYS, key), metric=metric)
             r.update(fit_one(g["seq_len"].to_numpy(), g[metric].to_numpy()))
+            if metric == "time_ms":
+                # how far the timing samples scatter: a fit is no steadier than the points it is fit to
+                spread = float(np.nanmedian((g["time_ms_p80"] - g["time_ms_p20"]) / g["time_ms"]))
+                r["p20_p80_spread"] = spread
+                if spread > NOISY_SPREAD:
+                    r["note"] = "; ".join(filter(None, [r["note"], f"noisy timings: median p20-p80 spread "
+                                                                   f"{100 * spread:.0f}% of the median"]))
             rows.append(r)
     fits = pd.DataFrame(rows, columns=list(FIT_COLUMNS))
     return _sort_models(fits, ["metric", "device", "mode", "level"])

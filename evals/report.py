@@ -19,8 +19,8 @@ import pandas as pd
 from rich.table import Table
 
 from evals import plots
-from evals.analysis import (CLASSES, MIN_LENGTHS, MIN_SPAN, REFERENCE_MODEL, UNDERDETERMINED, Analysis,
-                            load_sidecar, model_order)
+from evals.analysis import (CLASSES, MIN_LENGTHS, MIN_SPAN, NOISY_SPREAD, REFERENCE_MODEL, UNDERDETERMINED,
+                            Analysis, load_sidecar, model_order)
 
 # Columns of the per-configuration key shown in the tables (the rest is in the report's header).
 _WHERE = ["device", "mode", "level"]
@@ -64,6 +64,8 @@ def fits_display(fits: pd.DataFrame, metric: str) -> pd.DataFrame:
         "upper-half slope": [_slope(r, "upper_") for _, r in f.iterrows()],
         "best class": f["best_class"],
         "ΔAICc to next": [("" if not np.isfinite(d) else f"{d:.1f} ({n})") for d, n in zip(f["delta_aicc"], f["runner_up"])],
+        **({"p20–p80 spread": f["p20_p80_spread"].map(lambda v: "–" if not np.isfinite(v) else f"{100 * v:.0f}%")}
+           if metric == "time_ms" else {}),
     })
 
 
@@ -174,6 +176,9 @@ METHOD_TEXT = f"""\
   {MIN_SPAN:g}x; the dotted line in the figures is then the power law, not a class.
 - Only rows with status `ok` enter fits, ratios and figures; `oom` / `error` / `skipped` rows
   are listed below and drawn as markers on the axis floor, never as a value.
+- **p20–p80 spread**: the median over lengths of (p80 - p20) / median of the timing samples;
+  above {int(100 * NOISY_SPREAD)}% the time fits describe the machine's noise as much as the model
+  (the notes in fits.csv say so), and a re-run on a quiet machine is needed before trusting them.
 - **speedup** = t({REFERENCE_MODEL}) / t(model) at equal shape and length (> 1: faster than
   {REFERENCE_MODEL}); **memory ratio** = peak memory(model) / peak memory({REFERENCE_MODEL}).
   The *crossover* is where the speedup crosses 1 for good, interpolated in log-log between the
@@ -203,7 +208,8 @@ def render_markdown(an: Analysis, figures: Sequence[Path], out_dir: Path, comman
            md_table(pivot_by_length(an.relative, "memory_ratio")),
            "## Achieved FLOP rate", "",
            "flops (FlopCounterMode) / median time, and in brackets its share of the run's matmul "
-           "calibration (`matmul_gflops` in the sidecar) where that is recorded.", "",
+           "calibration on that device (`calibration_matmul_gflops` in the sidecar) where that is recorded. "
+           "Above 100% means the timing is noisier than the calibration, not a faster-than-matmul model.", "",
            md_table(flops_display(rows)),
            "## Not measured", "", md_table(an.failures), "## Figures", ""]
     for f in figures:

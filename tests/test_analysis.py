@@ -317,3 +317,12 @@ def test_render_markdown_without_sidecar_says_so(tmp_path):
     an = analysis.analyze(analysis.load_results([write_run(tmp_path, rows(MODELS), sidecar=False)]))
     md = report.render_markdown(an, [], tmp_path)
     assert "No JSON sidecar" in md and "## Complexity fits: time" in md
+
+
+def test_noisy_timings_are_flagged_in_the_fit():
+    quiet = rows(MODELS)
+    loud = quiet.assign(time_ms_p20=quiet.time_ms * 0.5, time_ms_p80=quiet.time_ms * 1.5)   # 100% spread
+    f_quiet = analysis.complexity_fits(quiet).query("metric == 'time_ms'")
+    f_loud = analysis.complexity_fits(loud).query("metric == 'time_ms'")
+    assert np.allclose(f_quiet.p20_p80_spread, 0.10) and not f_quiet.note.str.contains("noisy").any()
+    assert np.allclose(f_loud.p20_p80_spread, 1.0) and f_loud.note.str.contains("noisy").all()
