@@ -56,28 +56,35 @@ def _banded_blocked(q, k, v, window_size, mask, scale, dropout_p):
     w = window_size
     C = math.ceil(n / w)
     pad = C * w - n
-    # padded tail positions come after every real query, so causality keeps them out of real outputs
-    q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))  # (b, h, C*w, d)
-    qb = q.view(b, h, C, w, d)
-    kb, vb = k.view(b, h, C, w, d), v.view(b, h, C, w, v.shape[-1])
-    # keys of block i-1 next to block i's own keys; block 0's "previous" block is zeros, handled below
-    kk = torch.cat([F.pad(kb, (0, 0, 0, 0, 1, 0))[:, :, :C], kb], dim=-2)  # (b, h, C, 2w, d)
-    vv = torch.cat([F.pad(vb, (0, 0, 0, 0, 1, 0))[:, :, :C], vb], dim=-2)  # (b, h, C, 2w, d)
+    if pad:  # padded tail positions come after every real query, so causality keeps them out of real outputs
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))  # (b, h, C*w, d)
+        mask = F.pad(mask, (0, pad), value=False) if exists(mask) else None
     # local query i sits at column w+i of its 2w keys; it sees columns j with 0 <= w+i-j < w
     band = _band(w, 2 * w, w, q.device)  # (w, 2w), the same for every block
 
     if not exists(mask):
-        # 4-D (b, h*C, w, d) views keep PyTorch's fused CPU/GPU kernel; (w, 2w) broadcasts over blocks
-        out = F.scaled_dot_product_attention(qb.flatten(1, 2), kk.flatten(1, 2), vv.flatten(1, 2),
-                                             attn_mask=band, scale=scale, dropout_p=dropout_p)
-        out = out.view(b, h, C, w, -1)
-        # block 0 has no previous block: redo it as plain causal attention within the block
-        first = F.scaled_dot_product_attention(qb[:, :, 0], kb[:, :, 0], vb[:, :, 0], is_causal=True,
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # no-ops for contiguous inputs; keeps the views below free
+        # block 0 has no previous block: plain causal attention within the block
+        first = F.scaled_dot_product_attention(q[:, :, :w], k[:, :, :w], v[:, :, :w], is_causal=True,
                                                scale=scale, dropout_p=dropout_p)  # (b, h, w, d)
-        out = torch.cat([first.unsqueeze(2), out[:, :, 1:]], dim=2)  # (b, h, C, w, d)
-        return out.view(b, h, C * w, -1)[:, :, :n]
+        if C == 1:
+            return first[:, :, :n]
+        # blocks 1..C-1: the 2w keys of block i are positions (i-1)w .. (i+1)w-1, i.e. overlapping
+        # windows of stride w. unfold gives them as a view (no copy); (b*h, C-1, ...) stays 4-D so
+        # PyTorch's fused attention kernel runs, with the (w, 2w) band broadcast over every block.
+        kk = k.unfold(2, 2 * w, w).transpose(-1, -2).flatten(0, 1)  # (b*h, C-1, 2w, d)
+        vv = v.unfold(2, 2 * w, w).transpose(-1, -2).flatten(0, 1)  # (b*h, C-1, 2w, d)
+        qq = q[:, :, w:].reshape(b * h, C - 1, w, d)  # (b*h, C-1, w, d), a view
+        rest = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=band, scale=scale, dropout_p=dropout_p)
+        out = torch.cat([first, rest.view(b, h, (C - 1) * w, -1)], dim=2)  # (b, h, C*w, d)
+        return out[:, :, :n]
 
-    km = F.pad(mask, (0, pad), value=False).view(b, C, w)  # (b, C, w)
+    qb = q.view(b, h, C, w, d)
+    kb, vb = k.view(b, h, C, w, d), v.view(b, h, C, w, v.shape[-1])
+    # keys of block i-1 next to block i's own keys; block 0's "previous" block is zeros, masked out below
+    kk = torch.cat([F.pad(kb, (0, 0, 0, 0, 1, 0))[:, :, :C], kb], dim=-2)  # (b, h, C, 2w, d)
+    vv = torch.cat([F.pad(vb, (0, 0, 0, 0, 1, 0))[:, :, :C], vb], dim=-2)  # (b, h, C, 2w, d)
+    km = mask.view(b, C, w)
     km = torch.cat([F.pad(km, (0, 0, 1, 0), value=False)[:, :C], km], dim=-1)  # (b, C, 2w); block 0's prev: False
     diag = torch.arange(w, device=q.device)[:, None] + w == torch.arange(2 * w, device=q.device)  # (w, 2w)
     attn_mask = band & (km[:, :, None, :] | diag)  # (b, C, w, 2w): see allowed_keys for the diagonal
