@@ -141,8 +141,11 @@ def plot_scaling(df: pd.DataFrame, fits: pd.DataFrame, out_dir: Path) -> list:
             g.set_axis_labels(LENGTH_LABEL, METRIC_LABELS[metric])
             g.set_titles(row_template="mode: {row_name}", col_template="device: {col_name}")
             g.figure.suptitle(f"{METRIC_TITLES[metric]} vs length ({title})", y=1.02)
-            extra = [Line2D([], [], color="grey", ls="-", label="fit: best class (AICc)"),
-                     Line2D([], [], color="grey", ls=":", label="fit: power law (underdetermined)")]
+            under = fits_here["best_class"] == UNDERDETERMINED
+            extra = ([Line2D([], [], color="grey", ls="-", label="fit: best class (AICc)")] if (~under).any() else [])
+            extra += [Line2D([], [], color="grey", ls=":", label="fit: power law (underdetermined)")] if under.any() else []
+            if metric == "time_ms":
+                extra.append(Line2D([], [], color="grey", marker="|", ls="none", markersize=10, label="p20–p80 of samples"))
             extra += [Line2D([], [], color="grey", marker=mk, ls="none", label=f"{st} (not measured)")
                       for st, mk in FAILURE_MARKERS.items() if (failed["status"] == st).any()]
             _legend(g.figure, models, palette, extra)
@@ -168,9 +171,12 @@ def plot_speedup(rel: pd.DataFrame, out_dir: Path) -> list:
             g = _grid(sub)
             g.map_dataframe(sns.lineplot, x="seq_len", y=col, hue="model", hue_order=models, palette=palette,
                             marker="o", estimator="median", errorbar=None)
-            for ax in g.axes.flat:
+            for (mode, device), ax in g.axes_dict.items():
                 ax.axhline(1.0, color="black", lw=0.8, ls="--")
-                ax.set(xscale="log", yscale="log")
+                v = sub.loc[(sub["mode"] == mode) & (sub["device"] == device), col].astype(float)
+                # keep 1 inside with a margin, or equal ratios would sit on a degenerate log axis
+                lo, hi = min(v.min(), 1.0) if len(v) else 1.0, max(v.max(), 1.0) if len(v) else 1.0
+                ax.set(xscale="log", yscale="log", ylim=(lo / 1.5, hi * 1.5))
             g.set_axis_labels(LENGTH_LABEL, ylabel)
             g.set_titles(row_template="mode: {row_name}", col_template="device: {col_name}")
             g.figure.suptitle(f"{name} ({title})", y=1.02)
