@@ -1,0 +1,143 @@
+"""The sweep behind ``bsbr-eval compare``: measure each case of a grid and append its row.
+
+- A failing configuration is a row, never a crash: ``measure`` turns exceptions into ``error``
+  rows and out-of-memory into ``oom``; after an ``oom`` at length ``n`` the longer lengths of the
+  same model / device / mode (same level, dtype and config) are recorded as ``skipped``.
+- CUDA cases on a machine without CUDA are ``skipped`` (the CLI refuses CUDA-only sweeps).
+- ``resume=True`` keeps the rows already in the CSV and measures only the missing cases (an
+  ``oom`` among the kept rows still skips the longer lengths after it).
+- A rich progress bar shows the current configuration and the estimated time left; a rich table
+  summarises the rows at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from evals.grid import KEY_COLUMNS, Case, case_key
+from evals.measure import calibrate_matmul, empty_row, measure, parse_inject
+from evals.results import completed_keys, environment, read_rows, read_sidecar, repair, utc_now, write_sidecar, append_row
+
+log = logging.getLogger(__name__)
+
+_SEQ = KEY_COLUMNS.index("seq_len")
+
+
+def _group(key: tuple) -> tuple:
+    """A case identity without its length: an OOM skips the rest of its group."""
+    return key[:_SEQ] + key[_SEQ + 1:]
+
+
+def new_run_id(sha: Optional[str] = None) -> str:
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    return f"{stamp}-{sha[:7]}" if sha else stamp
+
+
+def run_sweep(cases: Sequence[Case], output: Path | str, *, resume: bool = False, repeats: int = 10,
+              warmup: int = 1, min_run_time: float = 0.2, threads: Optional[int] = None,
+              inject: Optional[dict] = None, show_progress: bool = True, console: Optional[Console] = None,
+              settings: Optional[dict] = None) -> list[dict]:
+    """Measure ``cases`` in order, appending one row per case to ``output``; returns every row
+    of the CSV (kept ones first when resuming). Writes the JSON sidecar next to the CSV.
+
+    Raises ValueError if ``output`` already holds rows and ``resume`` is False.
+    """
+    output = Path(output)
+    inject = parse_inject() if inject is None else inject
+    threads = threads or torch.get_num_threads()
+    kept: list[dict] = []
+    if output.exists() and output.stat().st_size > 0:
+        if not resume:
+            raise ValueError(f"{output} already exists; pass --resume to continue it, or choose another --output")
+        if repair(output):
+            log.warning("dropped a torn last line from %s", output)
+        kept = read_rows(output)
+    done = completed_keys(kept)
+    oom_at = {}  # group -> first length that ran out of memory
+    for r in kept:
+        if r["status"] == "oom":
+            g = _group(case_key(r))
+            oom_at[g] = min(oom_at.get(g, int(r["seq_len"])), int(r["seq_len"]))
+
+    env = environment()
+    info = read_sidecar(output) if kept else None
+    info = dict(info or {}, **env)
+    run_id = kept[0]["run_id"] if kept else new_run_id(env.get("git_sha"))
+    session = {"command": env["command"], "started_utc": utc_now(), "ended_utc": None,
+               "threads": threads, "inject_slowdown": inject,
+               "calibration_matmul_gflops": {"cpu": calibrate_matmul("cpu", threads=threads)}}
+    if any(c.device.startswith("cuda") for c in cases) and torch.cuda.is_available():
+        session["calibration_matmul_gflops"]["cuda"] = calibrate_matmul("cuda")
+    info.update(run_id=run_id, settings=settings or {}, cases=len(cases), inject_slowdown=inject,
+                calibration_matmul_gflops=session["calibration_matmul_gflops"], threads=threads)
+    info.setdefault("started_utc", session["started_utc"])
+    info["sessions"] = list(info.get("sessions", [])) + [session]
+    write_sidecar(output, info)
+
+    cuda_ok = torch.cuda.is_available()
+    rows = list(kept)
+    todo = [c for c in cases if case_key(c.fields()) not in done]
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                        console=console or Console(stderr=True), disable=not show_progress)
+    with progress:
+        task = progress.add_task("starting", total=len(todo))
+        for case in todo:
+            progress.update(task, description=case.label())
+            key = case_key(case.fields())
+            g = _group(key)
+            common = dict(run_id=run_id, threads=threads, inject=float(inject.get(case.model, 1.0)))
+            if case.device.startswith("cuda") and not cuda_ok:
+                row = empty_row(case, "skipped", "CUDA is not available on this machine", **common)
+            elif g in oom_at and case.seq_len > oom_at[g]:
+                row = empty_row(case, "skipped", f"a shorter length (n={oom_at[g]}) of this model, device "
+                                "and mode ran out of memory", **common)
+            else:
+                row = measure(case, repeats=repeats, warmup=warmup, min_run_time=min_run_time, threads=threads,
+                              inject=inject, run_id=run_id)
+                if row["status"] == "oom":
+                    oom_at[g] = min(oom_at.get(g, case.seq_len), case.seq_len)
+                if row["status"] in ("oom", "error"):
+                    log.warning("%s: %s %s", case.label(), row["status"], row["error"])
+            append_row(output, row)
+            rows.append(row)
+            progress.advance(task)
+
+    session["ended_utc"] = info["ended_utc"] = utc_now()
+    write_sidecar(output, info)
+    return rows
+
+
+def _num(v, fmt: str) -> str:
+    if v in (None, ""):
+        return ""
+    return format(float(v), fmt)
+
+
+def summary_table(rows: Sequence[dict], title: str = "bsbr-eval compare") -> Table:
+    """A rich table of the rows: median time, peak memory, GFLOPs and the error if any."""
+    table = Table(title=title)
+    table.add_column("model", no_wrap=True)
+    table.add_column("device mode level", no_wrap=True)
+    table.add_column("n", justify="right")
+    table.add_column("status")
+    table.add_column("ms", justify="right")
+    table.add_column("MiB", justify="right")
+    table.add_column("GFLOP", justify="right")
+    table.add_column("error", overflow="ellipsis", max_width=30)
+    style = {"ok": "green", "oom": "yellow", "error": "red", "skipped": "dim"}
+    for r in rows:
+        flops = _num(float(r["flops"]) / 1e9, ".3g") if r.get("flops") not in (None, "") else ""
+        table.add_row(str(r["model"]), f"{r['device']} {r['mode']} {r['level']}", str(r["seq_len"]),
+                      f"[{style.get(r.get('status'), '')}]{r.get('status')}",
+                      _num(r.get("time_ms"), ".3g") if r.get("status") == "ok" else "",
+                      _num(r.get("peak_memory_mb"), ".1f"), flops, str(r.get("error") or ""))
+    return table

@@ -1,0 +1,454 @@
+"""Measure one case: time, peak memory, FLOPs and parameters. The only module that reads a clock.
+
+A case is measured in four passes over the same built workload, in this order:
+
+1. **FLOPs**: one call under ``torch.utils.flop_counter.FlopCounterMode``. Torch registers no
+   formula for the CPU SDPA kernel (``aten._scaled_dot_product_flash_attention_for_cpu`` and its
+   backward), so it would count 0; we map them to torch's own SDPA formulas
+   (``sdpa_flop_count`` / ``sdpa_backward_flop_count``). Convention, as torch uses for the CUDA
+   kernels: the full ``n x n`` score matrix is counted even when ``is_causal=True`` (no causal
+   halving), 2 FLOPs per multiply-add, matrix products only. Forward SDPA = ``4 b h n^2 d``;
+   backward = ``10 b h n^2 d`` (the scores are recomputed). This call also warms up lazy init.
+2. **Memory**, separate from timing:
+   - CUDA: ``max_memory_allocated`` after ``reset_peak_memory_stats``, minus what was allocated
+     before the call (``memory_method = cuda_max_allocated``);
+   - CPU: the allocator's trace from ``torch.profiler`` (``profile_memory=True``): every
+     allocation and free of the call in chronological order, summed; the peak of the running
+     sum is the peak the call added on top of what was resident (``cpu_profiler_trace``).
+   Parameters and inputs exist before the call, so they are not counted; it is never derived
+   from the parameter count.
+3. **Warm-up**: ``warmup`` untimed calls.
+4. **Timing**: repeated samples; every sample is kept.
+   - CPU (``timer = cpu_wall``): ``time.perf_counter`` around a block of ``number`` calls, with
+     the thread count pinned. It is the loop of ``torch.utils.benchmark.Timer.blocked_autorange``
+     (blocks long enough that the timer's overhead is negligible, samples until ``min_run_time``)
+     written out so that it keeps *at least* ``repeats`` samples and can run an untimed
+     ``setup`` (restoring a decode cache) before each sample, neither of which the Timer does.
+   - CUDA (``timer = cuda_event``): CUDA events around the block after a synchronise, read after
+     another synchronise.
+
+What is timed comes from the registry and the mixer protocol only (no per-model branch):
+
+- ``model`` level: ``spec.build(cfg)`` on token ids ``(b, n)``;
+- ``layer`` level: ``spec.build_mixer(cfg)`` on ``x`` of shape ``(b, n, hidden)``;
+- ``op`` level: ``mixer.op(*inputs)`` with ``inputs = mixer.op_inputs(x)`` computed beforehand.
+
+Modes: ``forward`` (no grad); ``train`` (forward + backward of the next-token cross-entropy at
+model level, of ``out.sum()`` at layer and op level); ``decode`` (prefill ``n`` tokens into a
+cache outside the timed region, then time ``k`` one-token steps per sample from a fresh copy of
+that cache; ``time_ms`` is per token; at op level a sample is one cached step of the mixer).
+
+Slowdown injection for the regression guard's self-test: ``BSBR_EVAL_INJECT_SLOWDOWN=
+"MODEL=FACTOR[,MODEL=FACTOR]"`` makes each timed call of that model sleep for ``FACTOR - 1``
+times its own measured duration, inside the timed region, so the model takes FACTOR times as long.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+from evals.grid import Case
+from evals.registry import REGISTRY, resolve_model
+
+aten = torch.ops.aten
+
+INJECT_ENV = "BSBR_EVAL_INJECT_SLOWDOWN"
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
+          "bfloat16": torch.bfloat16}
+
+# Aim for samples of at least this long so perf_counter and loop overhead stay < 0.1%.
+_MIN_SAMPLE_S = 1e-3
+# Never more samples than this per case (tiny calls with a per-sample cache restore).
+_MAX_SAMPLES = 200
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+
+def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    # Full n x n convention (no causal halving), matching torch's formula for the CUDA kernels.
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_sdpa_backward_flop(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None,
+                            **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+FLOP_FORMULAS = {
+    aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flop,
+    aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flop,
+}
+
+
+def count_flops(fn: Callable[[], object], setup: Optional[Callable[[], None]] = None) -> int:
+    """FLOPs of one call of ``fn`` by ``FlopCounterMode``, with the CPU SDPA formulas registered."""
+    if setup is not None:
+        setup()
+    with FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+# ----------------------------------------------------------------------------- clocks
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _injected(fn: Callable[[], object], device: str, factor: float) -> Callable[[], object]:
+    """``fn`` made ``factor`` times slower: after each call, sleep (factor - 1) x its duration."""
+    if factor == 1.0:
+        return fn
+
+    def slowed():
+        _sync(device)
+        t0 = time.perf_counter()
+        out = fn()
+        _sync(device)
+        time.sleep((factor - 1.0) * (time.perf_counter() - t0))
+        return out
+
+    return slowed
+
+
+def time_fn(fn: Callable[[], object], *, device: str = "cpu", repeats: int = 10, warmup: int = 1,
+            min_run_time: float = 0.2, setup: Optional[Callable[[], None]] = None, inject: float = 1.0,
+            threads: Optional[int] = None) -> list[float]:
+    """Per-call times in ms of ``fn``: ``warmup`` untimed calls, then at least ``repeats`` samples
+    and at least ``min_run_time`` seconds of timed work (capped at 200 samples once ``repeats`` is met).
+
+    A sample times a block of ``number`` calls (``number = 1`` when ``setup`` is given, since
+    ``setup`` runs untimed before every sample) and records the mean per call. On CPU the thread
+    count is pinned to ``threads`` (default: the current ``torch.get_num_threads()``).
+    """
+    if not (isinstance(repeats, int) and repeats >= 1):
+        raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
+    if not (isinstance(warmup, int) and warmup >= 0):
+        raise ValueError(f"warmup must be a non-negative integer, got {warmup!r}")
+    if not min_run_time >= 0:
+        raise ValueError(f"min_run_time must be >= 0 seconds, got {min_run_time!r}")
+    if not inject >= 1.0:
+        raise ValueError(f"inject factor must be >= 1, got {inject!r}")
+    cuda = device.startswith("cuda")
+    call = _injected(fn, device, inject)
+    prev_threads = torch.get_num_threads()
+    torch.set_num_threads(threads or prev_threads)
+    try:
+        t_call = math.inf
+        for _ in range(max(warmup, 1)):  # at least one call to size the blocks
+            if setup is not None:
+                setup()
+            _sync(device)
+            t0 = time.perf_counter()
+            call()
+            _sync(device)
+            t_call = min(t_call, time.perf_counter() - t0)
+        number = 1 if setup is not None else max(1, min(10_000, math.ceil(_MIN_SAMPLE_S / max(t_call, 1e-9))))
+
+        samples: list[float] = []
+        timed = 0.0
+        while len(samples) < repeats or (timed < min_run_time and len(samples) < _MAX_SAMPLES):
+            if setup is not None:
+                setup()
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                torch.cuda.synchronize()
+                start.record()
+                for _ in range(number):
+                    call()
+                end.record()
+                torch.cuda.synchronize()
+                ms = start.elapsed_time(end)
+            else:
+                t0 = time.perf_counter()
+                for _ in range(number):
+                    call()
+                ms = (time.perf_counter() - t0) * 1e3
+            samples.append(ms / number)
+            timed += ms / 1e3
+        return samples
+    finally:
+        torch.set_num_threads(prev_threads)
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def peak_memory(fn: Callable[[], object], *, device: str = "cpu",
+                setup: Optional[Callable[[], None]] = None) -> tuple[float, str]:
+    """Peak bytes one call of ``fn`` allocates on top of what is resident, in MiB, and the method."""
+    if setup is not None:
+        setup()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20, "cuda_max_allocated"
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_native_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+    running = peak = 0
+    for _, nbytes in sorted(events):  # chronological; frees carry negative sizes
+        running += nbytes
+        peak = max(peak, running)
+    return peak / 2**20, "cpu_profiler_trace"
+
+
+@contextlib.contextmanager
+def _quiet_native_stderr():
+    """Silence file descriptor 2 for a moment: kineto prints start/stop banners from C++ that no
+    Python setting turns off. Python exceptions still propagate; nothing else is hidden."""
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    try:
+        sys.stderr.flush()
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+# ----------------------------------------------------------------------------- calibration
+
+
+def calibrate_matmul(device: str = "cpu", n: int = 1024, threads: Optional[int] = None) -> float:
+    """GFLOP/s of an fp32 ``n x n`` matmul measured here and now: a same-process speed reference."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(device)
+    b = torch.randn(n, n, generator=g).to(device)
+    samples = time_fn(lambda: a @ b, device=device, repeats=10, warmup=2, min_run_time=0.1, threads=threads)
+    return 2 * n**3 / (statistics.median(samples) * 1e-3) / 1e9
+
+
+# ----------------------------------------------------------------------------- injection
+
+
+def parse_inject(text: Optional[str] = None) -> dict[str, float]:
+    """``"Standard=2,BSBR=1.5"`` -> ``{"Standard": 2.0, "BSBR": 1.5}`` (canonical model names).
+
+    Reads ``$BSBR_EVAL_INJECT_SLOWDOWN`` when ``text`` is None; an empty value means no injection.
+    """
+    text = os.environ.get(INJECT_ENV, "") if text is None else text
+    out: dict[str, float] = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, factor = item.partition("=")
+        try:
+            value = float(factor)
+        except ValueError:
+            value = float("nan")
+        if not sep or not value >= 1.0:
+            raise ValueError(f"{INJECT_ENV} must look like MODEL=FACTOR[,MODEL=FACTOR] with FACTOR >= 1, got {item!r}")
+        out[resolve_model(name).name] = value
+    return out
+
+
+# ----------------------------------------------------------------------------- workloads
+
+
+@dataclass
+class Workload:
+    """What one case runs: the timed callable, an untimed per-call setup, and its size facts."""
+
+    fn: Callable[[], object]
+    setup: Optional[Callable[[], None]]
+    params: int
+    tokens_per_call: int  # decode: the k steps one call makes (time and FLOPs are per token)
+
+
+def _unique_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
+
+
+def _total(out) -> torch.Tensor:
+    """Sum of every floating tensor in an op's output (a tensor or a tuple of them)."""
+    if isinstance(out, torch.Tensor):
+        return out.float().sum()
+    return sum(_total(o) for o in out if isinstance(o, (torch.Tensor, tuple, list)))
+
+
+def _cached_steps(module, cache0, steps: torch.Tensor) -> tuple[Callable, Callable]:
+    """Time ``k`` one-token calls ``module(step, cache=cache)`` from a fresh copy of ``cache0``."""
+    holder = {}
+
+    def setup():
+        holder["cache"] = copy.deepcopy(cache0)
+
+    def fn():
+        with torch.no_grad():
+            for t in range(steps.shape[1]):
+                module(steps[:, t:t + 1], cache=holder["cache"])
+
+    return fn, setup
+
+
+def build_workload(case: Case) -> Workload:
+    """Build the model or layer and its inputs for ``case`` (seeded); nothing here is timed."""
+    spec = REGISTRY[case.model]
+    cfg = case.config
+    device, dtype = case.device, DTYPES[case.dtype]
+    b, n, k = case.batch_size, case.seq_len, case.effective_decode_tokens
+    torch.manual_seed(case.seed)
+    g = torch.Generator().manual_seed(case.seed)
+
+    if case.level == "model":
+        model = spec.build(cfg).to(device=device, dtype=dtype)
+        ids = torch.randint(0, cfg.vocab_size, (b, n), generator=g).to(device)
+        params = _unique_params(model)
+        if case.mode == "forward":
+            model.eval()
+
+            def fn():
+                with torch.no_grad():
+                    return model(ids)
+            return Workload(fn, None, params, 1)
+        if case.mode == "train":
+            model.train()
+            targets = ids.roll(-1, dims=1)  # next-token targets (the last wraps; cost is what counts)
+
+            def fn():
+                model.zero_grad(set_to_none=True)
+                logits = model(ids)  # (b, n, V)
+                F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten()).backward()
+            return Workload(fn, None, params, 1)
+        model.eval()
+        cache0 = model.init_cache(b, device=device, dtype=dtype)
+        with torch.no_grad():
+            model(ids, cache=cache0)  # prefill outside the timed region
+        steps = torch.randint(0, cfg.vocab_size, (b, k), generator=g).to(device)
+        fn, setup = _cached_steps(model, cache0, steps)
+        return Workload(fn, setup, params, k)
+
+    mixer = spec.build_mixer(cfg).to(device=device, dtype=dtype)
+    params = _unique_params(mixer)
+    x = torch.randn(b, n, cfg.hidden_dim, generator=g).to(device=device, dtype=dtype)  # (b, n, D)
+    if case.mode == "decode":  # layer and op level: cached steps of the mixer (op: k = 1)
+        mixer.eval()
+        cache0 = mixer.init_cache(b, device, dtype)
+        with torch.no_grad():
+            mixer(x, cache=cache0)
+        steps = torch.randn(b, k, cfg.hidden_dim, generator=g).to(device=device, dtype=dtype)
+        fn, setup = _cached_steps(mixer, cache0, steps)
+        return Workload(fn, setup, params, k)
+
+    train = case.mode == "train"
+    mixer.train(train)
+    if case.level == "layer":
+        x.requires_grad_(train)
+        if not train:
+            def fn():
+                with torch.no_grad():
+                    return mixer(x)
+            return Workload(fn, None, params, 1)
+
+        def fn():
+            mixer.zero_grad(set_to_none=True)
+            x.grad = None
+            _total(mixer(x)).backward()
+        return Workload(fn, None, params, 1)
+
+    # op level: the projections happen here, outside anything timed
+    with torch.no_grad():
+        inputs = tuple(t.detach().clone() if isinstance(t, torch.Tensor) else t for t in mixer.op_inputs(x))
+    leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if not train:
+        def fn():
+            with torch.no_grad():
+                return mixer.op(*inputs)
+        return Workload(fn, None, params, 1)
+    for t in leaves:
+        t.requires_grad_(True)
+
+    def fn():
+        for t in leaves:
+            t.grad = None
+        _total(mixer.op(*inputs)).backward()
+    return Workload(fn, None, params, 1)
+
+
+# ----------------------------------------------------------------------------- one row
+
+
+def _is_oom(err: BaseException) -> bool:
+    if isinstance(err, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    msg = str(err).lower()
+    return "out of memory" in msg or "can't allocate memory" in msg or "not enough memory" in msg
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text}"[:500]
+
+
+def empty_row(case: Case, status: str, error: str = "", *, run_id: str = "", threads: Optional[int] = None,
+              inject: float = 1.0) -> dict:
+    """A row for a case that was not measured (``oom``, ``error`` or ``skipped``)."""
+    row = dict(case.fields(), run_id=run_id, status=status, error=error,
+               timer="cuda_event" if case.device.startswith("cuda") else "cpu_wall",
+               threads=threads or torch.get_num_threads(), inject_factor=inject)
+    return row
+
+
+def measure(case: Case, *, repeats: int = 10, warmup: int = 1, min_run_time: float = 0.2,
+            threads: Optional[int] = None, inject: Optional[dict] = None, run_id: str = "",
+            memory: bool = True, flops: bool = True) -> dict:
+    """Measure ``case`` and return its row (see ``evals.results.COLUMNS``).
+
+    Never raises for a failing model: an out-of-memory gives ``status = oom``, any other exception
+    (an import that fails, a bad configuration, a crash) ``status = error`` with the message.
+    ``inject`` maps model names to slowdown factors; None reads ``$BSBR_EVAL_INJECT_SLOWDOWN``.
+    """
+    inject = parse_inject() if inject is None else inject
+    factor = float(inject.get(case.model, 1.0))
+    threads = threads or torch.get_num_threads()
+    base = dict(run_id=run_id, threads=threads)
+    prev_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        work = build_workload(case)
+        k = work.tokens_per_call
+        row = dict(case.fields(), **base, inject_factor=factor, params=work.params, error="")
+        row["flops"] = round(count_flops(work.fn, work.setup) / k) if flops else ""
+        if memory:
+            row["peak_memory_mb"], row["memory_method"] = peak_memory(work.fn, device=case.device,
+                                                                      setup=work.setup)
+        samples = time_fn(work.fn, device=case.device, repeats=repeats, warmup=warmup,
+                          min_run_time=min_run_time, setup=work.setup, inject=factor, threads=threads)
+    except Exception as err:  # a failing configuration is a row, never a crash of the sweep
+        return empty_row(case, "oom" if _is_oom(err) else "error", _one_line(err), inject=factor, **base)
+    finally:
+        torch.set_num_threads(prev_threads)
+        if case.device.startswith("cuda") and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    per_token = sorted(s / k for s in samples)
+    q = statistics.quantiles(per_token, n=5, method="inclusive") if len(per_token) > 1 else per_token * 4
+    row.update(status="ok", time_ms=statistics.median(per_token), time_ms_p20=q[0], time_ms_p80=q[3],
+               repeats=len(samples), timer="cuda_event" if case.device.startswith("cuda") else "cpu_wall",
+               samples_ms=" ".join(f"{s / k:.6g}" for s in samples))
+    return row
