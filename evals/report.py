@@ -262,7 +262,8 @@ def _compact(df: pd.DataFrame, drop: Sequence[str] = ()) -> pd.DataFrame:
 def terminal_tables(an: Analysis) -> list:
     """Rich tables for the terminal: the time and memory fits, the crossover, the failures."""
     out = [_rich(_compact(fits_display(an.fits, m), ["ΔAICc to next"]), f"Complexity fit: {name}")
-           for m, name in (("time_ms", "time (ms)"), ("peak_memory_mb", "peak memory (MB)"))]
+           for m, name in (("time_ms", "time (ms)"), ("peak_memory_mb", "peak memory (MB)"))
+           if (an.fits["metric"] == m).any()]
     if not an.crossover.empty:
         out.append(_rich(_compact(crossover_display(an.crossover)), f"Speedup over {REFERENCE_MODEL}: crossover"))
     if not an.failures.empty:
