@@ -247,3 +247,98 @@ def test_sequence_longer_than_position_table(gpt2):
     bsbr = convert_to_bsbr(gpt2, chunk_size=8)
     with pytest.raises(ValueError, match=f"max_positions={P}"):
         bsbr(ids(P + 1))
+
+
+# ----------------------------------------------------------------------------- the comparison and the CLI
+
+from typer.testing import CliRunner  # noqa: E402
+
+from bsbr_extras import convert_example as ce  # noqa: E402
+
+BYTES_N = 64  # position table of the byte-level GPT-2 below
+
+
+@pytest.fixture(scope="module")
+def byte_gpt2_dir(tmp_path_factory):
+    """A byte-level GPT-2 (vocab 256, no tokenizer files): the comparison feeds it UTF-8 bytes."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("byte_gpt2")
+    GPT2LMHeadModel(gpt2_config(vocab_size=256, n_positions=BYTES_N)).save_pretrained(path)
+    return path
+
+
+def test_corpus_is_split_without_overlap_and_encoded_as_bytes():
+    train, held = ce.corpus_text()
+    assert len(held) == pytest.approx(0.1 * (len(train) + len(held)), abs=1)
+    assert "assert" in train and len(held) > 10_000
+    ids = ce.encode(held[:500])
+    assert bytes(ids.tolist()).decode("utf-8") == held[:500]
+    assert ce.windows(ids, 64, 3).shape == (3, 64)
+    with pytest.raises(ValueError, match="fewer than seq_len"):
+        ce.windows(ids[:10], 64)
+
+
+def test_compare_logits_against_direct_computation(byte_gpt2_dir):
+    gpt2 = GPT2LMHeadModel.from_pretrained(byte_gpt2_dir).eval()
+    data = ce.windows(ce.encode(ce.corpus_text()[1]), BYTES_N, 3)
+    models = {"full": convert_to_bsbr(gpt2, chunk_size=BYTES_N), "c16": convert_to_bsbr(gpt2, chunk_size=16)}
+    rows = {r["variant"]: r for r in ce.compare_logits(gpt2, models, data, batch_size=2,
+                                                      first_chunk={"c16": 16})}
+    with torch.no_grad():
+        ref, out = gpt2(data).logits, models["c16"](data)
+    # oracles written independently of compare_logits
+    ppl = torch.exp(torch.nn.functional.cross_entropy(ref[:, :-1].reshape(-1, 256), data[:, 1:].reshape(-1)))
+    kl = torch.nn.functional.kl_div(out.log_softmax(-1), ref.log_softmax(-1), log_target=True,
+                                    reduction="sum") / data.numel()
+    assert rows["original"]["ppl"] == pytest.approx(float(ppl), rel=1e-5)
+    assert rows["c16"]["kl"] == pytest.approx(float(kl), rel=1e-4)
+    assert rows["c16"]["top1_agreement"] == pytest.approx(float((out.argmax(-1) == ref.argmax(-1)).float().mean()))
+    assert rows["full"]["max_abs_diff"] <= 1e-4 and rows["full"]["top1_agreement"] == 1.0
+    assert abs(rows["full"]["kl"]) < 1e-6 and rows["full"]["ppl"] == pytest.approx(rows["original"]["ppl"], rel=1e-5)
+    assert rows["c16"]["first_chunk_max_abs_diff"] <= 1e-4 < rows["c16"]["max_abs_diff"]
+    assert rows["c16"]["kl"] > 0
+
+
+def test_cli_convert_writes_results_and_models(byte_gpt2_dir, tmp_path):
+    from cli import app
+
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["convert", "--model-name", str(byte_gpt2_dir), "--chunk-sizes", "64,16",
+                                   "--seq-len", str(BYTES_N), "--output-dir", str(out), "--save-model"])
+    assert res.exit_code == 0, res.output
+    import pandas as pd
+
+    rows = pd.read_csv(out / "convert.csv").set_index("variant")
+    assert list(rows.index) == ["original", "bsbr-c64", "bsbr-c16"]
+    assert rows.loc["bsbr-c64", "max_abs_diff"] <= 1e-4 and rows.loc["bsbr-c16", "max_abs_diff"] > 1e-3
+    speed = pd.read_csv(out / "convert_speed.csv")
+    assert set(speed["variant"]) == set(rows.index) and (speed["time_ms"] > 0).all()
+    assert json.loads((out / "convert.json").read_text())["model"] == str(byte_gpt2_dir)
+    gpt2 = GPT2LMHeadModel.from_pretrained(byte_gpt2_dir).eval()
+    x = ids(BYTES_N)
+    with torch.no_grad():
+        assert (load_converted(out / "bsbr-c64")(x) - gpt2(x).logits).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--chunk-sizes", "0"], "--chunk-sizes"),
+    (["--chunk-sizes", "16,abc"], "--chunk-sizes"),
+    ([], "give --model-name"),
+    (["--seq-len", str(BYTES_N + 1)], "n_positions"),
+    (["--compression-factor", "3", "--seq-len", "32"], "compression_factor"),
+    (["--save-model"], "--save-model needs --output-dir"),
+], ids=["chunk0", "chunk_text", "no_model", "too_long", "bad_compression", "save_without_dir"])
+def test_cli_convert_bad_input_exits_2_with_one_line(byte_gpt2_dir, args, message):
+    from cli import app
+
+    model = [] if message == "give --model-name" else ["--model-name", str(byte_gpt2_dir)]
+    res = CliRunner().invoke(app, ["convert", *model, *args])
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], res.output
+    assert "Traceback" not in res.output
+
+
+def test_example_module_bad_input_returns_2(tmp_path, capsys):
+    assert ce.main(["--model_name", str(tmp_path / "missing"), "--chunk_size", "8"]) == 2
+    assert "cannot load a model config" in capsys.readouterr().err
