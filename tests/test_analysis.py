@@ -326,3 +326,11 @@ def test_noisy_timings_are_flagged_in_the_fit():
     f_loud = analysis.complexity_fits(loud).query("metric == 'time_ms'")
     assert np.allclose(f_quiet.p20_p80_spread, 0.10) and not f_quiet.note.str.contains("noisy").any()
     assert np.allclose(f_loud.p20_p80_spread, 1.0) and f_loud.note.str.contains("noisy").all()
+
+
+def test_one_figure_per_level_and_fits_per_level(tmp_path):
+    df = pd.concat([rows(MODELS), rows(MODELS, seed=9).assign(level="op")], ignore_index=True)
+    fits = analysis.complexity_fits(df)
+    assert len(fits) == 2 * 2 * len(MODELS) and set(fits.level) == {"model", "op"}
+    names = [p.name for p in plots.plot_scaling(df, fits, tmp_path)]
+    assert names == ["time_ms_model.png", "time_ms_op.png", "peak_memory_mb_model.png", "peak_memory_mb_op.png"]
