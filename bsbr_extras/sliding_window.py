@@ -3,9 +3,11 @@ Mistral 7B, Jiang et al., 2023): each token attends to the last ``w`` positions,
 
     o_t = sum_{s in [t-w+1, t], s real} softmax_s(q_t . k_s / sqrt(d)) v_s
 
-Parallel (blocked) form: cut the sequence into blocks of ``w`` queries. Every key a block can see lies
+Parallel (blocked) form: cut the queries into blocks. Every key a block of ``w`` queries can see lies
 in that block or the one before, so each block attends to those 2w keys under one fixed (w, 2w) band
-mask. Cost O(n w d) per head; no n x n tensor or mask is ever built.
+mask. Here the blocks hold B = min(w, 64) queries and attend to the w + B keys ending at their last
+query (B = w is exactly the block-and-previous-block form; smaller B scores fewer keys that the band
+then discards). Cost O(n (w + B) d) per head; no n x n tensor or mask is ever built.
 
 Decoding form: a ring buffer holding the last ``w`` keys and values; one step costs O(w d) and the
 cache never grows.
@@ -27,7 +29,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from bsbr.shell import CausalLM, check_dropout, check_heads, check_positive_int, exists, merge_heads
-from bsbr_extras.standard import StandardAttention, allowed_keys, check_qkv
+from bsbr_extras.standard import StandardAttention, allowed_keys, causal_softmax_attention, check_qkv
+
+# Queries per block in the blocked form (a CPU-tuned constant; any value gives the same result):
+# blocks of min(w, 64) beat blocks of w for w > 64 since each query scores w + B keys, not 2w.
+QUERY_BLOCK = 64
 
 # ----------------------------------------------------------------------------- the op
 
@@ -51,48 +57,46 @@ def _banded_dense(q, k, v, window_size, mask, scale, dropout_p):
 
 
 def _banded_blocked(q, k, v, window_size, mask, scale, dropout_p):
-    """Blocked form for m == n: block i of w queries attends to key blocks i-1 and i under a band mask."""
+    """Blocked form for m == n (no (n, n) tensor anywhere).
+
+    The first w queries see every earlier position, so they are plain causal attention. After them,
+    queries go in blocks of B = min(w, QUERY_BLOCK): the block at positions [p, p + B) can only see
+    keys in [p - w + 1, p + B), so it attends to the w + B keys [p - w, p + B) under one fixed
+    (B, w + B) band mask. With B = w this is the textbook "own block and the previous one" form;
+    a smaller B wastes less of the band (w + B instead of 2w scores per query).
+    """
     b, h, n, d = q.shape
     w = window_size
-    C = math.ceil(n / w)
-    pad = C * w - n
+    B = min(w, QUERY_BLOCK)
+    J = math.ceil((n - w) / B)  # query blocks after the first w positions
+    pad = w + J * B - n
     if pad:  # padded tail positions come after every real query, so causality keeps them out of real outputs
-        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))  # (b, h, C*w, d)
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))  # (b, h, w + J*B, d)
         mask = F.pad(mask, (0, pad), value=False) if exists(mask) else None
-    # local query i sits at column w+i of its 2w keys; it sees columns j with 0 <= w+i-j < w
-    band = _band(w, 2 * w, w, q.device)  # (w, 2w), the same for every block
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # no-ops for contiguous inputs; keeps the views below free
+
+    first = causal_softmax_attention(q[:, :, :w], k[:, :, :w], v[:, :, :w], mask[:, :w] if exists(mask) else None,
+                                     scale, dropout_p)  # (b, h, w, d)
+    # block j's keys are positions [jB, jB + w + B): overlapping windows of stride B, which unfold
+    # returns as a view (no copy)
+    kk = k.unfold(2, w + B, B).transpose(-1, -2)  # (b, h, J, w+B, d)
+    vv = v.unfold(2, w + B, B).transpose(-1, -2)  # (b, h, J, w+B, d)
+    qq = q[:, :, w:].unflatten(2, (J, B))  # (b, h, J, B, d), block j holds positions w + jB ..
+    band = _band(B, w + B, w, q.device)  # (B, w+B): local query i (column w+i) sees columns i+1 .. w+i
 
     if not exists(mask):
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # no-ops for contiguous inputs; keeps the views below free
-        # block 0 has no previous block: plain causal attention within the block
-        first = F.scaled_dot_product_attention(q[:, :, :w], k[:, :, :w], v[:, :, :w], is_causal=True,
-                                               scale=scale, dropout_p=dropout_p)  # (b, h, w, d)
-        if C == 1:
-            return first[:, :, :n]
-        # blocks 1..C-1: the 2w keys of block i are positions (i-1)w .. (i+1)w-1, i.e. overlapping
-        # windows of stride w. unfold gives them as a view (no copy); (b*h, C-1, ...) stays 4-D so
-        # PyTorch's fused attention kernel runs, with the (w, 2w) band broadcast over every block.
-        kk = k.unfold(2, 2 * w, w).transpose(-1, -2).flatten(0, 1)  # (b*h, C-1, 2w, d)
-        vv = v.unfold(2, 2 * w, w).transpose(-1, -2).flatten(0, 1)  # (b*h, C-1, 2w, d)
-        qq = q[:, :, w:].reshape(b * h, C - 1, w, d)  # (b*h, C-1, w, d), a view
-        rest = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=band, scale=scale, dropout_p=dropout_p)
-        out = torch.cat([first, rest.view(b, h, (C - 1) * w, -1)], dim=2)  # (b, h, C*w, d)
-        return out[:, :, :n]
-
-    qb = q.view(b, h, C, w, d)
-    kb, vb = k.view(b, h, C, w, d), v.view(b, h, C, w, v.shape[-1])
-    # keys of block i-1 next to block i's own keys; block 0's "previous" block is zeros, masked out below
-    kk = torch.cat([F.pad(kb, (0, 0, 0, 0, 1, 0))[:, :, :C], kb], dim=-2)  # (b, h, C, 2w, d)
-    vv = torch.cat([F.pad(vb, (0, 0, 0, 0, 1, 0))[:, :, :C], vb], dim=-2)  # (b, h, C, 2w, d)
-    km = mask.view(b, C, w)
-    km = torch.cat([F.pad(km, (0, 0, 1, 0), value=False)[:, :C], km], dim=-1)  # (b, C, 2w); block 0's prev: False
-    diag = torch.arange(w, device=q.device)[:, None] + w == torch.arange(2 * w, device=q.device)  # (w, 2w)
-    attn_mask = band & (km[:, :, None, :] | diag)  # (b, C, w, 2w): see allowed_keys for the diagonal
-    # the key mask differs per (batch, block), so put blocks in the batch axis: (b*C, h, w, d)
-    to_bc = lambda t: t.transpose(1, 2).reshape(b * C, h, t.shape[-2], t.shape[-1])
-    out = F.scaled_dot_product_attention(to_bc(qb), to_bc(kk), to_bc(vv), attn_mask=attn_mask.view(b * C, 1, w, 2 * w),
-                                         scale=scale, dropout_p=dropout_p)  # (b*C, h, w, d)
-    return out.view(b, C, h, w, -1).transpose(1, 2).reshape(b, h, C * w, -1)[:, :, :n]
+        # 4-D (b*h, J, ...) views keep PyTorch's fused attention kernel; the band broadcasts over blocks
+        rest = F.scaled_dot_product_attention(qq.flatten(0, 1), kk.flatten(0, 1), vv.flatten(0, 1),
+                                              attn_mask=band, scale=scale, dropout_p=dropout_p)
+    else:
+        km = mask.unfold(1, w + B, B)  # (b, J, w+B)
+        diag = torch.arange(B, device=q.device)[:, None] + w == torch.arange(w + B, device=q.device)  # (B, w+B)
+        allowed = band & (km[:, :, None, :] | diag)  # (b, J, B, w+B): see allowed_keys for the diagonal
+        # the key mask differs per sequence: one fused call per sequence keeps every tensor a view
+        rest = torch.stack([F.scaled_dot_product_attention(qq[i], kk[i], vv[i], attn_mask=allowed[i], scale=scale,
+                                                           dropout_p=dropout_p) for i in range(b)])
+    out = torch.cat([first, rest.reshape(b, h, J * B, -1)], dim=2)  # (b, h, w + J*B, d)
+    return out[:, :, :n]
 
 
 def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_size: int,
