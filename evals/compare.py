@@ -127,17 +127,16 @@ def summary_table(rows: Sequence[dict], title: str = "bsbr-eval compare") -> Tab
     table = Table(title=title)
     table.add_column("model", no_wrap=True)
     table.add_column("device mode level", no_wrap=True)
-    table.add_column("n", justify="right")
-    table.add_column("status")
-    table.add_column("ms", justify="right")
-    table.add_column("MiB", justify="right")
-    table.add_column("GFLOP", justify="right")
-    table.add_column("error", overflow="ellipsis", max_width=30)
+    for col in ("n", "status", "ms", "MiB", "GFLOP"):
+        table.add_column(col, justify="left" if col == "status" else "right", no_wrap=True)
+    errors = any(r.get("error") for r in rows)
+    if errors:
+        table.add_column("error", overflow="fold", ratio=1)
     style = {"ok": "green", "oom": "yellow", "error": "red", "skipped": "dim"}
     for r in rows:
         flops = _num(float(r["flops"]) / 1e9, ".3g") if r.get("flops") not in (None, "") else ""
         table.add_row(str(r["model"]), f"{r['device']} {r['mode']} {r['level']}", str(r["seq_len"]),
                       f"[{style.get(r.get('status'), '')}]{r.get('status')}",
                       _num(r.get("time_ms"), ".3g") if r.get("status") == "ok" else "",
-                      _num(r.get("peak_memory_mb"), ".1f"), flops, str(r.get("error") or ""))
+                      _num(r.get("peak_memory_mb"), ".1f"), flops, *([str(r.get("error") or "")] if errors else []))
     return table
