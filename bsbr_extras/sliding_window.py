@@ -14,7 +14,8 @@ cache never grows.
 
 Axis legend used in shape comments:
     b  batch      h  heads      m  queries in this call     n  keys (prefix + this call)
-    d  head size  w  window     C  blocks of w queries      D  hidden size (h * d)
+    d  head size  w  window     B  queries per block        J  blocks after the first w queries
+    D  hidden size (h * d)
 
 As in :mod:`bsbr_extras.standard`, queries may be the last ``m`` of ``n`` keys (bottom-right aligned).
 """
@@ -111,7 +112,7 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         mask: (b, n) bool, True = real token, or None. Masked keys are never attended to.
         scale: None -> 1/sqrt(d).
 
-    Returns (b, h, m, d). O(m w d) time and memory; never builds an (m, n) tensor when m > w.
+    Returns (b, h, m, d). O(m (w + B) d) time, O(m (w + B)) extra memory; never an (m, n) tensor when m > w.
     """
     check_positive_int("window_size", window_size)
     check_qkv(q, k, v, mask)
@@ -153,7 +154,7 @@ class RingKVCache:
         self.valid = None       # (b, w) bool
         self.pos = 0            # tokens seen so far
 
-    def _alloc(self, k, v):
+    def allocate(self, k, v):
         b, h, _, d = k.shape
         if b != self.batch_size:
             raise ValueError(f"cache was made for batch_size={self.batch_size}, got {b}")
@@ -201,13 +202,13 @@ class SlidingWindowAttention(StandardAttention):
             out = self.op(q, k, v, mask)
         elif q.shape[-2] == 1:
             # decode step: write the token into its slot, then attend over the ring as it stands
-            cache._alloc(k, v)
+            cache.allocate(k, v)
             slot = cache.pos % cache.window_size
             cache.write(k, v, mask)
             out = sliding_window_step(q, cache.k, cache.v, cache.valid, slot)
         else:
             # a piece of several tokens: the ring's last w-1 tokens in order, then this piece
-            cache._alloc(k, v)
+            cache.allocate(k, v)
             kp, vp, mp = cache.prefix()  # (b, h, P, d), (b, P)
             new_mask = mask if exists(mask) else torch.ones(q.shape[0], q.shape[-2], dtype=torch.bool, device=q.device)
             full_mask = torch.cat([mp, new_mask], dim=1)  # (b, P + m)
