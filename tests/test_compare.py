@@ -35,7 +35,7 @@ def _fast_calibration(monkeypatch):
 
 
 def toy_cases(models=("Toy",), lengths=(8, 16, 24), modes=("forward",)):
-    return expand_grid(list(models), lengths, ["cpu"], list(modes), config=TOY_CFG)
+    return expand_grid(list(models), lengths, ["cpu"], list(modes), config=TOY_CFG, decode_tokens=2)
 
 
 def read(path):
