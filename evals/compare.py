@@ -111,6 +111,9 @@ def run_sweep(cases: Sequence[Case], output: Path | str, *, resume: bool = False
             rows.append(row)
             progress.advance(task)
 
+    # measured again at the end: a drift between the two says the machine's load changed mid-sweep
+    session["calibration_matmul_gflops_end"] = {"cpu": calibrate_matmul("cpu", threads=threads)}
+    info["calibration_matmul_gflops_end"] = session["calibration_matmul_gflops_end"]
     session["ended_utc"] = info["ended_utc"] = utc_now()
     write_sidecar(output, info)
     return rows
