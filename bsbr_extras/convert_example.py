@@ -208,7 +208,10 @@ def run_comparison(model_name: str, chunk_sizes: Sequence[int] = (128,), *, comp
 
     Returns ``{"agreement": rows, "speed": rows, "info": {...}, "gpt2": model, "converted": {label: model}}``.
     """
+    from evals.results import utc_now
+
     check_comparison_args(chunk_sizes, seq_len, compression_factor)
+    started = utc_now()
     gpt2 = load_gpt2(model_name)
     n_pos = gpt2.config.n_positions
     seq_len = min(512, n_pos) if seq_len is None else seq_len
@@ -231,7 +234,7 @@ def run_comparison(model_name: str, chunk_sizes: Sequence[int] = (128,), *, comp
     info = dict(model=model_name, tokenizer="utf-8 bytes" if tokenizer is None else type(tokenizer).__name__,
                 text=CORPUS + "; held-out part", eval_windows=int(data.shape[0]), seq_len=seq_len,
                 chunk_sizes=list(chunk_sizes), compression_factor=compression_factor,
-                gpt2_config=gpt2.config.to_diff_dict())
+                gpt2_config=gpt2.config.to_diff_dict(), started_utc=started)
     return dict(agreement=rows, speed=speed, info=info, gpt2=gpt2, converted=converted)
 
 
@@ -323,7 +326,9 @@ def run_experiment(cfg: ExperimentConfig = ExperimentConfig(), gpt2_dir: Optiona
 def _run_experiment(cfg: ExperimentConfig, gpt2_dir: Optional[Path]) -> dict:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    t_start = time.perf_counter()
+    from evals.results import utc_now
+
+    t_start, started = time.perf_counter(), utc_now()
     train_text, held_text = corpus_text()
     train_tok, held_tok = encode(train_text), encode(held_text)
     data = windows(held_tok, cfg.n_positions, cfg.eval_windows)
@@ -373,7 +378,7 @@ def _run_experiment(cfg: ExperimentConfig, gpt2_dir: Optional[Path]) -> dict:
                 train_tokens=int(train_tok.numel()), heldout_tokens=int(held_tok.numel()),
                 eval_tokens=int(data[:, 1:].numel()), gpt2_params=gpt2.num_parameters(),
                 bsbr_params=converted[variant_label(cfg.chunk_sizes[0])].num_parameters(),
-                wall_time_s=round(time.perf_counter() - t_start, 1))
+                started_utc=started, wall_time_s=round(time.perf_counter() - t_start, 1))
     return dict(agreement=rows, speed=speed, curve=curve, info=info, gpt2=gpt2, converted=converted,
                 finetuned=bsbr_ft)
 
