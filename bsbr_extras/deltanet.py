@@ -21,12 +21,12 @@ part ``sum_r k_r u_r^T``, where (UT transform)
 so, with ``U~ = U - W S`` (the "pseudo values" corrected for what ``S`` already stores),
 
     O      = Q S + tril(Q K^T) U~        (tril keeps the diagonal)
-    S_next = S + K^T U~
+    S_next = S + K^T U~ = (I - K^T W) S + K^T U
 
 ``T`` needs one unit-lower-triangular solve per chunk, done for all chunks at once
 (``torch.linalg.solve_triangular``). Only the ``S -> S_next`` pass is sequential across chunks, as
-in the paper's algorithm: two small matmuls per chunk; every ``(c x c)`` and output product is
-batched over all chunks. Cost per head ``O(n c d + n d^2)``.
+in the paper's algorithm: one fused ``(d x d) @ (d x d_v)`` product per chunk; every other
+product is batched over all chunks. Cost per head ``O(n c d + n d^2)``.
 
 Axis legend:  b batch   h heads   n tokens   C chunks   c chunk size   d head size   D hidden
 """
@@ -89,33 +89,43 @@ def delta_rule_chunkwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta
     if pad:  # zero keys with beta 0 are no-ops on the state; padded outputs are dropped
         q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
         beta = F.pad(beta, (0, pad))
-    q = q.reshape(b, h, C, c, d)
-    k = k.reshape(b, h, C, c, d)
-    v = v.reshape(b, h, C, c, dv)
-    beta = beta.reshape(b, h, C, c, 1)
+    B = b * h
+    q = q.reshape(B, C, c, d)
+    k = k.reshape(B, C, c, d)
+    v = v.reshape(B, C, c, dv)
+    beta = beta.reshape(B, C, c, 1)
 
-    # UT transform for every chunk at once: (I + strict_tril(diag(beta) K K^T)) [W U] = diag(beta) [K V]
-    kb = k * beta                                                     # (b, h, C, c, d)
-    A = (kb @ k.transpose(-1, -2)).tril(-1)                           # (b, h, C, c, c)
-    eye = torch.eye(c, dtype=q.dtype, device=q.device)
-    WU = torch.linalg.solve_triangular(A + eye, torch.cat([kb, v * beta], dim=-1),
-                                       upper=False, unitriangular=True)  # (b, h, C, c, d + dv)
-    W, U = WU.split([d, dv], dim=-1)                                  # (b, h, C, c, d), (b, h, C, c, dv)
-    qk = (q @ k.transpose(-1, -2)).tril()                             # (b, h, C, c, c), diagonal kept
+    # UT transform for every chunk at once (Yang et al., 2024, eq. 8-9):
+    #   T = (I + strict_tril(diag(beta) K K^T))^{-1},  W = T diag(beta) K,  U = T diag(beta) V
+    # One unit-lower-triangular solve against I gives T (the solve reads only the strict lower
+    # triangle, so tril(-1) + I is never formed); W and U are then plain batched products.
+    kb = k * beta                                                     # (B, C, c, d)
+    A = kb @ k.transpose(-1, -2)                                      # (B, C, c, c)
+    eye = torch.eye(c, dtype=q.dtype, device=q.device).expand_as(A)
+    T = torch.linalg.solve_triangular(A, eye, upper=False, unitriangular=True)  # (B, C, c, c)
+    W = T @ kb                                                        # (B, C, c, d)
+    U = T @ (v * beta)                                                # (B, C, c, dv)
 
-    # the only sequential part: carry S across chunks (two (c x d) @ (d x dv)-sized products each)
-    S = initial_state if exists(initial_state) else q.new_zeros(b, h, d, dv)
-    states, pseudo_v = [], []
+    # Across chunks S_{i+1} = S_i + K_i^T (U_i - W_i S_i) = P_i S_i + H_i, an affine map whose
+    # P_i = I - K_i^T W_i and H_i = K_i^T U_i are batched over all chunks. The only sequential part
+    # (as in the paper's algorithm) is then one fused (d x d) @ (d x dv) product per chunk.
+    BC = B * C
+    kT = k.transpose(-1, -2).reshape(BC, d, c)                        # (BC, d, c)
+    W, U = W.view(BC, c, d), U.view(BC, c, dv)
+    P = torch.baddbmm(torch.eye(d, dtype=q.dtype, device=q.device).expand(BC, d, d), kT, W, alpha=-1)
+    P, H = P.view(B, C, d, d), (kT @ U).view(B, C, d, dv)             # (B, C, d, d), (B, C, d, dv)
+    S = initial_state.reshape(B, d, dv) if exists(initial_state) else q.new_zeros(B, d, dv)
+    states = []
     for i in range(C):
         states.append(S)
-        u = U[:, :, i] - W[:, :, i] @ S                               # (b, h, c, dv)
-        pseudo_v.append(u)
-        S = S + k[:, :, i].transpose(-1, -2) @ u                      # (b, h, d, dv)
-    states = torch.stack(states, dim=2)                               # (b, h, C, d, dv)
-    pseudo_v = torch.stack(pseudo_v, dim=2)                           # (b, h, C, c, dv)
+        S = torch.baddbmm(H[:, i], P[:, i], S)                        # (B, d, dv)
+    states = torch.stack(states, dim=1).view(BC, d, dv)               # (BC, d, dv): S before each chunk
+    pseudo_v = torch.baddbmm(U, W, states, alpha=-1)                  # (BC, c, dv): U~ = U - W S
 
-    o = q @ states + qk @ pseudo_v                                    # (b, h, C, c, dv)
-    o = o.reshape(b, h, C * c, dv)[:, :, :n]
+    qk = (q @ k.transpose(-1, -2)).tril_().view(B * C, c, c)          # (BC, c, c), diagonal kept
+    o = torch.baddbmm(q.reshape(B * C, c, d) @ states, qk, pseudo_v)  # (BC, c, dv): Q S + tril(Q K^T) U~
+    o = o.view(b, h, C * c, dv)[:, :, :n]
+    S = S.view(b, h, d, dv)
     return (o, S) if output_final_state else o
 
 

@@ -89,29 +89,24 @@ def gau_mixed_chunk(quad_q: torch.Tensor, quad_k: torch.Tensor, lin_q: torch.Ten
     pad = C * c - n
     if pad:  # zero keys are never read; padded query rows are dropped
         quad_q, quad_k, lin_q, lin_k, v = (F.pad(t, (0, 0, 0, pad)) for t in (quad_q, quad_k, lin_q, lin_k, v))
-    qq, qk, lq, lk = (t.reshape(b, C, c, s) for t in (quad_q, quad_k, lin_q, lin_k))
-    vc = v.reshape(b, C, c, e)
+    qq, qk, lq, lk = (t.reshape(b * C, c, s) for t in (quad_q, quad_k, lin_q, lin_k))
+    vc = v.reshape(b * C, c, e)
 
-    # quadratic term inside each chunk
-    kernel = F.relu((qq @ qk.transpose(-1, -2)) / c).square()        # (b, C, c, c)
-    causal = torch.ones(c, c, dtype=torch.bool, device=v.device).tril()
-    quad = (kernel * causal.to(kernel.dtype)) @ vc                    # (b, C, c, e)
-
-    # linear term across chunks: exclusive prefix sum of per-chunk states
-    kv = (lk.transpose(-1, -2) @ vc) / c                              # (b, C, s, e)
-    kv_cum = kv.cumsum(dim=1)                                         # inclusive
-    kv_prev = torch.cat([torch.zeros_like(kv[:, :1]), kv_cum[:, :-1]], dim=1)  # (b, C, s, e)
+    # linear term across chunks: exclusive prefix sum of per-chunk states (slot 0 holds the carry-in)
+    kv = (lk.transpose(-1, -2) @ vc).div_(c).view(b, C, s, e)         # (b, C, s, e)
+    kv_prev = F.pad(kv[:, :-1], (0, 0, 0, 0, 1, 0))                   # (b, C, s, e)
     if exists(initial_state):
-        kv_prev = kv_prev + initial_state[:, None]
-    lin = lq @ kv_prev                                                # (b, C, c, e)
+        kv_prev[:, 0] = initial_state
+    kv_prev = kv_prev.cumsum(dim=1)
 
-    o = (quad + lin).reshape(b, C * c, e)[:, :n]                      # (b, n, e)
+    # quadratic term inside each chunk, fused with the linear one
+    kernel = F.relu((qq @ qk.transpose(-1, -2)).div_(c)).square().tril_()  # (bC, c, c), diagonal kept
+    o = torch.baddbmm(lq @ kv_prev.view(b * C, s, e), kernel, vc)    # (bC, c, e)
+    o = o.view(b, C * c, e)[:, :n]                                    # (b, n, e)
     if not output_final_state:
         return o
-    complete = n // c
-    state = kv_cum[:, complete - 1] if complete else torch.zeros_like(kv[:, 0])
-    if exists(initial_state):
-        state = state + initial_state
+    complete = n // c  # a trailing partial chunk is not folded in
+    state = kv_prev[:, complete] if complete < C else kv_prev[:, -1] + kv[:, -1]
     return o, state
 
 

@@ -80,40 +80,34 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_si
     fq, fk = feature_map(q), feature_map(k)
     if exists(mask):
         fk = fk * mask[:, None, :, None].to(fk.dtype)  # masked keys: phi(k) = 0 -> no contribution
+    # a ones column appended to v carries the normaliser: [S | z] = phi(K)^T [V | 1], so every
+    # product below yields numerator and denominator together
+    v1 = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)          # (b, h, n, dv+1)
     if pad:
         # zero keys contribute nothing; padded query rows are dropped at the end
-        fq, fk, v = (F.pad(t, (0, 0, 0, pad)) for t in (fq, fk, v))
-    fq = fq.view(b, h, C, c, d)
-    fk = fk.view(b, h, C, c, d)
-    vc = v.reshape(b, h, C, c, dv)
+        fq, fk, v1 = (F.pad(t, (0, 0, 0, pad)) for t in (fq, fk, v1))
+    fq = fq.reshape(b * h * C, c, d)
+    fk = fk.reshape(b * h * C, c, d)
+    v1 = v1.reshape(b * h * C, c, dv + 1)
 
-    # per-chunk states and their exclusive prefix sums (what every token of chunk i sees from before i)
-    kv = fk.transpose(-1, -2) @ vc                                    # (b, h, C, d, dv)
-    ksum = fk.sum(dim=-2)                                             # (b, h, C, d)
-    kv_cum, ksum_cum = kv.cumsum(dim=2), ksum.cumsum(dim=2)           # inclusive
-    kv_prev = torch.cat([torch.zeros_like(kv[:, :, :1]), kv_cum[:, :, :-1]], dim=2)       # (b, h, C, d, dv)
-    ksum_prev = torch.cat([torch.zeros_like(ksum[:, :, :1]), ksum_cum[:, :, :-1]], dim=2)  # (b, h, C, d)
+    # per-chunk states, then their exclusive prefix sums: what chunk i sees from chunks j < i
+    kv = (fk.transpose(-1, -2) @ v1).view(b, h, C, d, dv + 1)         # (b, h, C, d, dv+1)
+    kv_prev = F.pad(kv[:, :, :-1], (0, 0, 0, 0, 1, 0))                # (b, h, C, d, dv+1), slot 0 empty
     if exists(initial_state):
         S0, z0 = initial_state
-        kv_prev = kv_prev + S0[:, :, None]
-        ksum_prev = ksum_prev + z0[:, :, None]
+        kv_prev[:, :, 0] = torch.cat([S0, z0[..., None]], dim=-1)     # the cumsum carries it to every chunk
+    kv_prev = kv_prev.cumsum(dim=2)
 
-    # intra-chunk: causal (c, c) scores, including the diagonal
-    scores = fq @ fk.transpose(-1, -2)                                # (b, h, C, c, c)
-    causal = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
-    scores = scores * causal.to(scores.dtype)
-
-    num = scores @ vc + fq @ kv_prev                                  # (b, h, C, c, dv)
-    den = scores.sum(-1) + (fq * ksum_prev[:, :, :, None, :]).sum(-1)  # (b, h, C, c)
-    o = (num / (den[..., None] + eps)).reshape(b, h, C * c, dv)[:, :, :n]  # (b, h, n, dv)
+    # intra-chunk causal (c, c) scores, diagonal kept; then inter + intra in one fused product
+    scores = (fq @ fk.transpose(-1, -2)).tril_()                      # (bhC, c, c)
+    nd = torch.baddbmm(fq @ kv_prev.view(b * h * C, d, dv + 1), scores, v1)  # (bhC, c, dv+1)
+    nd = nd.view(b, h, C * c, dv + 1)[:, :, :n]
+    o = nd[..., :dv] / (nd[..., dv:] + eps)                           # (b, h, n, dv)
 
     if not output_final_state:
         return o
-    S = kv_cum[:, :, -1]                                              # (b, h, d, dv)
-    z = ksum_cum[:, :, -1]                                            # (b, h, d)
-    if exists(initial_state):
-        S, z = S + initial_state[0], z + initial_state[1]
-    return o, (S, z)
+    final = kv_prev[:, :, -1] + kv[:, :, -1]                          # (b, h, d, dv+1)
+    return o, (final[..., :dv], final[..., dv])
 
 
 def linear_attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, S: torch.Tensor,
