@@ -95,8 +95,9 @@ def causal_softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 class KVCache:
     """Keys and values of every token seen so far, for one layer.
 
-    Stored in a buffer whose capacity doubles when full, so appending a token copies O(d) amortised
-    instead of re-concatenating the whole prefix. ``key_mask`` stays None until some token is padding.
+    Stored in a buffer that grows by 25% when full, so appending a token copies O(d) amortised instead
+    of re-concatenating the whole prefix, and a prefill of n tokens leaves room for n/4 decode steps
+    before the first regrowth. ``key_mask`` stays None until some token is padding.
     """
 
     def __init__(self, batch_size: int, device=None, dtype=None):
@@ -112,7 +113,7 @@ class KVCache:
             raise ValueError(f"cache was made for batch_size={self.batch_size}, got {b}")
         need = self.length + m
         if self.k is None or need > self.k.shape[-2]:
-            cap = max(need, 2 * (self.k.shape[-2] if self.k is not None else 0), 16)
+            cap = max(need + need // 4, 16)
             new_k, new_v = k.new_empty(b, h, cap, d), v.new_empty(b, h, cap, v.shape[-1])
             if self.k is not None:
                 new_k[:, :, :self.length] = self.k[:, :, :self.length]

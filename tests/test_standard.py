@@ -92,7 +92,7 @@ def test_forward_equals_out_proj_of_op():
 def test_kv_cache_steps_match_parallel(masked):
     torch.manual_seed(0)
     mixer = StandardAttention(24, 3).double().eval()
-    n = 40  # > 16, so the doubling buffer has to grow while streaming
+    n = 40  # > 16, so the buffer has to grow several times while streaming
     x = torch.randn(2, n, 24, dtype=torch.float64)
     mask = pad_mask(2, n, [n, 27]) if masked else None
     if masked:
