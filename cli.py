@@ -111,7 +111,8 @@ def convert(
         fail(" ".join(str(e).replace("--model_name", "--model-name").replace("--output_dir", "--output-dir")
                        .replace("--save_model", "--save-model").split()))
     except ImportError as e:
-        fail(f"{e}; install the converter's extras: pip install 'bsbr[convert]'")
+        extras = getattr(e, "name", None) in ("transformers", "safetensors")
+        fail(f"{e}; install the converter's extras: pip install 'bsbr[convert]'" if extras else str(e))
     ce.print_summary(result)
     if output_dir is not None:
         typer.echo(f"wrote results to {output_dir}/")
