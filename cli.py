@@ -56,6 +56,102 @@ def analyze(
 
 # ---- regress command ----
 
+
+@app.command()
+def regress(
+    baseline: _Annotated[_Path, typer.Option(
+        help="The committed baseline CSV (its JSON sidecar sits beside it).")] = _Path("results/baselines/cpu.csv"),
+    current: _Annotated[_Optional[_Path], typer.Option(
+        help="Compare this stored run instead of re-measuring the baseline's configurations now.",
+        show_default=False)] = None,
+    update: _Annotated[bool, typer.Option(
+        "--update", help="Rewrite the baseline with this run (re-measured now, or --current) and exit 0. "
+                         "With no baseline file yet, measures the guard's default grid.")] = False,
+    threshold: _Annotated[float, typer.Option(
+        help="Smallest growth of time/reference that can count as a regression (0.25 = 25%).")] = 0.25,
+    alpha: _Annotated[float, typer.Option(
+        help="Significance level of the one-sided Mann-Whitney test on the raw samples.")] = 0.01,
+    show_all: _Annotated[bool, typer.Option("--all", help="Show every check, not only what moved.")] = False,
+) -> None:
+    """Compare a run with a committed baseline: exit 0 pass, 1 regression, 2 usage error.
+
+    FLOPs, parameters and the traced memory must match exactly; time (as a ratio to a reference
+    timed next to it) fails only if it grew by more than --threshold with Mann-Whitney p < --alpha,
+    and, when re-measured now, again on a second measurement.
+    """
+    import os
+
+    import pandas as pd
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from evals import regress as rg
+    from evals import results
+
+    def usage(msg: str) -> None:
+        typer.echo(f"error: {msg}", err=True)
+        raise typer.Exit(2)
+
+    if not threshold > 0:
+        usage(f"--threshold must be a positive fraction (0.25 = 25%), got {threshold}")
+    if not 0 < alpha < 1:
+        usage(f"--alpha must lie in (0, 1), got {alpha}")
+    if current is not None and not current.is_file():
+        usage(f"--current {current} does not exist; pass a results CSV")
+    if not update and not baseline.is_file():
+        usage(f"no baseline at {baseline}; create it with: bsbr-eval regress --baseline {baseline} --update")
+    console = Console(stderr=False)
+    start = results.utc_now()
+    try:
+        base = pd.read_csv(baseline, keep_default_na=True) if baseline.is_file() else None
+        cur = pd.read_csv(current, keep_default_na=True) if current is not None else None
+        for df, what in ((base, f"baseline {baseline}"), (cur, f"current run {current}")):
+            if df is not None:
+                rg.check_columns(df, what)
+    except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as e:
+        usage(" ".join(str(e).split()))
+
+    run_id = f"regress-{start}"
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("measuring", total=None)
+
+        def progress(label: str) -> None:
+            bar.update(task, description=f"measuring {label}", advance=1)
+
+        if update:
+            if cur is None:  # re-measure the baseline's configurations (or the default grid)
+                rows = base if base is not None else pd.DataFrame(
+                    [dict(c.fields(), threads=rg.GUARD_THREADS) for c in rg.guard_cases()])
+                bar.update(task, total=len(rows))
+                new = rg.measure_all(rows, run_id=run_id, progress=progress)
+            else:
+                new = cur
+            findings = None
+            if base is not None:
+                findings = rg.compare_runs(base, new, threshold=threshold, alpha=alpha)
+        elif cur is not None:
+            findings = rg.compare_runs(base, cur, threshold=threshold, alpha=alpha)
+        else:
+            bar.update(task, total=int((base["status"] == "ok").sum()))
+            live = rg.live_check(base, threshold=threshold, alpha=alpha, run_id=run_id, progress=progress)
+            findings = live.findings
+
+    if findings is not None:
+        console.print(rg.render(findings, show_all=show_all))
+    if update:
+        tmp = baseline.with_name(baseline.name + ".tmp")
+        baseline.parent.mkdir(parents=True, exist_ok=True)
+        rg.run_frame(new).to_csv(tmp, index=False)
+        os.replace(tmp, baseline)
+        results.write_sidecar(baseline, dict(results.environment(), utc_start=start, utc_end=results.utc_now(),
+                                             source=str(current) if current else "measured now",
+                                             guard=rg.guard_settings()))
+        console.print(f"wrote baseline {baseline} ({len(new)} rows) and {results.sidecar_path(baseline)}")
+        raise typer.Exit(0)
+    console.print(rg.summary(findings))
+    raise typer.Exit(1 if not rg.failures(findings).empty else 0)
+
+
 # ---- convert command ----
 
 
