@@ -132,8 +132,9 @@ def time_fn(fn: Callable[[], object], *, device: str = "cpu", repeats: int = 10,
     """Per-call times in ms of ``fn``: ``warmup`` untimed calls, then at least ``repeats`` samples
     and at least ``min_run_time`` seconds of timed work (capped at 200 samples once ``repeats`` is met).
 
-    A sample times a block of ``number`` calls (``number = 1`` when ``setup`` is given, since
-    ``setup`` runs untimed before every sample) and records the mean per call. On CPU the thread
+    A sample times a block of ``number`` calls, sized from the warm-up so a block lasts >= 1 ms
+    (``number = 1`` when ``warmup = 0``, or when ``setup`` is given, since ``setup`` runs untimed
+    before every sample), and records the mean per call. On CPU the thread
     count is pinned to ``threads`` (default: the current ``torch.get_num_threads()``).
     """
     if not (isinstance(repeats, int) and repeats >= 1):
@@ -149,8 +150,8 @@ def time_fn(fn: Callable[[], object], *, device: str = "cpu", repeats: int = 10,
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(threads or prev_threads)
     try:
-        t_call = math.inf
-        for _ in range(max(warmup, 1)):  # at least one call to size the blocks
+        t_call = math.inf  # the fastest warm-up call sizes the blocks; without warm-up, 1 call a block
+        for _ in range(warmup):
             if setup is not None:
                 setup()
             _sync(device)
@@ -158,7 +159,9 @@ def time_fn(fn: Callable[[], object], *, device: str = "cpu", repeats: int = 10,
             call()
             _sync(device)
             t_call = min(t_call, time.perf_counter() - t0)
-        number = 1 if setup is not None else max(1, min(10_000, math.ceil(_MIN_SAMPLE_S / max(t_call, 1e-9))))
+        number = 1
+        if setup is None and warmup:
+            number = max(1, min(10_000, math.ceil(_MIN_SAMPLE_S / max(t_call, 1e-9))))
 
         samples: list[float] = []
         timed = 0.0

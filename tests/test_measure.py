@@ -203,6 +203,16 @@ def test_time_fn_keeps_every_sample_and_runs_setup_untimed():
     assert statistics.median(samples) < 15  # the 20 ms setup is outside the timed region
 
 
+def test_time_fn_blocks_fast_calls_after_warmup():
+    calls = []
+    fn = lambda: calls.append(1)  # noqa: E731  (~1 us: one call alone is below the clock's resolution)
+    assert len(M.time_fn(fn, repeats=3, warmup=0, min_run_time=0)) == 3 and len(calls) == 3
+    calls.clear()
+    samples = M.time_fn(fn, repeats=3, warmup=1, min_run_time=0)
+    assert len(samples) == 3 and len(calls) > 30  # blocks of many calls, each sample a per-call mean
+    assert all(s < 0.5 for s in samples)
+
+
 def test_time_fn_min_run_time_adds_samples():
     samples = M.time_fn(lambda: time.sleep(0.002), repeats=2, warmup=0, min_run_time=0.05)
     assert len(samples) >= 10 and all(s >= 1.9 for s in samples)
