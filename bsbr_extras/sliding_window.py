@@ -74,7 +74,10 @@ def _banded_blocked(q, k, v, window_size, mask, scale, dropout_p):
     if pad:  # padded tail positions come after every real query, so causality keeps them out of real outputs
         q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))  # (b, h, w + J*B, d)
         mask = F.pad(mask, (0, pad), value=False) if exists(mask) else None
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # no-ops for contiguous inputs; keeps the views below free
+    if not exists(mask) and q.shape[0] > 1:
+        # (b, h) must merge into one axis below without copying the overlapping key windows; with
+        # b = 1 any strides merge, so the strided heads straight from the projection are used as-is
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
 
     first = causal_softmax_attention(q[:, :, :w], k[:, :, :w], v[:, :, :w], mask[:, :w] if exists(mask) else None,
                                      scale, dropout_p)  # (b, h, w, d)
@@ -96,8 +99,11 @@ def _banded_blocked(q, k, v, window_size, mask, scale, dropout_p):
         # the key mask differs per sequence: one fused call per sequence keeps every tensor a view
         rest = torch.stack([F.scaled_dot_product_attention(qq[i], kk[i], vv[i], attn_mask=allowed[i], scale=scale,
                                                            dropout_p=dropout_p) for i in range(b)])
-    out = torch.cat([first, rest.reshape(b, h, J * B, -1)], dim=2)  # (b, h, w + J*B, d)
-    return out[:, :, :n]
+    # token-major output, so merging heads afterwards is a free view instead of another copy
+    out = q.new_empty(b, w + J * B, h, v.shape[-1])  # (b, w + J*B, h, d)
+    out[:, :w] = first.transpose(1, 2)
+    out[:, w:] = rest.reshape(b, h, J * B, -1).transpose(1, 2)
+    return out[:, :n].transpose(1, 2)  # (b, h, n, d)
 
 
 def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_size: int,
