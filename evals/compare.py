@@ -68,6 +68,8 @@ def run_sweep(cases: Sequence[Case], output: Path | str, *, resume: bool = False
             oom_at[g] = min(oom_at.get(g, int(r["seq_len"])), int(r["seq_len"]))
 
     env = environment()
+    # what every measurement ran with (pinned), and what torch would have used unpinned
+    env["torch_num_threads_default"], env["torch_num_threads"] = env["torch_num_threads"], threads
     info = read_sidecar(output) if kept else None
     info = dict(info or {}, **env)
     run_id = kept[0]["run_id"] if kept else new_run_id(env.get("git_sha"))
