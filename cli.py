@@ -8,8 +8,212 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Measure, analyse and guard efficient long-sequence attention architectures.")
 
 # ---- models command ----
+import re as _re  # noqa: E402
+from pathlib import Path as _Path  # noqa: E402
+from typing import Annotated as _Annotated, Optional as _Optional  # noqa: E402
+
+import typer.core as _typer_core  # noqa: E402
+
+
+def _fail(message: str) -> None:
+    """Bad input: one line on stderr, exit code 2, no traceback."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def models() -> None:
+    """List the registry: name, the published method it follows, complexity, modes, decoding state."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from evals.registry import REGISTRY
+
+    table = Table(title="bsbr-eval models (names are case-insensitive)")
+    for col in ("name", "method", "complexity (per head)", "modes", "decoding cache holds"):
+        table.add_column(col, overflow="fold")
+    for spec in REGISTRY.values():
+        table.add_row(spec.name, spec.method, spec.complexity, " ".join(spec.modes), spec.state)
+    Console().print(table)
+
 
 # ---- compare command ----
+_LIST_FLAGS = ("--models", "--seq-lengths", "--devices", "--modes")
+
+
+def _join_list_flags(args: list[str]) -> list[str]:
+    """Rewrite ``--seq-lengths 64 128 256`` as ``--seq-lengths 64,128,256`` before click parses.
+
+    Click options take one value each; this lets the four list flags take several
+    space-separated values too (up to the next option). Negative numbers count as values so
+    that ``--seq-lengths 64 -8`` reaches the length check instead of "no such option".
+    """
+    out, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        flag, eq, first = arg.partition("=")
+        if arg == "--":
+            out.extend(args[i:])
+            break
+        if flag in _LIST_FLAGS:
+            values = [first] if eq else []
+            i += 1
+            while i < len(args) and (not args[i].startswith("-") or _re.fullmatch(r"-\d+", args[i])):
+                values.append(args[i])
+                i += 1
+            out.extend([flag, ",".join(values)] if values else [flag])
+            continue
+        out.append(arg)
+        i += 1
+    return out
+
+
+class _ListFlagsCommand(_typer_core.TyperCommand):
+    def parse_args(self, ctx, args):
+        return super().parse_args(ctx, _join_list_flags(list(args)))
+
+
+def _split(values) -> list[str]:
+    """Flatten repeated and comma-separated values, dropping blanks and duplicates (order kept)."""
+    out = []
+    for v in values or []:
+        out.extend(p.strip() for p in str(v).split(",") if p.strip())
+    return list(dict.fromkeys(out))
+
+
+def _choose(flag: str, values, valid) -> list[str]:
+    picked = []
+    for v in _split(values):
+        match = [c for c in valid if c.lower() == v.lower()]
+        if not match:
+            _fail(f"{flag}: unknown value {v!r}; valid: {', '.join(valid)}")
+        picked.append(match[0])
+    return list(dict.fromkeys(picked))
+
+
+def _lengths(values) -> list[int]:
+    out = []
+    for v in _split(values):
+        if not _re.fullmatch(r"[+-]?\d+", v) or int(v) <= 0:
+            _fail(f"--seq-lengths: {v!r} is not a positive integer; give lengths like 64 128 256 or 64,128,256")
+        out.append(int(v))
+    return out
+
+
+_ListOpt = _Optional[list[str]]
+
+
+@app.command(cls=_ListFlagsCommand)
+def compare(
+    models: _Annotated[_ListOpt, typer.Option("--models", help="Models, space- or comma-separated "
+                       "(case-insensitive). Default: all seven.", show_default=False)] = None,
+    seq_lengths: _Annotated[_ListOpt, typer.Option("--seq-lengths", help="Sequence lengths, space- or "
+                            "comma-separated. Default: 64 128 256 512 1024.", show_default=False)] = None,
+    devices: _Annotated[_ListOpt, typer.Option("--devices", help="cpu and/or cuda. cuda without a GPU is an "
+                        "error, unless cpu is also given: then its rows are 'skipped'. Default: cpu.",
+                        show_default=False)] = None,
+    modes: _Annotated[_ListOpt, typer.Option("--modes", help="forward, train and/or decode. Default: forward.",
+                      show_default=False)] = None,
+    level: _Annotated[str, typer.Option(help="model (whole model), layer (one mixer with projections) "
+                      "or op (the token-mixing op on per-head inputs).")] = "model",
+    hidden_dim: _Annotated[_Optional[int], typer.Option(help="Hidden size D. Default: ModelConfig's (256).",
+                           show_default=False)] = None,
+    num_layers: _Annotated[_Optional[int], typer.Option(help="Layers (model level). Default: 2.",
+                           show_default=False)] = None,
+    num_heads: _Annotated[_Optional[int], typer.Option(help="Heads H (D must divide by H). Default: 4.",
+                          show_default=False)] = None,
+    ff_dim: _Annotated[_Optional[int], typer.Option(help="Feed-forward width. Default: 512.",
+                       show_default=False)] = None,
+    chunk_size: _Annotated[_Optional[int], typer.Option(help="Chunk size c of BSBR, Linear, DeltaNet, GAU. "
+                           "Default: 64.", show_default=False)] = None,
+    window_size: _Annotated[_Optional[int], typer.Option(help="Window w of SlidingWindow. Default: 64.",
+                            show_default=False)] = None,
+    compression_factor: _Annotated[_Optional[int], typer.Option(help="BSBR state compression f. "
+                                   "Default: none.", show_default=False)] = None,
+    batch_size: _Annotated[int, typer.Option(help="Batch size.")] = 1,
+    dtype: _Annotated[str, typer.Option(help="float32, float64, float16 or bfloat16.")] = "float32",
+    repeats: _Annotated[int, typer.Option(help="Minimum timed samples per configuration (time_ms is "
+                        "their median).")] = 10,
+    min_run_time: _Annotated[float, typer.Option(help="Minimum seconds of timed work per configuration "
+                             "(more samples, up to 200, if repeats finish sooner).")] = 0.2,
+    decode_tokens: _Annotated[int, typer.Option(help="Decode mode: one-token steps timed per sample "
+                              "(time_ms is per token); at op level a sample is 1 cached step.")] = 16,
+    output: _Annotated[_Optional[_Path], typer.Option(help="CSV to write (a .json sidecar goes beside it). "
+                       "Default: results/compare_<UTC time>.csv.", show_default=False)] = None,
+    resume: _Annotated[bool, typer.Option("--resume", help="Continue --output: keep its rows, measure "
+                       "only the missing configurations.")] = False,
+    shard: _Annotated[_Optional[str], typer.Option(help="Run only slice i of N (e.g. 2/4) of the grid; "
+                      "the N slices cover it exactly once.", show_default=False)] = None,
+    threads: _Annotated[int, typer.Option(help="CPU threads, pinned for every measurement and recorded.")] = 1,
+    seed: _Annotated[int, typer.Option(help="Seed for weights and inputs (recorded).")] = 0,
+) -> None:
+    """Sweep models x lengths x devices x modes; write one tidy CSV row per configuration + a JSON sidecar.
+
+    Failures become rows (status oom / error / skipped), never a crash. Set
+    BSBR_EVAL_INJECT_SLOWDOWN="MODEL=FACTOR" to slow a model down on purpose (regression self-test).
+    """
+    import time as _time
+
+    import torch
+    from rich.console import Console
+
+    from evals import compare as sweep
+    from evals.grid import DEVICES, DTYPES, expand_grid, parse_shard, shard as take_shard
+    from evals.measure import parse_inject
+    from evals.registry import LEVELS, MODES, REGISTRY, ModelConfig
+    from bsbr.shell import check_heads
+
+    names = _choose("--models", models, tuple(REGISTRY)) if models else list(REGISTRY)
+    lengths = _lengths(seq_lengths) if seq_lengths else [64, 128, 256, 512, 1024]
+    devs = _choose("--devices", devices, DEVICES) if devices else ["cpu"]
+    mode_list = _choose("--modes", modes, MODES) if modes else ["forward"]
+    level = _choose("--level", [level], LEVELS)[0]
+    dtype = _choose("--dtype", [dtype], DTYPES)[0]
+    if not names or not lengths or not devs or not mode_list:
+        _fail("--models, --seq-lengths, --devices and --modes need at least one value when given")
+    if "cuda" in devs and "cpu" not in devs and not torch.cuda.is_available():
+        _fail("--devices: CUDA is not available on this machine; valid: cpu "
+              "(give 'cpu cuda' to record the cuda rows as skipped)")
+    for flag, value in (("--batch-size", batch_size), ("--repeats", repeats), ("--decode-tokens", decode_tokens),
+                        ("--threads", threads), ("--hidden-dim", hidden_dim), ("--num-layers", num_layers),
+                        ("--num-heads", num_heads), ("--ff-dim", ff_dim), ("--chunk-size", chunk_size),
+                        ("--window-size", window_size), ("--compression-factor", compression_factor)):
+        if value is not None and value <= 0:
+            _fail(f"{flag} must be a positive integer, got {value}")
+    if not min_run_time >= 0:
+        _fail(f"--min-run-time must be >= 0 seconds, got {min_run_time}")
+    given = dict(hidden_dim=hidden_dim, num_layers=num_layers, num_heads=num_heads, ff_dim=ff_dim,
+                 chunk_size=chunk_size, window_size=window_size, compression_factor=compression_factor)
+    config = ModelConfig().with_(**{k: v for k, v in given.items() if v is not None})
+    try:
+        check_heads(config.hidden_dim, config.num_heads)
+        inject = parse_inject()
+        slice_ = parse_shard(shard) if shard else None
+    except ValueError as e:
+        _fail(str(e))
+    if resume and output is None:
+        _fail("--resume needs --output naming the CSV to continue")
+    output = output or _Path("results") / f"compare_{_time.strftime('%Y%m%dT%H%M%SZ', _time.gmtime())}.csv"
+
+    cases = expand_grid(names, lengths, devs, mode_list, level=level, config=config, batch_size=batch_size,
+                        dtype=dtype, decode_tokens=decode_tokens, seed=seed)
+    if slice_:
+        cases = take_shard(cases, *slice_)
+    settings = dict(models=names, seq_lengths=lengths, devices=devs, modes=mode_list, level=level, dtype=dtype,
+                    batch_size=batch_size, config=config.as_dict(), repeats=repeats, min_run_time=min_run_time,
+                    decode_tokens=decode_tokens, threads=threads, seed=seed, shard=shard)
+    torch.manual_seed(seed)
+    try:
+        rows = sweep.run_sweep(cases, output, resume=resume, repeats=repeats, min_run_time=min_run_time,
+                               threads=threads, inject=inject, settings=settings)
+    except ValueError as e:
+        _fail(str(e))
+    console = Console()
+    console.print(sweep.summary_table(rows))
+    bad = sum(r["status"] in ("oom", "error") for r in rows)
+    console.print(f"wrote {len(rows)} rows to {output} (+ {output.with_suffix('.json').name})"
+                  + (f"; {bad} failed (see the error column)" if bad else ""))
+
 
 # ---- analyze command ----
 from pathlib import Path as _Path  # noqa: E402
