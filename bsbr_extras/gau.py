@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bsbr.shell import CausalLM, check_positive_int, exists
+from bsbr_extras.linear import exclusive_prefix_sum
 
 
 def _mask_keys(quad_k, lin_k, mask):
@@ -92,12 +93,9 @@ def gau_mixed_chunk(quad_q: torch.Tensor, quad_k: torch.Tensor, lin_q: torch.Ten
     qq, qk, lq, lk = (t.reshape(b * C, c, s) for t in (quad_q, quad_k, lin_q, lin_k))
     vc = v.reshape(b * C, c, e)
 
-    # linear term across chunks: exclusive prefix sum of per-chunk states (slot 0 holds the carry-in)
+    # linear term across chunks: exclusive prefix sum of per-chunk states (plus the carry-in)
     kv = (lk.transpose(-1, -2) @ vc).div_(c).view(b, C, s, e)         # (b, C, s, e)
-    kv_prev = F.pad(kv[:, :-1], (0, 0, 0, 0, 1, 0))                   # (b, C, s, e)
-    if exists(initial_state):
-        kv_prev[:, 0] = initial_state
-    kv_prev = kv_prev.cumsum(dim=1)
+    kv_prev = exclusive_prefix_sum(kv, dim=1, initial=initial_state)  # (b, C, s, e)
 
     # quadratic term inside each chunk, fused with the linear one
     kernel = F.relu((qq @ qk.transpose(-1, -2)).div_(c)).square().tril_()  # (bC, c, c), diagonal kept
