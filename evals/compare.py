@@ -124,7 +124,8 @@ def run_sweep(cases: Sequence[Case], output: Path | str, *, resume: bool = False
 def _num(v, fmt: str) -> str:
     if v in (None, ""):
         return ""
-    return format(float(v), fmt)
+    v = float(v)
+    return f"{v:.0f}" if fmt == ".3g" and v >= 1000 else format(v, fmt)  # 2330, not 2.33e+03
 
 
 def summary_table(rows: Sequence[dict], title: str = "bsbr-eval compare") -> Table:
