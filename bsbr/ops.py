@@ -202,7 +202,10 @@ def bsbr_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r: torch.T
         S (b,h,C,e,d).
     """
     b, h, n, d = q.shape
-    c, o = chunk_size, overlap
+    o = overlap
+    # A call shorter than one chunk holds a single partial chunk: its blocks need only be n long
+    # (padding them to chunk_size would cost (c/n)^2 more local work). gamma keeps the true c.
+    c = min(chunk_size, n)
     C = -(-n // c)
     pad = C * c - n
     if pad:
@@ -226,7 +229,7 @@ def bsbr_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r: torch.T
     weights = retrieval_weights(r, hk_all, valid_all, P)  # (b, h, C, P + C)
     S = (weights @ F_all.flatten(-2)).view(b, h, C, e, d)  # (b, h, C, e, d)
     qe = torch.einsum("bhnd,hde->bhne", q, compress) if compress is not None else q
-    g = default_gamma(c, e) if gamma is None else gamma
+    g = default_gamma(chunk_size, e) if gamma is None else gamma
 
     tail = (past.tail_k, past.tail_v, past.tail_m) if past is not None and past.tail_k.shape[2] == o else (None,) * 3
     out = local_attention(q, k, v, chunk_size=c, overlap=o, mask=m, tail_k=tail[0], tail_v=tail[1],
