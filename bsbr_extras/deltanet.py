@@ -110,7 +110,7 @@ def delta_rule_chunkwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta
     # P_i = I - K_i^T W_i and H_i = K_i^T U_i are batched over all chunks. The only sequential part
     # (as in the paper's algorithm) is then one fused (d x d) @ (d x dv) product per chunk.
     BC = B * C
-    kT = k.transpose(-1, -2).reshape(BC, d, c)                        # (BC, d, c)
+    kT = k.reshape(BC, c, d).transpose(-1, -2)                         # (BC, d, c), a view: bmm reads it transposed
     W, U = W.view(BC, c, d), U.view(BC, c, dv)
     P = torch.baddbmm(torch.eye(d, dtype=q.dtype, device=q.device).expand(BC, d, d), kT, W, alpha=-1)
     P, H = P.view(B, C, d, d), (kT @ U).view(B, C, d, dv)             # (B, C, d, d), (B, C, d, dv)

@@ -39,7 +39,7 @@ EPS = 1e-6
 
 def feature_map(x: torch.Tensor) -> torch.Tensor:
     """phi(x) = elu(x) + 1 > 0 (Katharopoulos et al., 2020, eq. 7)."""
-    return F.elu(x) + 1.0
+    return F.elu(x).add_(1.0)  # in place: elu's backward needs its input, not its output
 
 
 def exclusive_prefix_sum(x: torch.Tensor, dim: int, initial: Optional[torch.Tensor] = None) -> torch.Tensor:
