@@ -220,6 +220,7 @@ class CausalLM(nn.Module):
         self.position, self.max_positions = position, max_positions
         self.use_checkpointing = bool(use_checkpointing)
 
+        self._sin_table: Optional[torch.Tensor] = None  # cache only: not a parameter or buffer
         self.embed = nn.Embedding(vocab_size, hidden_dim)
         self.pos_embed = nn.Embedding(max_positions, hidden_dim) if position == "learned" else None
         self.drop = nn.Dropout(dropout)
@@ -246,7 +247,14 @@ class CausalLM(nn.Module):
 
     def _positions(self, start: int, n: int, device, dtype) -> torch.Tensor:
         if self.pos_embed is None:
-            return sinusoidal_positions(start, n, self.hidden_dim, device=device, dtype=dtype)
+            # The table is computed once (in float64, then cast) and extended by doubling when a
+            # longer sequence arrives: there is no cap, and no per-call transcendental work.
+            table = self._sin_table
+            if table is None or table.shape[0] < start + n or table.device != device or table.dtype != dtype:
+                size = max(start + n, 2 * (table.shape[0] if table is not None else 0), 1024)
+                table = sinusoidal_positions(0, size, self.hidden_dim, device=device, dtype=dtype)
+                self._sin_table = table
+            return table[start:start + n]
         if start + n > self.max_positions:
             raise ValueError(
                 f"sequence reaches position {start + n}, past this model's learned position table "
