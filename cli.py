@@ -343,6 +343,12 @@ def regress(
     if findings is not None:
         console.print(rg.render(findings, show_all=show_all))
     if update:
+        broken = new[new["status"] != "ok"]
+        if len(broken):  # a baseline row that is not ok would switch the guard off for it
+            for _, r in broken.iterrows():
+                console.print(f"{rg.config_label(r)}: {r['status']} {r.get('error', '')}")
+            console.print(f"FAIL: not writing {baseline}: {len(broken)} configuration(s) did not measure ok")
+            raise typer.Exit(1)
         tmp = baseline.with_name(baseline.name + ".tmp")
         baseline.parent.mkdir(parents=True, exist_ok=True)
         rg.run_frame(new).to_csv(tmp, index=False)
@@ -419,6 +425,125 @@ def convert(
 
 
 # ---- recall command ----
+# recall's own list flags take space- or comma-separated values too (compare's joiner reads this tuple)
+_LIST_FLAGS = _LIST_FLAGS + ("--num-pairs", "--hidden-dims", "--sizes")
+
+
+def _positive_ints(flag: str, values) -> list[int]:
+    out = []
+    for v in _split(values):
+        if not _re.fullmatch(r"[+-]?\d+", v) or int(v) <= 0:
+            _fail(f"{flag}: {v!r} is not a positive integer; give values like 4 8 16 or 4,8,16")
+        out.append(int(v))
+    return out
+
+
+@app.command(cls=_ListFlagsCommand)
+def recall(
+    quick: _Annotated[bool, typer.Option("--quick", help="The CPU preset (same as --preset quick): all "
+                      "seven models in under 15 minutes on 2 cores.")] = False,
+    preset: _Annotated[_Optional[str], typer.Option(help="quick (CPU, small) or full (GPU scale; use with "
+                       "--device cuda). Default: quick.", show_default=False)] = None,
+    models: _Annotated[_ListOpt, typer.Option("--models", help="Models, space- or comma-separated "
+                       "(case-insensitive). Default: all seven.", show_default=False)] = None,
+    seq_lengths: _Annotated[_ListOpt, typer.Option("--seq-lengths", help="Sequence lengths of the "
+                            "length x pairs sweep. Default: the preset's.", show_default=False)] = None,
+    num_pairs: _Annotated[_ListOpt, typer.Option("--num-pairs", help="Key-value pairs per sequence of the "
+                          "length x pairs sweep. Default: the preset's.", show_default=False)] = None,
+    hidden_dims: _Annotated[_ListOpt, typer.Option("--hidden-dims", help="Model widths d of the state-size "
+                            "sweep. Default: the preset's.", show_default=False)] = None,
+    sizes: _Annotated[_ListOpt, typer.Option("--sizes", help="Chunk size (BSBR, Linear, DeltaNet, GAU) and "
+                      "window (SlidingWindow) of the state-size sweep. Default: the preset's.",
+                      show_default=False)] = None,
+    vocab_size: _Annotated[_Optional[int], typer.Option(help="Vocabulary: keys and values take disjoint "
+                           "halves of it. Default: the preset's.", show_default=False)] = None,
+    max_steps: _Annotated[_Optional[int], typer.Option(help="Training steps at most per model. "
+                          "Default: the preset's.", show_default=False)] = None,
+    batch_size: _Annotated[_Optional[int], typer.Option(help="Sequences per step. Default: the preset's.",
+                           show_default=False)] = None,
+    lr: _Annotated[_Optional[float], typer.Option(help="Peak AdamW learning rate. Default: the preset's.",
+                   show_default=False)] = None,
+    target_acc: _Annotated[_Optional[float], typer.Option(help="Stop training once validation accuracy "
+                           "reaches this. Default: 0.99.", show_default=False)] = None,
+    device: _Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    threads: _Annotated[int, typer.Option(help="CPU threads (pinned and recorded; 1 is fastest for these "
+                        "small models on a shared machine).")] = 1,
+    seed: _Annotated[int, typer.Option(help="Seed of the data and the initial weights (recorded).")] = 0,
+    output_dir: _Annotated[_Optional[_Path], typer.Option("--output-dir", help="Where recall.csv, its "
+                           "recall.json sidecar and the two figures go. Default: results/recall_<UTC time>/.",
+                           show_default=False)] = None,
+    resume: _Annotated[bool, typer.Option("--resume", help="Keep the rows already in --output-dir's "
+                       "recall.csv and train only the missing configurations.")] = False,
+) -> None:
+    """Multi-query associative recall (MQAR; Arora et al., 2023): train each model from scratch, report
+    held-out accuracy vs length, pairs and decoding-state size. See docs/recall.md."""
+    import time as _time
+
+    import torch
+    from rich.console import Console
+
+    from evals import recall as rc
+    from evals import results
+    from evals.registry import REGISTRY
+
+    if quick and preset not in (None, "quick"):
+        _fail(f"--quick conflicts with --preset {preset}; give one of them")
+    name = _choose("--preset", [preset or "quick"], tuple(rc.PRESETS))[0]
+    base = rc.PRESETS[name]
+    names = _choose("--models", models, tuple(REGISTRY)) if models else list(REGISTRY)
+    device = _choose("--device", [device], ("cpu", "cuda"))[0]
+    if device == "cuda" and not torch.cuda.is_available():
+        _fail("--device: CUDA is not available on this machine; valid: cpu")
+    for flag, value in (("--vocab-size", vocab_size), ("--max-steps", max_steps), ("--batch-size", batch_size),
+                        ("--threads", threads)):
+        if value is not None and value <= 0:
+            _fail(f"{flag} must be a positive integer, got {value}")
+    if lr is not None and not lr > 0:
+        _fail(f"--lr must be > 0, got {lr}")
+    if target_acc is not None and not 0 < target_acc <= 1:
+        _fail(f"--target-acc must lie in (0, 1], got {target_acc}")
+
+    def pick(flag, given, values, base_value):
+        vals = tuple(_positive_ints(flag, given)) if given else values
+        if not vals:
+            _fail(f"{flag} needs at least one value when given")
+        return vals, (base_value if base_value in vals else vals[0])
+
+    lens, base_len = pick("--seq-lengths", seq_lengths, base.seq_lens, base.base_seq_len)
+    pairs, base_pairs = pick("--num-pairs", num_pairs, base.num_pairs, base.base_num_pairs)
+    dims, base_dim = pick("--hidden-dims", hidden_dims, base.hidden_dims, base.base_hidden_dim)
+    sz, base_sz = pick("--sizes", sizes, base.sizes, base.base_size)
+    train = base.train.with_(**{k: v for k, v in dict(max_steps=max_steps, batch_size=batch_size, lr=lr,
+                                                      target_acc=target_acc).items() if v is not None})
+    p = base.with_(seq_lens=lens, num_pairs=pairs, base_seq_len=base_len, base_num_pairs=base_pairs,
+                   hidden_dims=dims, sizes=sz, base_hidden_dim=base_dim, base_size=base_sz,
+                   vocab_size=vocab_size or base.vocab_size, train=train)
+    try:
+        p.check()
+        torch.set_num_threads(threads)
+    except ValueError as e:
+        _fail(str(e))
+
+    out = output_dir or _Path("results") / f"recall_{_time.strftime('%Y%m%dT%H%M%SZ', _time.gmtime())}"
+    csv_path = out / "recall.csv"
+    if resume and not csv_path.is_file():
+        _fail(f"--resume: no {csv_path} to continue; drop --resume or point --output-dir at a previous run")
+    cases = rc.recall_grid(names, p)
+    console = Console(stderr=True)
+    start = results.utc_now()
+    try:
+        rows = rc.run_recall(cases, p, csv_path, seed=seed, device=device, run_id=f"recall-{start}",
+                             resume=resume, console=console)
+    except ValueError as e:
+        _fail(str(e))
+    results.write_sidecar(csv_path, dict(results.environment(), utc_start=start, utc_end=results.utc_now(),
+                                         task="mqar", preset=name, settings=rc.settings(p), models=names,
+                                         device=device, threads=threads, seed=seed))
+    figures = rc.plot_run(rows, p, out)
+    Console().print(rc.summary_table(rows, p))
+    bad = sum(r["status"] != "ok" for r in rows)
+    Console().print(f"wrote {len(rows)} rows to {csv_path} (+ recall.json, {len(figures)} figures)"
+                    + (f"; {bad} failed (see the error column)" if bad else ""))
 
 
 def main() -> None:
