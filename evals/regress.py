@@ -9,7 +9,9 @@ outright, and a timing change has to clear two independent bars before it is cal
    is rewritten with ``--update`` and committed with the change that caused it.
 2. **Time** is never compared in milliseconds. Each raw sample of a configuration is divided by a
    reference timed in the same process right before and after it (a fixed plain-torch MLP, see
-   ``paired_samples``), so a machine that is slower today, or busier this second, cancels out. A row
+   ``paired_samples``), so a machine that is slower today cancels out; and the time the thread
+   spent pre-empted, waiting for a CPU another process held, is taken out of every sample
+   (``RunqueueWait``), which on a shared 2-core box is most of the noise. A row
    regresses only when the median ratio grew by more than ``threshold`` (default 25%) *and* the
    one-sided Mann-Whitney U test (Mann & Whitney, 1947) on the raw ratio samples says the
    current samples are stochastically larger with ``p < alpha`` (default 0.01). In live mode a
@@ -28,14 +30,15 @@ import json
 import math
 import os
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional
 
 import numpy as np
 import pandas as pd
 from scipy.stats import mannwhitneyu
 
-# What identifies one measured configuration (the CSV's identity and configuration columns, bar
-# run_id, which differs between any two runs by construction).
+# What identifies one measured configuration: the CSV's required identity and configuration
+# columns (bar run_id, which differs between any two runs by construction). Every other column of
+# ``evals.grid.KEY_COLUMNS`` (ff_dim, window_size, seed, ...) that both runs have is added.
 KEY_COLUMNS = ("model", "device", "mode", "level", "dtype", "batch_size", "seq_len",
                "hidden_dim", "num_layers", "num_heads", "chunk_size")
 # Counted, not timed: the same code must give the same numbers.
@@ -98,11 +101,19 @@ def check_columns(df: pd.DataFrame, what: str) -> None:
         raise ValueError(f"{what} has no rows")
 
 
-def _keyed(df: pd.DataFrame) -> dict:
-    """``{key tuple: row}``; a key measured twice keeps its last row."""
+def key_columns(*runs: pd.DataFrame) -> tuple:
+    """``KEY_COLUMNS`` plus every further identifying column that all ``runs`` carry."""
+    from evals.grid import KEY_COLUMNS as GRID_KEYS
+
+    extra = [c for c in GRID_KEYS if c not in KEY_COLUMNS and all(c in df.columns for df in runs)]
+    return KEY_COLUMNS + tuple(extra)
+
+
+def _keyed(df: pd.DataFrame, keys: tuple = KEY_COLUMNS) -> dict:
+    """``{key tuple: row}`` (the model name first); a key measured twice keeps its last row."""
     out = {}
     for _, row in df.iterrows():
-        out[tuple(_norm(row[c]) for c in KEY_COLUMNS)] = row
+        out[tuple(_norm(row[c]) for c in keys)] = row
     return out
 
 
@@ -144,9 +155,9 @@ def reference_column(baseline: pd.DataFrame, current: pd.DataFrame) -> str:
 METRIC_NAME = {"paired": "time/ref", "ref_ms": "time/ref", "Standard": "time/Standard", "none": "time_ms"}
 
 
-def ratio_samples(df: pd.DataFrame, how: str) -> dict:
+def ratio_samples(df: pd.DataFrame, how: str, keys: tuple = KEY_COLUMNS) -> dict:
     """``{key: (s,) time / reference}`` for every ``ok`` row of ``df`` under the normalisation ``how``."""
-    keyed = _keyed(df)
+    keyed = _keyed(df, keys)
     out = {}
     for key, row in keyed.items():
         if row["status"] != "ok":
@@ -225,8 +236,9 @@ def compare_runs(baseline: pd.DataFrame, current: pd.DataFrame, *, threshold: fl
     check_columns(baseline, "the baseline")
     check_columns(current, "the current run")
     how = reference_column(baseline, current)
-    r_b, r_c = ratio_samples(baseline, how), ratio_samples(current, how)
-    base, cur = _keyed(baseline), _keyed(current)
+    keys = key_columns(baseline, current)
+    r_b, r_c = ratio_samples(baseline, how, keys), ratio_samples(current, how, keys)
+    base, cur = _keyed(baseline, keys), _keyed(current, keys)
     rows = []
 
     def add(row, metric, b, c, change=float("nan"), p=float("nan"), verdict=OK):
@@ -250,10 +262,11 @@ def compare_runs(baseline: pd.DataFrame, current: pd.DataFrame, *, threshold: fl
             m_b, m_c = b.get("memory_method"), c.get("memory_method")
             if m_b != m_c:
                 add(b, "memory_method", m_b, m_c, verdict=CHANGED)
-            elif str(m_b) in EXACT_MEMORY_METHODS:
+            else:  # shown either way; fails only when the method is reproducible
                 same = _exact_equal(b["peak_memory_mb"], c["peak_memory_mb"])
+                exact = str(m_b) in EXACT_MEMORY_METHODS
                 add(b, "peak_memory_mb", b["peak_memory_mb"], c["peak_memory_mb"],
-                    _rel(b["peak_memory_mb"], c["peak_memory_mb"]), verdict=OK if same else CHANGED)
+                    _rel(b["peak_memory_mb"], c["peak_memory_mb"]), verdict=OK if same or not exact else CHANGED)
         # 2. time, as a ratio to the reference timed in the same run
         s_b, s_c = r_b[key], r_c[key]  # (s,) each
         if how == "Standard" and b["model"] == "Standard":
@@ -312,8 +325,8 @@ def _fmt(v) -> str:
 def render(findings: pd.DataFrame, *, show_all: bool = False, title: str = "bsbr-eval regress"):
     """A rich Table of what moved and by how much (every row with ``show_all``).
 
-    Shown by default: failures, improvements, untestable rows, and any time change beyond half
-    the threshold, so a slow drift is visible long before it fails.
+    Shown by default: every verdict but ``ok``, and any time change beyond 10%, so a slow
+    drift is visible long before it fails.
     """
     from rich.table import Table
 
@@ -338,7 +351,9 @@ def summary(findings: pd.DataFrame) -> str:
     n_cfg = findings["config"].nunique()
     bad = failures(findings)
     if bad.empty:
-        return f"PASS: {n_cfg} configurations match the baseline"
+        n_un = findings.loc[findings.verdict == UNTESTABLE, "config"].nunique()
+        note = f" ({n_un} whose time could not be tested)" if n_un else ""
+        return f"PASS: {n_cfg} configurations match the baseline{note}"
     parts = [f"{len(bad[bad.verdict == v])} {v}" for v in FAILING if (bad.verdict == v).any()]
     names = ", ".join(dict.fromkeys(bad["config"]))
     return f"FAIL: {'; '.join(parts)} ({names})"
@@ -482,9 +497,10 @@ def _timed_once(fn: Callable, wait: RunqueueWait, *, device: str, threads: int, 
         starts.append(wait())
         return fn()
 
-    (ms,) = time_fn(probed, device=device, threads=threads, setup=setup, inject=inject, repeats=1, warmup=0,
+    # One untimed warm-up call (it also sizes the block), then one timed block of calls.
+    (ms,) = time_fn(probed, device=device, threads=threads, setup=setup, inject=inject, repeats=1, warmup=1,
                     min_run_time=0.0)
-    waited = wait() - starts[1]  # time_fn makes one untimed call to size the block, then times the rest
+    waited = wait() - starts[1]
     return ms - (waited / 1e6) / (len(starts) - 1)
 
 

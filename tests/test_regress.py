@@ -341,3 +341,16 @@ def test_cli_update_rewrites_the_baseline(tmp_path):
     assert r.exit_code == 0, r.output
     assert json.loads(base.with_suffix(".json").read_text())["source"] == str(slow)
     assert runner.invoke(app, ["regress", "--baseline", str(base), "--current", str(slow)]).exit_code == 0
+
+
+def test_cli_update_refuses_a_run_with_failed_configurations(tmp_path):
+    from cli import app
+
+    broken = synthetic_run(1)
+    broken.loc[broken.model == "Hopfield", ["status", "error"]] = ["error", "RuntimeError: boom"]
+    base = _write(tmp_path, "base.csv", synthetic_run(0))
+    before = base.read_text()
+    r = CliRunner().invoke(app, ["regress", "--baseline", str(base), "--current",
+                                 str(_write(tmp_path, "broken.csv", broken)), "--update"])
+    assert r.exit_code == 1 and "Hopfield" in r.output and "not writing" in r.output
+    assert base.read_text() == before
