@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from evals.regress import (CHANGED, FASTER, MISSING, OK, REGRESSION, TRANSIENT, UNTESTABLE, _timed_once,
                            case_from_row, compare_runs, failures, format_samples, live_check, min_p_value,
-                           parse_samples, run_frame, steady_memory, time_verdict)
+                           measure_all, parse_samples, run_frame, steady_memory, time_verdict)
 from evals.registry import MODEL_NAMES
 
 LENGTHS = (128, 256)
@@ -354,3 +354,25 @@ def test_cli_update_refuses_a_run_with_failed_configurations(tmp_path):
                                  str(_write(tmp_path, "broken.csv", broken)), "--update"])
     assert r.exit_code == 1 and "Hopfield" in r.output and "not writing" in r.output
     assert base.read_text() == before
+
+
+def test_live_end_to_end_catches_an_injected_slowdown_and_reproduces_exact_metrics(monkeypatch):
+    # The real harness on two tiny configurations: measure a baseline, then check it with BSBR
+    # made 3x slower by the harness's injection hook. Only the direction that cannot be noise is
+    # asserted about time; the exact metrics must come out identical from a fresh measurement.
+    from evals.grid import expand_grid
+    from evals.registry import ModelConfig
+
+    cfg = ModelConfig(vocab_size=64, hidden_dim=32, num_layers=1, num_heads=2, ff_dim=64, chunk_size=16)
+    cases = expand_grid(["BSBR", "Standard"], [64], modes=["forward"], config=cfg)
+    rows = pd.DataFrame([dict(c.fields(), threads=1) for c in cases])
+    monkeypatch.setenv("BSBR_EVAL_INJECT_SLOWDOWN", "")
+    base = measure_all(rows)
+    assert (base["status"] == "ok").all(), base["error"].tolist()
+    monkeypatch.setenv("BSBR_EVAL_INJECT_SLOWDOWN", "BSBR=3")
+    res = live_check(base)
+    f = res.findings
+    assert not (f["verdict"] == CHANGED).any(), f[f.verdict == CHANGED]
+    assert set(f[f.metric.isin(["flops", "params", "peak_memory_mb"])]["verdict"]) == {OK}
+    bsbr = f[(f.model == "BSBR") & (f.metric == "time/ref")].iloc[0]
+    assert bsbr["verdict"] == REGRESSION and bsbr["change"] > 1.0
