@@ -304,7 +304,9 @@ def regress(
         usage(f"--current {current} does not exist; pass a results CSV")
     if not update and not baseline.is_file():
         usage(f"no baseline at {baseline}; create it with: bsbr-eval regress --baseline {baseline} --update")
-    console = Console(stderr=False)
+    import sys
+
+    console = Console(width=None if sys.stdout.isatty() else 120)  # CI logs: one line per table row
     start = results.utc_now()
     try:
         base = pd.read_csv(baseline, keep_default_na=True) if baseline.is_file() else None
