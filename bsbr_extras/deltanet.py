@@ -116,9 +116,10 @@ def delta_rule_chunkwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta
     P, H = P.view(B, C, d, d), (kT @ U).view(B, C, d, dv)             # (B, C, d, d), (B, C, d, dv)
     S = initial_state.reshape(B, d, dv) if exists(initial_state) else q.new_zeros(B, d, dv)
     states = []
-    for i in range(C):
+    # unbind, not P[:, i]: indexing would make backward zero-fill a full-size gradient per chunk
+    for P_i, H_i in zip(P.unbind(1), H.unbind(1)):
         states.append(S)
-        S = torch.baddbmm(H[:, i], P[:, i], S)                        # (B, d, dv)
+        S = torch.baddbmm(H_i, P_i, S)                                # (B, d, dv)
     states = torch.stack(states, dim=1).view(BC, d, dv)               # (BC, d, dv): S before each chunk
     pseudo_v = torch.baddbmm(U, W, states, alpha=-1)                  # (BC, c, dv): U~ = U - W S
 
