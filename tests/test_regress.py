@@ -238,17 +238,17 @@ def test_live_an_exact_change_is_not_remeasured():
     assert res.remeasured == [] and len(calls) == len(base)
 
 
-def test_runqueue_wait_is_subtracted_from_each_sample():
+def test_runqueue_wait_is_subtracted_from_each_sample(monkeypatch):
     # A fake counter that says every call waited exactly 2 ms for a CPU: what is left must be the
-    # harness's own time minus 2 ms per call (the sizing call's wait must not be counted).
+    # harness's own time minus 2 ms per timed call (the warm-up call's wait must not be counted).
+    import evals.measure
+
     class FakeWait:
         ns = 0
 
         def __call__(self):
             FakeWait.ns += 1_000_000  # read twice per call -> +2 ms per call
             return FakeWait.ns
-
-    import evals.measure
 
     seen = []
     real = evals.measure.time_fn
@@ -258,14 +258,13 @@ def test_runqueue_wait_is_subtracted_from_each_sample():
         seen.append(out[0])
         return out
 
-    evals.measure.time_fn = spy
-    try:
-        def work():
-            FakeWait()()  # the second read inside the call
-            sum(range(20000))
-        got = _timed_once(work, FakeWait(), device="cpu", threads=1)
-    finally:
-        evals.measure.time_fn = real
+    monkeypatch.setattr(evals.measure, "time_fn", spy)
+
+    def work():
+        FakeWait()()  # the second read, as if inside the call
+        sum(range(20000))
+
+    got = _timed_once(work, FakeWait(), device="cpu", threads=1)
     assert got == pytest.approx(seen[0] - 2.0, abs=1e-9)
 
 
