@@ -459,8 +459,9 @@ class RunqueueWait:
 
     On a shared machine most of a sample's noise is exactly this: another process holding the
     core. Subtracting it leaves the time the code ran plus any time it chose to sleep (so the
-    harness's injected slowdown, which sleeps, is still measured). ``available`` is False where
-    the file does not exist (not Linux); then nothing is subtracted.
+    harness's injected slowdown, which sleeps, is still measured). It counts the calling thread
+    only, which is why the guard pins torch to one thread (intra-op work then runs on it).
+    ``available`` is False where the file does not exist (not Linux); then nothing is subtracted.
     """
 
     PATH = "/proc/thread-self/schedstat"
