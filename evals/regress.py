@@ -385,7 +385,7 @@ def guard_cases() -> list:
     return expand_grid(MODEL_NAMES, GUARD_LENGTHS, modes=GUARD_MODES, config=ModelConfig(**GUARD_CONFIG))
 
 
-def case_from_row(row) -> "object":
+def case_from_row(row) -> "Case":
     """Rebuild the ``Case`` that produced a CSV row (every ModelConfig field is a column)."""
     import typing
     from dataclasses import fields
@@ -621,7 +621,7 @@ def live_check(baseline: pd.DataFrame, *, threshold: float = DEFAULT_THRESHOLD, 
 
 
 def run_frame(rows) -> pd.DataFrame:
-    """Rows as a DataFrame in the results CSV's column order, ``ref_ms`` (ours) last."""
+    """Rows as a DataFrame in the results CSV's column order, the guard's own columns (``ref_samples_ms``, ``ref_ms``) last."""
     from evals.results import COLUMNS
 
     df = pd.DataFrame(list(rows) if not isinstance(rows, pd.DataFrame) else rows)
