@@ -621,7 +621,8 @@ def live_check(baseline: pd.DataFrame, *, threshold: float = DEFAULT_THRESHOLD, 
 
 
 def run_frame(rows) -> pd.DataFrame:
-    """Rows as a DataFrame in the results CSV's column order, the guard's own columns (``ref_samples_ms``, ``ref_ms``) last."""
+    """Rows as a DataFrame in the results CSV's column order; the guard's own columns
+    (``ref_samples_ms``, ``ref_ms``) come last."""
     from evals.results import COLUMNS
 
     df = pd.DataFrame(list(rows) if not isinstance(rows, pd.DataFrame) else rows)
