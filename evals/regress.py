@@ -541,7 +541,8 @@ def measure_row(row, *, run_id: str = "") -> dict:
     from evals.measure import build_workload, measure
 
     case = case_from_row(row)
-    threads = int(float(row["threads"])) if "threads" in row.index and not pd.isna(row["threads"]) else GUARD_THREADS
+    pinned = "threads" in row.index and not pd.isna(row["threads"])
+    threads = int(float(row["threads"])) if pinned else GUARD_THREADS
     out = measure(case, repeats=1, warmup=0, min_run_time=0.0, threads=threads, run_id=run_id, memory=False)
     if out["status"] != "ok":
         return out
