@@ -468,8 +468,10 @@ def recall(
     target_acc: _Annotated[_Optional[float], typer.Option(help="Stop training once validation accuracy "
                            "reaches this. Default: 0.99.", show_default=False)] = None,
     device: _Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
-    threads: _Annotated[int, typer.Option(help="CPU threads (pinned and recorded; 1 is fastest for these "
-                        "small models on a shared machine).")] = 1,
+    threads: _Annotated[int, typer.Option(help="CPU threads per training process (pinned and recorded; 1 is "
+                        "fastest for these small models).")] = 1,
+    jobs: _Annotated[_Optional[int], typer.Option(help="Cases trained at once in worker processes (CPU "
+                     "only). Default: the preset's (quick: 2, full: 1).", show_default=False)] = None,
     seed: _Annotated[int, typer.Option(help="Seed of the data and the initial weights (recorded).")] = 0,
     output_dir: _Annotated[_Optional[_Path], typer.Option("--output-dir", help="Where recall.csv, its "
                            "recall.json sidecar and the two figures go. Default: results/recall_<UTC time>/.",
@@ -497,7 +499,7 @@ def recall(
     if device == "cuda" and not torch.cuda.is_available():
         _fail("--device: CUDA is not available on this machine; valid: cpu")
     for flag, value in (("--vocab-size", vocab_size), ("--max-steps", max_steps), ("--batch-size", batch_size),
-                        ("--threads", threads)):
+                        ("--threads", threads), ("--jobs", jobs)):
         if value is not None and value <= 0:
             _fail(f"{flag} must be a positive integer, got {value}")
     if lr is not None and not lr > 0:
@@ -535,12 +537,12 @@ def recall(
     start = results.utc_now()
     try:
         rows = rc.run_recall(cases, p, csv_path, seed=seed, device=device, run_id=f"recall-{start}",
-                             resume=resume, console=console)
+                             resume=resume, jobs=jobs or p.jobs, console=console)
     except ValueError as e:
         _fail(str(e))
     results.write_sidecar(csv_path, dict(results.environment(), utc_start=start, utc_end=results.utc_now(),
                                          task="mqar", preset=name, settings=rc.settings(p), models=names,
-                                         device=device, threads=threads, seed=seed))
+                                         device=device, threads=threads, jobs=jobs or p.jobs, seed=seed))
     figures = rc.plot_run(rows, p, out)
     Console().print(rc.summary_table(rows, p))
     bad = sum(r["status"] != "ok" for r in rows)

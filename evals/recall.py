@@ -383,8 +383,14 @@ class RecallCase:
 
 @dataclass(frozen=True)
 class RecallPreset:
-    """A sweep: (seq_len x num_pairs) at the base width and size, plus (hidden_dim x size) at the
-    base task, so that accuracy can be read against length, pairs and decoding-state size."""
+    """A sweep in two parts, so that accuracy can be read against length, pairs and state size:
+
+    - the task sweep: sequence lengths and pair counts, at the base width and chunk/window size;
+    - the state sweep: widths ``d`` and chunk/window sizes, at the base task.
+
+    Each part is one factor at a time around its base point, or the full cross product with
+    ``cross=True``.
+    """
 
     vocab_size: int
     seq_lens: tuple
@@ -400,6 +406,8 @@ class RecallPreset:
     ff_mult: int
     qk_dim: int
     train: TrainConfig
+    cross: bool = False
+    jobs: int = 1                 # cases trained at once (worker processes) unless --jobs says otherwise
 
     def data(self, seq_len: int, num_pairs: int) -> MQARConfig:
         return MQARConfig(vocab_size=self.vocab_size, seq_len=seq_len, num_pairs=num_pairs)
@@ -412,12 +420,25 @@ class RecallPreset:
     def with_(self, **kw) -> "RecallPreset":
         return replace(self, **kw)
 
-    def check(self) -> "RecallPreset":
-        """One-line ValueError on a sweep with a point that cannot be built.
+    def task_points(self) -> list:
+        """(seq_len, num_pairs) points: every length at the base pair count and every pair count at
+        the base length ("axes"), or the whole cross product with ``cross``; those whose pairs do
+        not fit the length are left out."""
+        pts = ([(n, P) for n in self.seq_lens for P in self.num_pairs] if self.cross else
+               [(n, self.base_num_pairs) for n in self.seq_lens] + [(self.base_seq_len, P) for P in self.num_pairs])
+        return [pt for pt in dict.fromkeys(pts) if _fits(self, *pt)]
 
-        Every length must fit at least one pair count (and vice versa), the base task must fit,
-        and the vocabulary must hold the largest pair count; a cross-product point that does not
-        fit (e.g. 64 tokens x 32 pairs) is merely left out of the grid.
+    def state_points(self) -> list:
+        """(hidden_dim, size) points at the base task, "axes" or cross product like ``task_points``."""
+        pts = ([(D, s) for D in self.hidden_dims for s in self.sizes] if self.cross else
+               [(self.base_hidden_dim, s) for s in self.sizes] + [(D, self.base_size) for D in self.hidden_dims])
+        return list(dict.fromkeys(pts))
+
+    def check(self) -> "RecallPreset":
+        """One-line ValueError on a sweep with a value that cannot be used.
+
+        The base task must fit, the vocabulary must hold the largest pair count, and every given
+        length and pair count must take part in at least one point that fits.
         """
         from bsbr.shell import check_heads
 
@@ -428,26 +449,36 @@ class RecallPreset:
                 raise ValueError(f"{name} must be positive integers, got {vals!r}")
         big = max(self.num_pairs)
         MQARConfig(self.vocab_size, 3 * big, big).validate()  # the length fits; this checks the vocabulary
-        for n in self.seq_lens:
-            if not any(2 * P + P <= n for P in self.num_pairs):
-                raise ValueError(f"no --num-pairs value fits seq_len={n}: P pairs need seq_len >= 3P "
-                                 f"(2P for the pairs, P for the queries); largest P that fits is {n // 3}")
-        for P in self.num_pairs:
-            if not any(3 * P <= n for n in self.seq_lens):
-                raise ValueError(f"num_pairs={P} fits none of the sequence lengths {list(self.seq_lens)}: "
-                                 f"it needs seq_len >= {3 * P}")
         self.data(self.base_seq_len, self.base_num_pairs).validate()
+        pts = self.task_points()
+        for n in self.seq_lens:
+            if not any(m == n for m, _ in pts):
+                raise ValueError(f"seq_len={n} fits no requested pair count: P pairs and P queries need "
+                                 f"seq_len >= 3P; the largest P that fits is {n // 3}")
+        for P in self.num_pairs:
+            if not any(q == P for _, q in pts):
+                lens = [n for n, _ in pts] or list(self.seq_lens)
+                raise ValueError(f"num_pairs={P} fits none of the sequence lengths it is paired with "
+                                 f"({', '.join(map(str, sorted(set(lens))))}): it needs seq_len >= {3 * P}")
         for D in self.hidden_dims:
             check_heads(D, self.num_heads)
         return self
 
 
+def _fits(preset: "RecallPreset", n: int, P: int) -> bool:
+    try:
+        preset.data(n, P).validate()
+        return True
+    except ValueError:
+        return False
+
+
 PRESETS: dict = {
     # CPU, all seven models in < 15 min on a 2-core machine: a small model and short sequences.
     "quick": RecallPreset(
-        vocab_size=64, seq_lens=(64, 128), num_pairs=(4, 8), base_seq_len=64, base_num_pairs=8,
-        hidden_dims=(32, 64), sizes=(8, 16, 32), base_hidden_dim=64, base_size=16,
-        num_layers=2, num_heads=2, ff_mult=2, qk_dim=32,
+        vocab_size=32, seq_lens=(32, 64), num_pairs=(4, 8), base_seq_len=32, base_num_pairs=4,
+        hidden_dims=(64,), sizes=(4, 8, 16), base_hidden_dim=64, base_size=8,
+        num_layers=2, num_heads=2, ff_mult=2, qk_dim=32, jobs=2,
         train=TrainConfig(max_steps=600, batch_size=64, lr=3e-3, weight_decay=0.0, warmup_steps=30,
                           num_train=8192, num_val=256, num_test=1024, eval_every=50, target_acc=0.99)),
     # GPU (--device cuda): Zoology-like scale, longer sequences, more pairs, wider models.
@@ -455,31 +486,18 @@ PRESETS: dict = {
         vocab_size=8192, seq_lens=(64, 128, 256, 512), num_pairs=(4, 8, 16, 32, 64), base_seq_len=256,
         base_num_pairs=16, hidden_dims=(64, 128, 256), sizes=(16, 32, 64, 128), base_hidden_dim=128,
         base_size=32, num_layers=2, num_heads=2, ff_mult=2, qk_dim=128,
+        cross=True,
         train=TrainConfig(max_steps=20000, batch_size=128, lr=1e-3, weight_decay=0.1, warmup_steps=500,
                           num_train=100_000, num_val=1000, num_test=3000, eval_every=500, target_acc=0.99)),
 }
 
 
 def recall_grid(models: Sequence[str], preset: RecallPreset) -> list:
-    """The cases of ``preset`` for ``models``, deduplicated, in a fixed order (task, then model).
-
-    Task points whose pairs do not fit the length are left out (they are not bad input: a grid
-    such as seq 64 x pairs 32 simply has no such point).
-    """
+    """The cases of ``preset`` for ``models``, deduplicated, in a fixed order (task, then model)."""
     names = [resolve_model(m).name for m in models]
-    points = []
-    for n in preset.seq_lens:
-        for P in preset.num_pairs:
-            try:
-                preset.data(n, P).validate()
-            except ValueError:
-                continue
-            points.append((n, P, preset.base_hidden_dim, preset.base_size))
-    for D in preset.hidden_dims:
-        for s in preset.sizes:
-            points.append((preset.base_seq_len, preset.base_num_pairs, D, s))
-    cases = [RecallCase(m, n, P, D, s) for (n, P, D, s) in dict.fromkeys(points) for m in names]
-    return list(dict.fromkeys(cases))
+    points = [(n, P, preset.base_hidden_dim, preset.base_size) for n, P in preset.task_points()]
+    points += [(preset.base_seq_len, preset.base_num_pairs, D, sz) for D, sz in preset.state_points()]
+    return [RecallCase(m, n, P, D, sz) for (n, P, D, sz) in dict.fromkeys(points) for m in names]
 
 
 COLUMNS = (
@@ -548,44 +566,92 @@ def settings(preset: RecallPreset) -> dict:
     return asdict(preset)
 
 
+_SPLITS: dict = {}  # per process: the data of the task being trained (grids are ordered by task)
+
+
+def _splits_for(preset: RecallPreset, case: RecallCase, seed: int) -> Splits:
+    key = (preset.vocab_size, case.seq_len, case.num_pairs, preset.train, seed)
+    if key not in _SPLITS:
+        _SPLITS.clear()  # one task's data held at a time
+        _SPLITS[key] = Splits.make(preset.data(case.seq_len, case.num_pairs), preset.train, seed)
+    return _SPLITS[key]
+
+
+def _worker_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _run_in_worker(case: RecallCase, preset: RecallPreset, seed: int, device: str) -> dict:
+    return run_case(case, preset, _splits_for(preset, case, seed), seed=seed, device=device)
+
+
+def _label(case: RecallCase) -> str:
+    return f"{case.model} n={case.seq_len} P={case.num_pairs} d={case.hidden_dim} size={case.size}"
+
+
 def run_recall(cases: Sequence[RecallCase], preset: RecallPreset, output, *, seed: int = 0, device: str = "cpu",
-               run_id: str = "", resume: bool = False, progress: bool = True, console=None) -> list:
+               run_id: str = "", resume: bool = False, jobs: int = 1, progress: bool = True, console=None) -> list:
     """Run every case (skipping those already in ``output`` with ``resume``); return all rows.
 
-    Every model sees the same train/val/test sets for a given (seq_len, num_pairs): they are
-    generated once from ``seed`` and reused.
+    Every model sees the same train/val/test sets for a given (seq_len, num_pairs): they are a
+    pure function of ``seed`` (``Splits.make``), so they are identical in every process.
+    ``jobs > 1`` trains that many cases at once in worker processes, each with the current
+    ``torch.get_num_threads()`` threads (CPU only: a GPU runs one case at a time). The CSV is
+    rewritten (temporary file + rename) after every case, in grid order.
     """
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    import multiprocessing as mp
+
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
         TimeRemainingColumn
 
-    rows = read_rows(output) if resume else []
-    done = {(r["model"], int(r["seq_len"]), int(r["num_pairs"]), int(r["hidden_dim"]), int(r["size"])) for r in rows}
-    todo = [c for c in cases if c.key() not in done]
-    split_cache: dict = {}
+    if not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be a positive integer, got {jobs!r}")
+    old = read_rows(output) if resume else []
+    by_key = {(r["model"], int(r["seq_len"]), int(r["num_pairs"]), int(r["hidden_dim"]), int(r["size"])): r
+              for r in old}
+    todo = [c for c in cases if c.key() not in by_key]
+    order = {c.key(): i for i, c in enumerate(cases)}
+
+    def record(case: RecallCase, row: dict) -> None:
+        row["run_id"] = run_id
+        by_key[case.key()] = row
+        write_rows(output, sorted(by_key.values(), key=lambda r: order.get(
+            (r["model"], int(r["seq_len"]), int(r["num_pairs"]), int(r["hidden_dim"]), int(r["size"])), len(order))))
+
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TimeRemainingColumn(), console=console, disable=not progress, transient=False) as bar:
         overall = bar.add_task("recall sweep", total=len(todo))
-        inner = bar.add_task("", total=preset.train.max_steps)
-        for case in todo:
-            key = (case.seq_len, case.num_pairs)
-            if key not in split_cache:
-                split_cache.clear()  # grids are ordered by task: one task's data held at a time
-                split_cache[key] = Splits.make(preset.data(*key), preset.train, seed)
-            label = f"{case.model} n={case.seq_len} P={case.num_pairs} d={case.hidden_dim} size={case.size}"
-            bar.reset(inner, total=preset.train.max_steps, description=label)
-            state = {"acc": 0.0}
+        if jobs == 1 or device != "cpu":
+            inner = bar.add_task("", total=preset.train.max_steps)
+            for case in todo:
+                label = _label(case)
+                bar.reset(inner, total=preset.train.max_steps, description=label)
+                state = {"acc": 0.0}
 
-            def on_step(step, loss, acc, _label=label):
-                if acc is not None:
-                    state["acc"] = acc
-                bar.update(inner, completed=step, description=f"{_label} loss {loss:.3f} val acc {state['acc']:.3f}")
+                def on_step(step, loss, acc, _label=label):
+                    if acc is not None:
+                        state["acc"] = acc
+                    bar.update(inner, completed=step,
+                               description=f"{_label} loss {loss:.3f} val acc {state['acc']:.3f}")
 
-            row = run_case(case, preset, split_cache[key], seed=seed, device=device, on_step=on_step)
-            row["run_id"] = run_id
-            rows.append(row)
-            write_rows(output, rows)
-            bar.advance(overall)
-    return rows
+                record(case, run_case(case, preset, _splits_for(preset, case, seed), seed=seed, device=device,
+                                      on_step=on_step))
+                bar.advance(overall)
+        else:
+            # spawn, not fork: a forked child would inherit the parent's OpenMP state
+            with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                                     initargs=(torch.get_num_threads(),)) as pool:
+                running = {pool.submit(_run_in_worker, c, preset, seed, device): c for c in todo}
+                while running:
+                    finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                    for fut in finished:
+                        case = running.pop(fut)
+                        row = fut.result()
+                        record(case, row)
+                        acc = f"{float(row['test_acc']):.3f}" if row["status"] == "ok" else row["status"]
+                        bar.update(overall, advance=1, description=f"recall sweep (last: {_label(case)} -> {acc})")
+    return [by_key[c.key()] for c in cases if c.key() in by_key] + [r for k, r in by_key.items() if k not in order]
 
 
 # ----------------------------------------------------------------------------- reading a run
@@ -611,7 +677,8 @@ def plot_run(rows: list, preset: RecallPreset, out_dir, stem: str = "recall") ->
     for c in ("test_acc", "state_bytes"):
         df[c] = pd.to_numeric(df[c], errors="coerce")
     target = preset.train.target_acc
-    return (plots.plot_recall_task(task_rows(df, preset), out_dir, target=target, stem=stem)
+    return (plots.plot_recall_task(task_rows(df, preset), out_dir, preset.base_seq_len, preset.base_num_pairs,
+                                   target=target, stem=stem)
             + plots.plot_recall_state(state_rows(df, preset), out_dir, target=target, stem=stem))
 
 

@@ -145,16 +145,21 @@ def test_untrained_model_is_at_chance():
 # ----------------------------------------------------------------------------- sweep
 
 
-def test_grid_skips_points_that_do_not_fit_and_deduplicates():
+def test_grid_axes_and_cross_product():
     p = PRESETS["quick"].with_(seq_lens=(16, 64), num_pairs=(4, 8), base_seq_len=64, base_num_pairs=8,
-                               hidden_dims=(32, 64), sizes=(16,), base_hidden_dim=64, base_size=16)
+                               hidden_dims=(32, 64), sizes=(8, 16), base_hidden_dim=64, base_size=16)
     cases = recall_grid(["standard", "BSBR"], p)
     keys = [c.key() for c in cases]
-    assert len(keys) == len(set(keys))
-    assert (16, 8) not in {(c.seq_len, c.num_pairs) for c in cases}, "8 pairs need 24 tokens"
-    assert {c.model for c in cases} == {"Standard", "BSBR"}
-    # 3 task points (16x4, 64x4, 64x8) + 1 new state point (d=32) = 4 configurations per model
-    assert len(cases) == 2 * 4
+    assert len(keys) == len(set(keys)) and {c.model for c in cases} == {"Standard", "BSBR"}
+    configs = {k[1:] for k in keys}
+    # axes through the base point (64 tokens, 8 pairs, d=64, size 16); 16 tokens x 8 pairs does not fit
+    assert configs == {(64, 8, 64, 16), (64, 4, 64, 16), (64, 8, 64, 8), (64, 8, 32, 16)}
+    with pytest.raises(ValueError, match="seq_len=16 fits no requested pair count"):
+        p.check()
+    cross = {c.key()[1:] for c in recall_grid(["Standard"], p.with_(cross=True))}
+    assert {(16, 4, 64, 16), (64, 4, 64, 16), (64, 8, 32, 8)} <= cross and (16, 8, 64, 16) not in cross
+    assert len(cross) == 3 + 4 - 1  # 3 task points that fit + 4 (d, size) points, the base shared
+    p.with_(cross=True).check()  # every length and pair count takes part in some point
 
 
 def test_state_size_is_measured_from_the_cache():
@@ -180,17 +185,20 @@ def _cli(*args):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["--seq-lengths", "16", "--num-pairs", "8"], "num_pairs=8 fits none of the sequence lengths [16]: it needs seq_len >= 24"),
+    (["--seq-lengths", "16", "--num-pairs", "8"], "num_pairs=8 with 8 queries does not fit seq_len=16: need seq_len >= 2*num_pairs + num_queries = 24"),
+    (["--seq-lengths", "32", "--num-pairs", "4", "12"], "num_pairs=12 fits none of the sequence lengths it is paired with (32): it needs seq_len >= 36"),
+    (["--seq-lengths", "32", "8", "--num-pairs", "4"], "seq_len=8 fits no requested pair count"),
     (["--vocab-size", "9", "--num-pairs", "8"], "vocab_size=9 is too small for num_pairs=8"),
     (["--models", "Transformer"], "--models: unknown value 'Transformer'; valid: BSBR, Standard"),
     (["--preset", "huge"], "--preset: unknown value 'huge'; valid: quick, full"),
     (["--quick", "--preset", "full"], "--quick conflicts with --preset full"),
     (["--num-pairs", "0"], "--num-pairs: '0' is not a positive integer"),
-    (["--hidden-dims", "30"], "hidden_dim (30) must be divisible by num_heads (2)"),
+    (["--hidden-dims", "63"], "hidden_dim (63) must be divisible by num_heads (2)"),
     (["--target-acc", "1.5"], "--target-acc must lie in (0, 1]"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(args, needle, tmp_path):
-    res = _cli(*args, "--output-dir", str(tmp_path / "out"))
+    # --max-steps 1 --models Standard: should a case slip through, it costs a second, not a sweep
+    res = _cli("--max-steps", "1", "--models", "Standard", *args, "--output-dir", str(tmp_path / "out"))
     assert res.exit_code == 2, res.output
     lines = [l for l in res.output.splitlines() if l.strip()]
     assert len(lines) == 1 and needle in lines[0], res.output
@@ -215,7 +223,7 @@ def test_cli_tiny_run_writes_csv_sidecar_and_figures(tmp_path):
     side = json.loads((out / "recall.json").read_text())
     for k in ("torch_version", "cpu_model", "git_sha", "command", "utc_start", "utc_end", "settings"):
         assert k in side
-    assert (out / "recall_vs_length.png").stat().st_size > 0 and (out / "recall_vs_state.png").stat().st_size > 0
+    assert (out / "recall_vs_task.png").stat().st_size > 0 and (out / "recall_vs_state.png").stat().st_size > 0
     # --resume keeps the rows and trains nothing new
     res = _cli("--models", "Standard", "Linear", "--seq-lengths", "12,16", "--num-pairs", "2", "--hidden-dims", "16",
                "--sizes", "4", "8", "--vocab-size", "17", "--max-steps", "3", "--batch-size", "8",
