@@ -287,16 +287,32 @@ def plot_conversion(agree: pd.DataFrame, speed: pd.DataFrame, out_dir: Path, ste
 RECALL_ACC_LABEL = "held-out query accuracy (fraction)"
 
 
+RECALL_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+
+
+def _recall_marker(models: list, m: str) -> str:
+    # open markers, one shape per model: models with equal accuracy (Hopfield with one update
+    # step is Standard attention) stay visible on top of each other
+    return RECALL_MARKERS[models.index(m) % len(RECALL_MARKERS)]
+
+
 def _recall_lines(ax, data: pd.DataFrame, x: str, models: list, palette: dict) -> None:
     ok = data[data["status"] == "ok"].sort_values(x)
     for m in models:
         p = ok[ok["model"] == m]
         if len(p):
-            ax.plot(p[x], p["test_acc"], "-o", color=palette[m], lw=1.4, markersize=5)
+            ax.plot(p[x], p["test_acc"], "-", marker=_recall_marker(models, m), color=palette[m], lw=1.4,
+                    markersize=7, markerfacecolor="none", markeredgewidth=1.4)
     failed = data[data["status"] != "ok"]
     for _, r in failed.iterrows():  # a failed run is a marker on the floor, never an accuracy of 0
         ax.plot(r[x], 0.03, transform=ax.get_xaxis_transform(), marker=FAILURE_MARKERS.get(r["status"], "P"),
                 color=palette[r["model"]], markersize=8, linestyle="none", clip_on=False)
+
+
+def _recall_legend(fig, models: list, palette: dict, extra: list) -> None:
+    handles = [Line2D([], [], color=palette[m], marker=_recall_marker(models, m), markerfacecolor="none", label=m)
+               for m in models] + extra
+    fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 0.95), frameon=False)
 
 
 def plot_recall_task(df: pd.DataFrame, out_dir: Path, base_seq_len: int, base_num_pairs: int,
@@ -328,7 +344,7 @@ def plot_recall_task(df: pd.DataFrame, out_dir: Path, base_seq_len: int, base_nu
     extra = [Line2D([], [], color="black", ls="--", label=f"target {target:g}")]
     extra += [Line2D([], [], color="grey", marker="P", ls="none", label="error (not trained)")] \
         if (df["status"] != "ok").any() else []
-    _legend(fig, models, palette, extra)
+    _recall_legend(fig, models, palette, extra)
     return [_save(fig, Path(out_dir) / f"{stem}_vs_task.png")]
 
 
@@ -351,8 +367,8 @@ def plot_recall_state(df: pd.DataFrame, out_dir: Path, target: float = 0.99, ste
             continue
         ax.plot(p["state_kb"], p["test_acc"], "-", color=palette[m], lw=1, alpha=0.6)
         for D, q in p.groupby("hidden_dim"):
-            ax.plot(q["state_kb"], q["test_acc"], linestyle="none", color=palette[m],
-                    marker="o" if D == d["hidden_dim"].max() else "s", markersize=6)
+            ax.plot(q["state_kb"], q["test_acc"], linestyle="none", color=palette[m], marker=_recall_marker(models, m),
+                    markersize=8 if D == d["hidden_dim"].max() else 5, markerfacecolor="none", markeredgewidth=1.4)
     ax.axhline(target, color="black", lw=0.8, ls="--")
     ax.set(xscale="log", ylim=(-0.02, 1.02), xlabel="decoding state after one sequence (KiB, measured cache)",
            ylabel=RECALL_ACC_LABEL)
@@ -361,9 +377,8 @@ def plot_recall_state(df: pd.DataFrame, out_dir: Path, target: float = 0.99, ste
     r = df.iloc[0]
     ax.set_title(f"MQAR recall vs state size (n={_i(r['seq_len'])}, {_i(r['num_pairs'])} pairs)")
     widths = sorted(d["hidden_dim"].unique())
-    extra = [Line2D([], [], color="grey", ls="none", marker="o" if D == max(widths) else "s", label=f"d={_i(D)}")
-             for D in widths] if len(widths) == 2 else [Line2D([], [], color="grey", marker="o", ls="none",
-                                                                 label="d=" + "/".join(_i(D) for D in widths))]
+    extra = [Line2D([], [], color="grey", ls="none", marker="o", markerfacecolor="none",
+                    markersize=8 if D == max(widths) else 5, label=f"d={_i(D)}") for D in widths]
     extra.append(Line2D([], [], color="black", ls="--", label=f"target {target:g}"))
-    _legend(fig, models, palette, extra)
+    _recall_legend(fig, models, palette, extra)
     return [_save(fig, Path(out_dir) / f"{stem}_vs_state.png")]

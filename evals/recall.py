@@ -695,7 +695,7 @@ def summary_table(rows: list, preset: RecallPreset):
     configs = list(dict.fromkeys(df["config"]))
     table = Table(title=f"MQAR held-out accuracy (%), vocab {preset.vocab_size}; "
                         f"n=length P=pairs d=width s=chunk/window")
-    table.add_column("model")
+    table.add_column("model", no_wrap=True, min_width=13)
     for c in configs:
         table.add_column(c, justify="right")
     for m in model_order(df["model"]):
