@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from bsbr.shell import merge_heads
-from bsbr_extras.deltanet import DeltaNetAttention, DeltaNetModel, delta_rule_chunkwise, delta_rule_recurrent
+from bsbr_extras.deltanet import (DeltaNetAttention, DeltaNetModel, delta_rule_chunkwise, delta_rule_recurrent,
+                                  unit_lower_inverse)
 from tests.conftest import rel_err
 from tests.reference_linear import delta_rule_ref
 
@@ -36,6 +37,26 @@ def test_chunkwise_matches_oracle(n, chunk, masked):
     assert out.dtype == torch.float32
     ref = delta_rule_ref(*(t.double() for t in (q, k, v, beta)), mask)
     assert rel_err(out, ref) <= TOL
+
+
+@pytest.mark.parametrize("c", [1, 2, 3, 4, 7, 8, 29, 64])
+def test_unit_lower_inverse_is_the_inverse(c):
+    A = 0.3 * torch.randn(5, c, c, dtype=torch.float64)  # the upper triangle is garbage and must be ignored
+    M = torch.eye(c, dtype=torch.float64) + A.tril(-1)
+    assert rel_err(unit_lower_inverse(A), torch.linalg.inv(M)) <= 1e-12
+
+
+def test_correlated_keys_stay_accurate():
+    # Nearly repeated keys with beta = 1 make (I + strict_tril(beta K K^T)) far from the identity:
+    # the hardest case for the UT transform in fp32.
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(2, 3, 1, 8, generator=g)
+    k = F.normalize(base + 0.05 * torch.randn(2, 3, 64, 8, generator=g), dim=-1)
+    q = F.normalize(torch.randn(2, 3, 64, 8, generator=g), dim=-1)
+    v = torch.randn(2, 3, 64, 8, generator=g)
+    beta = torch.ones(2, 3, 64)
+    out = delta_rule_chunkwise(q, k, v, beta, 64)
+    assert rel_err(out, delta_rule_ref(q.double(), k.double(), v.double(), beta.double())) <= TOL
 
 
 def test_gradients_match_oracle():
