@@ -14,15 +14,15 @@ Mixed-chunk attention (FLASH, s.3.2), chunks of ``c`` tokens at absolute positio
 
 * quadratic inside a chunk:  ``relu(Q_quad K_quad^T / c)^2``, causal (diagonal kept);
 * linear across chunks: every token of chunk ``i`` reads ``Q_lin S_i`` with
-  ``S_i = sum_{j < i} K_lin_j^T V_j / c``, an exclusive prefix sum (``cumsum``) of one
-  ``s x e`` state per chunk; never recomputed per pair.
+  ``S_i = sum_{j < i} K_lin_j^T V_j / c``, an exclusive prefix sum of one ``s x e`` state per
+  chunk (``exclusive_prefix_sum``); never recomputed per pair.
 
-Cost ``O(n c (s + e) + n s e)``. Choices the paper leaves open, stated here: the linear term is
-scaled by ``1/c`` like the quadratic one (so the state does not depend on ``n``); there is no
-relative-position bias (the shared shell adds sinusoidal positions); ``gamma ~ N(0, 0.02)`` and
-``beta = 0`` at init, as in the paper's pseudo-code. The shell wraps this unit in its standard
-pre-norm block, so a feed-forward layer follows it (the paper stacks GAUs *instead* of
-attention + FFN; here GAU is only the token mixer, like every other architecture).
+Cost ``O(n c (s + e) + n s e)``. Departures and choices, stated here: the linear term is scaled by
+``1/c`` like the quadratic one (so the state does not depend on ``n``); the paper's relative-position
+bias is left out (the shared shell adds sinusoidal positions to the input); the per-dimension
+scales start small (``gamma ~ N(0, 0.02^2)``) and the offsets at ``beta = 0``. The shell wraps this
+unit in its standard pre-norm block, so a feed-forward layer follows it (the paper stacks GAUs
+*instead of* attention + FFN; here GAU is only the token mixer, like every other architecture).
 
 Decoding keeps the open chunk's ``K_quad, K_lin, V`` (fewer than ``c`` rows) and ``S``: a step
 costs ``O(c (s + e) + s e)``.
