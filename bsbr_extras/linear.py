@@ -14,8 +14,8 @@ The state is a full ``d x d`` matrix, so the output varies across the head dimen
 Two forms that give the same numbers:
 
 * ``linear_attention``: chunkwise parallel. Inside a chunk, a causally masked ``c x c`` product;
-  across chunks, an exclusive ``cumsum`` over per-chunk states (no Python loop over chunks or
-  tokens). Cost per head ``O(n c d + n d^2)``.
+  across chunks, an exclusive prefix sum over per-chunk states (``exclusive_prefix_sum``; no
+  Python loop over chunks or tokens). Cost per head ``O(n c d + n d^2)``.
 * ``linear_attention_step``: the recurrence for one token, ``O(d^2)``; the decoding cache keeps
   ``(S, z)``.
 
