@@ -115,9 +115,18 @@ def make_mqar(cfg: MQARConfig, num_examples: int, seed: int) -> tuple:
     cfg.validate()
     if not isinstance(num_examples, int) or num_examples <= 0:
         raise ValueError(f"num_examples must be a positive integer, got {num_examples!r}")
-    b, n, P, Q = num_examples, cfg.seq_len, cfg.num_pairs, cfg.queries
-    R = n - 2 * P
     g = torch.Generator().manual_seed(int(seed))
+    # rows are drawn in blocks so that a large vocabulary (the draw below is O(b * V)) never
+    # needs more than ~16 MB of scratch; the block size depends only on cfg, so the result is
+    # still a pure function of (cfg, num_examples, seed)
+    rows = max(1, 2 ** 22 // max(cfg.vocab_size, cfg.seq_len))
+    parts = [_mqar_block(cfg, min(rows, num_examples - i), g) for i in range(0, num_examples, rows)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def _mqar_block(cfg: MQARConfig, b: int, g: torch.Generator) -> tuple:
+    n, P, Q = cfg.seq_len, cfg.num_pairs, cfg.queries
+    R = n - 2 * P
     k_lo, k_hi = cfg.key_range
     v_lo, v_hi = cfg.value_range
 
@@ -477,7 +486,7 @@ PRESETS: dict = {
     # CPU, all seven models in < 15 min on a 2-core machine: a small model and short sequences.
     "quick": RecallPreset(
         vocab_size=32, seq_lens=(32, 64), num_pairs=(4, 8), base_seq_len=32, base_num_pairs=4,
-        hidden_dims=(64,), sizes=(4, 8, 16), base_hidden_dim=64, base_size=8,
+        hidden_dims=(32, 64), sizes=(4, 8, 16), base_hidden_dim=64, base_size=8,
         num_layers=2, num_heads=2, ff_mult=2, qk_dim=32, jobs=2,
         train=TrainConfig(max_steps=600, batch_size=64, lr=3e-3, weight_decay=0.0, warmup_steps=30,
                           num_train=8192, num_val=256, num_test=1024, eval_every=50, target_acc=0.99)),
@@ -486,9 +495,8 @@ PRESETS: dict = {
         vocab_size=8192, seq_lens=(64, 128, 256, 512), num_pairs=(4, 8, 16, 32, 64), base_seq_len=256,
         base_num_pairs=16, hidden_dims=(64, 128, 256), sizes=(16, 32, 64, 128), base_hidden_dim=128,
         base_size=32, num_layers=2, num_heads=2, ff_mult=2, qk_dim=128,
-        cross=True,
-        train=TrainConfig(max_steps=20000, batch_size=128, lr=1e-3, weight_decay=0.1, warmup_steps=500,
-                          num_train=100_000, num_val=1000, num_test=3000, eval_every=500, target_acc=0.99)),
+        train=TrainConfig(max_steps=8000, batch_size=128, lr=1e-3, weight_decay=0.1, warmup_steps=300,
+                          num_train=100_000, num_val=1000, num_test=3000, eval_every=250, target_acc=0.99)),
 }
 
 

@@ -230,3 +230,9 @@ def test_cli_tiny_run_writes_csv_sidecar_and_figures(tmp_path):
                "--output-dir", str(out), "--resume")
     assert res.exit_code == 0, res.output
     assert pd.read_csv(out / "recall.csv").equals(df)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_cli_cuda_without_gpu_exits_2(tmp_path):
+    res = _cli("--device", "cuda", "--max-steps", "1", "--models", "Standard", "--output-dir", str(tmp_path / "o"))
+    assert res.exit_code == 2 and "CUDA is not available on this machine; valid: cpu" in res.output
