@@ -33,6 +33,7 @@ Axis legend:  b batch   h heads   n tokens   C chunks   c chunk size   d head si
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -96,6 +97,47 @@ def unit_lower_inverse(A: torch.Tensor) -> torch.Tensor:
 
 
 
+def affine_scan(P: torch.Tensor, H: torch.Tensor, S0: torch.Tensor) -> tuple:
+    """States of ``S_{i+1} = P_i S_i + H_i`` before every step, and the state after the last.
+
+    P (B, C, d, d), H (B, C, d, e), S0 (B, d, e) -> (states (B, C, d, e), S_C (B, d, e)).
+
+    Two levels of about ``sqrt(C)`` sequential steps instead of ``C``: inside groups of ``g``
+    steps the partial maps ``S -> M_j S + N_j`` are composed for all groups at once; then the
+    groups' start states are chained; then every state is one batched product. It costs three
+    times the FLOPs of the plain loop, but with 2 threads on a loaded machine every small product
+    pays a thread wake-up (we measured 256 (8 x 64 x 64) products take 1.6 s with 2 threads vs
+    14 ms with 1), so fewer, larger steps are what keeps the sequential pass cheap.
+    """
+    B, C, d, _ = P.shape
+    e = H.shape[-1]
+    g = math.isqrt(C - 1) + 1                                         # steps per group
+    G = -(-C // g)                                                    # groups
+    if G * g != C:  # identity steps change nothing
+        P = torch.cat([P, torch.eye(d, dtype=P.dtype, device=P.device).expand(B, G * g - C, d, d)], dim=1)
+        H = F.pad(H, (0, 0, 0, 0, 0, G * g - C))
+    BG = B * G
+    # 1. inside every group at once: M_{j+1} = P_j M_j, N_{j+1} = P_j N_j + H_j, from (I, 0)
+    Ps = [t.reshape(BG, d, d) for t in P.view(B, G, g, d, d).unbind(2)]  # g x (BG, d, d)
+    Hs = [t.reshape(BG, d, e) for t in H.view(B, G, g, d, e).unbind(2)]  # g x (BG, d, e)
+    M = [torch.eye(d, dtype=P.dtype, device=P.device).expand(BG, d, d), Ps[0]]
+    N = [H.new_zeros(BG, d, e), Hs[0]]
+    for j in range(1, g):
+        M.append(Ps[j] @ M[-1])
+        N.append(torch.baddbmm(Hs[j], Ps[j], N[-1]))
+    # 2. chain the groups: each group's whole map is (M_g, N_g)
+    S, starts = S0, []
+    for M_t, N_t in zip(M[g].view(B, G, d, d).unbind(1), N[g].view(B, G, d, e).unbind(1)):
+        starts.append(S)
+        S = torch.baddbmm(N_t, M_t, S)                                # (B, d, e)
+    starts = torch.stack(starts, dim=1).view(BG, d, e)                # (BG, d, e)
+    # 3. every state from its group's start: states[t, j] = M_j S_t + N_j, one product per group
+    Mj = torch.stack(M[:g], dim=1).view(BG, g * d, d)                 # (BG, g*d, d)
+    Nj = torch.stack(N[:g], dim=1).view(BG, g * d, e)                 # (BG, g*d, e)
+    states = torch.baddbmm(Nj, Mj, starts).view(B, G * g, d, e)[:, :C]  # (B, C, d, e)
+    return states, S
+
+
 def delta_rule_chunkwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
                          chunk_size: int, mask: Optional[torch.Tensor] = None, *,
                          initial_state: Optional[torch.Tensor] = None, output_final_state: bool = False):
@@ -143,17 +185,13 @@ def delta_rule_chunkwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta
 
     # Across chunks S_{i+1} = S_i + K_i^T (U_i - W_i S_i) = P_i S_i + H_i, an affine map whose
     # P_i = I - K_i^T W_i and H_i = K_i^T U_i come from one product batched over all chunks. The
-    # only sequential part (as in the paper's algorithm) is one fused (d x d) @ (d x dv) per chunk.
+    # sequential part (as in the paper's algorithm) is this recurrence, in ~2 sqrt(C) steps.
     KWU = (kT @ WU).view(B, C, d, d + dv)                             # (B, C, d, d + dv): [K^T W | K^T U]
     P = torch.eye(d, dtype=q.dtype, device=q.device) - KWU[..., :d]   # (B, C, d, d)
     H = KWU[..., d:]                                                  # (B, C, d, dv)
-    S = initial_state.reshape(B, d, dv) if exists(initial_state) else q.new_zeros(B, d, dv)
-    states = []
-    # unbind, not P[:, i]: indexing would make backward zero-fill a full-size gradient per chunk
-    for P_i, H_i in zip(P.unbind(1), H.unbind(1)):
-        states.append(S)
-        S = torch.baddbmm(H_i, P_i, S)                                # (B, d, dv)
-    states = torch.stack(states, dim=1).view(BC, d, dv)               # (BC, d, dv): S before each chunk
+    S0 = initial_state.reshape(B, d, dv) if exists(initial_state) else q.new_zeros(B, d, dv)
+    states, S = affine_scan(P, H, S0)                                 # (B, C, d, dv): S before each chunk
+    states = states.reshape(BC, d, dv)
     pseudo_v = torch.baddbmm(U, W, states, alpha=-1)                  # (BC, c, dv): U~ = U - W S
 
     qv = q.reshape(BC, c, d)

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from bsbr.shell import merge_heads
-from bsbr_extras.deltanet import (DeltaNetAttention, DeltaNetModel, delta_rule_chunkwise, delta_rule_recurrent,
-                                  unit_lower_inverse)
+from bsbr_extras.deltanet import (DeltaNetAttention, DeltaNetModel, affine_scan, delta_rule_chunkwise,
+                                  delta_rule_recurrent, unit_lower_inverse)
 from tests.conftest import rel_err
 from tests.reference_linear import delta_rule_ref
 
@@ -44,6 +44,18 @@ def test_unit_lower_inverse_is_the_inverse(c):
     A = 0.3 * torch.randn(5, c, c, dtype=torch.float64)  # the upper triangle is garbage and must be ignored
     M = torch.eye(c, dtype=torch.float64) + A.tril(-1)
     assert rel_err(unit_lower_inverse(A), torch.linalg.inv(M)) <= 1e-12
+
+
+@pytest.mark.parametrize("C", [1, 2, 3, 4, 10, 17])
+def test_affine_scan_matches_a_plain_loop(C):
+    P = 0.3 * torch.randn(2, C, 4, 4, dtype=torch.float64)
+    H = torch.randn(2, C, 4, 3, dtype=torch.float64)
+    S = torch.randn(2, 4, 3, dtype=torch.float64)
+    states, final = affine_scan(P, H, S)
+    for i in range(C):
+        assert torch.allclose(states[:, i], S, atol=1e-12, rtol=0)
+        S = P[:, i] @ S + H[:, i]
+    assert torch.allclose(final, S, atol=1e-12, rtol=0)
 
 
 def test_correlated_keys_stay_accurate():
