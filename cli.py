@@ -466,7 +466,8 @@ def recall(
     lr: _Annotated[_Optional[float], typer.Option(help="Peak AdamW learning rate. Default: the preset's.",
                    show_default=False)] = None,
     target_acc: _Annotated[_Optional[float], typer.Option(help="Stop training once validation accuracy "
-                           "reaches this. Default: 0.99.", show_default=False)] = None,
+                           "reaches this. Default: the preset's (quick 0.995, full 0.99).",
+                           show_default=False)] = None,
     device: _Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     threads: _Annotated[int, typer.Option(help="CPU threads per training process (pinned and recorded; 1 is "
                         "fastest for these small models).")] = 1,
