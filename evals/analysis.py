@@ -212,7 +212,9 @@ def loglog_slope(n: np.ndarray, y: np.ndarray) -> dict:
     out.update(slope=r.slope, intercept=r.intercept)
     dof = len(n) - 2
     if dof >= 1:
-        half = stats.t.ppf(0.975, dof) * r.stderr
+        # a constant y (e.g. a fixed-size decode cache) makes linregress's stderr NaN; the fit is exact
+        se = 0.0 if np.ptp(np.log(y)) == 0 else r.stderr
+        half = stats.t.ppf(0.975, dof) * se
         out.update(slope_ci_low=r.slope - half, slope_ci_high=r.slope + half)
     return out
 
