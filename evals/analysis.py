@@ -21,9 +21,10 @@ What is computed, following design/evaluation.md ("Analysis"):
   non-negative (Lawson & Hanson's NNLS, ``scipy.optimize.nnls``) and fitted on *relative*
   residuals ``(y - y_hat) / y``, i.e. least squares weighted by 1/y, so that the long lengths
   do not drown the short ones. Classes are ranked by the small-sample corrected Akaike criterion
-  (AICc; Hurvich & Tsai, 1989; Burnham & Anderson, 2002), counting the residual variance as a
-  parameter: ``AICc = m ln(RSS/m) + 2K + 2K(K+1)/(m-K-1)`` with ``K = p + 1``; a class needs
-  ``m > K + 1`` points to be ranked at all.
+  (AICc; Hurvich & Tsai, 1989; Burnham & Anderson, 2002):
+  ``AICc = m ln(RSS/m) + 2K + 2K(K+1)/(m-K-1)`` with ``K = p`` (see ``aicc`` for why not p + 1);
+  a class needs ``m > K + 1`` points to be ranked at all. Of the classes within 2 of the lowest
+  AICc, the one with the fewest coefficients is chosen.
 * **Underdetermined**: fewer than 5 distinct lengths, or a span max/min under 8x, and the fit
   says so instead of naming a class.
 * **Relative figures** against ``Standard`` (Vaswani et al., 2017) at equal configuration and
@@ -259,8 +260,14 @@ def fit_class(cls: str, n: np.ndarray, y: np.ndarray) -> tuple:
 
 
 def aicc(rss: float, m: int, p: int) -> float:
-    """AICc of a least-squares fit with p coefficients (+1 for the variance); inf when m <= K + 1."""
-    K = p + 1
+    """AICc of a least-squares fit with K = p coefficients; inf when m <= K + 1 (not rankable).
+
+    K counts the coefficients only. Counting the residual variance as well (K = p + 1) is the
+    textbook convention, but at the 5 lengths of the default sweep its small-sample term
+    (2K(K+1)/(m-K-1): 6 for ``1`` vs 24 for ``n``) lets nothing but the constant win unless the
+    fit is near-perfect, which on a noisy 2-core machine picked ``1`` for clearly growing times.
+    """
+    K = p
     if m <= K + 1:
         return math.inf
     # floor: an exact fit (synthetic, noise-free data) would give log(0); the penalty then decides
@@ -300,11 +307,15 @@ def fit_one(n: np.ndarray, y: np.ndarray) -> dict:
                    note=f"{k} length(s) spanning {span:.3g}x; need >= {MIN_LENGTHS} spanning >= {MIN_SPAN:g}x")
         return row
     ranked = sorted((s[0], CLASSES.index(cls), cls) for cls, s in scores.items() if np.isfinite(s[0]))
-    best = ranked[0][2]
+    # parsimony: of the classes within 2 AICc of the minimum (equally supported, Burnham & Anderson),
+    # take the one with the fewest coefficients, so a nested extra term (n + n^2 over n) must earn its place
+    close = [r for r in ranked if r[0] - ranked[0][0] < 2]
+    best = min(close, key=lambda r: (len(_COEF_NAMES[r[2]]), r[0]))[2]
+    others = [r for r in ranked if r[2] != best]
     c, rss = scores[best][1], scores[best][2]
     row.update(dict(zip(_COEF_NAMES[best], c)))
-    row.update(best_class=best, runner_up=ranked[1][2] if len(ranked) > 1 else "",
-               delta_aicc=ranked[1][0] - ranked[0][0] if len(ranked) > 1 else np.nan,
+    row.update(best_class=best, runner_up=others[0][2] if others else "",
+               delta_aicc=others[0][0] - scores[best][0] if others else np.nan,
                rel_rmse=math.sqrt(rss / len(n)), note="")
     if row["delta_aicc"] < 2:
         row["note"] = f"{best} and {row['runner_up']} are within 2 AICc: not clearly distinguished"

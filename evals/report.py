@@ -170,8 +170,9 @@ METHOD_TEXT = f"""\
   flattens the curve. A slope of 1 is linear growth, 2 quadratic.
 - **best class**: each of {", ".join(f"`{c}`" for c in CLASSES)} plus a constant overhead
   term, fitted with non-negative coefficients (NNLS) on relative residuals (y - ŷ)/y, and ranked
-  by AICc. *ΔAICc to next* is the margin over the runner-up; under 2 means the data do not
-  clearly tell the two apart. A class with p coefficients is ranked only with at least p + 3 points.
+  by AICc; of the classes within 2 of the lowest AICc the one with the fewest coefficients is
+  chosen. *ΔAICc to next* is AICc(runner-up) - AICc(chosen); under 2 means the data do not
+  clearly tell the two apart. A class with p coefficients is ranked only with at least p + 2 points.
 - **{UNDERDETERMINED}**: fewer than {MIN_LENGTHS} distinct lengths or a span under
   {MIN_SPAN:g}x; the dotted line in the figures is then the power law, not a class.
 - Only rows with status `ok` enter fits, ratios and figures; `oom` / `error` / `skipped` rows

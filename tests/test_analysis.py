@@ -334,3 +334,12 @@ def test_one_figure_per_level_and_fits_per_level(tmp_path):
     assert len(fits) == 2 * 2 * len(MODELS) and set(fits.level) == {"model", "op"}
     names = [p.name for p in plots.plot_scaling(df, fits, tmp_path)]
     assert names == ["time_ms_model.png", "time_ms_op.png", "peak_memory_mb_model.png", "peak_memory_mb_op.png"]
+
+
+def test_five_lengths_of_a_growing_time_are_not_called_constant():
+    # The default sweep has 5 lengths. With the variance counted in K, AICc's small-sample term let
+    # only the constant win there, even for times growing 25x over the range.
+    n = np.array([64, 128, 256, 512, 1024], float)
+    for seed in range(5):
+        r = fit_one(n, noisy(lambda n: 0.5 + 0.013 * n, n, seed, noise=0.1))
+        assert r["best_class"] in ("n", "n log n"), (seed, r["best_class"])
