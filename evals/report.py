@@ -118,7 +118,8 @@ def _measured_summary(rows: pd.DataFrame) -> list:
         f"- **sequence lengths**: {lengths}",
         f"- **shape**: batch {u('batch_size')}, hidden {u('hidden_dim')}, layers {u('num_layers')}, "
         f"heads {u('num_heads')}, chunk {u('chunk_size')}",
-        f"- **rows**: {len(rows)} ({status}); **repeats** per timing: {u('repeats')}",
+        f"- **rows**: {len(rows)} ({status}); **timed samples** per configuration: "
+        f"{_num(rows['repeats'].min())}–{_num(rows['repeats'].max())}",
         f"- **timer**: {u('timer')}; **memory method**: {u('memory_method')}",
         f"- **runs**: {u('run_id')}",
     ]
