@@ -201,7 +201,10 @@ class GatedAttentionUnit(nn.Module):
         """Continue the cached sequence: first fill the open chunk, then whole chunks from a boundary."""
         c, r, m = self.chunk_size, cache.v.shape[1], v.shape[1]
         quad_k, lin_k = _mask_keys(quad_k, lin_k, mask)
-        head = min(m, (c - r) % c)  # tokens that land in the open chunk (0 at a boundary)
+        # tokens that land in the open chunk (at a boundary: the chunk they open). Routing them
+        # through the step form keeps a one-token step O(c (s + e) + s e): the mixed-chunk op
+        # would pad it to a whole chunk and pay O(c s e).
+        head = min(m, c - r)
         outs = []
         if head:
             o, keys, vals = gau_continue_chunk(quad_q[:, :head], quad_k[:, :head], lin_q[:, :head], v[:, :head],

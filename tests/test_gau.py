@@ -123,6 +123,24 @@ def test_cache_streams_any_split():
             assert rel_err(torch.cat(pieces, dim=1), full) <= 1e-12
 
 
+def test_decode_step_at_a_chunk_boundary_is_not_a_whole_chunk():
+    # A one-token step that opens a new chunk must cost like any other step, O(c (s + e) + s e),
+    # not like the mixed-chunk op on a zero-padded chunk, O(c^2 (s + e) + c s e).
+    from torch.utils.flop_counter import FlopCounterMode
+    unit = GatedAttentionUnit(16, chunk_size=16, expansion_factor=4, qk_dim=16).eval()
+    x = torch.randn(1, 41, 16)
+
+    def step_flops(prefix):
+        cache = unit.init_cache(1)
+        with torch.no_grad():
+            unit(x[:, :prefix], cache=cache)
+            with FlopCounterMode(display=False) as fc:
+                unit(x[:, prefix:prefix + 1], cache=cache)
+        return fc.get_total_flops()
+
+    assert step_flops(32) <= step_flops(40)  # boundary (open chunk empty) vs 8 tokens into a chunk
+
+
 def test_num_heads_is_ignored():
     outs = []
     for h in (1, 3, 7):  # 3 and 7 do not even divide hidden_dim: GAU is single-head
