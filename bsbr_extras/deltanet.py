@@ -118,11 +118,10 @@ def affine_scan(P: torch.Tensor, H: torch.Tensor, S0: torch.Tensor) -> tuple:
         P = torch.cat([P, torch.eye(d, dtype=P.dtype, device=P.device).expand(B, G * g - C, d, d)], dim=1)
         H = F.pad(H, (0, 0, 0, 0, 0, G * g - C))
     BG = B * G
-    # 1. inside every group at once: M_{j+1} = P_j M_j, N_{j+1} = P_j N_j + H_j, from (I, 0)
+    # 1. inside every group at once: M_{j+1} = P_j M_j, N_{j+1} = P_j N_j + H_j, from (M_0, N_0) = (I, 0)
     Ps = [t.reshape(BG, d, d) for t in P.view(B, G, g, d, d).unbind(2)]  # g x (BG, d, d)
     Hs = [t.reshape(BG, d, e) for t in H.view(B, G, g, d, e).unbind(2)]  # g x (BG, d, e)
-    M = [torch.eye(d, dtype=P.dtype, device=P.device).expand(BG, d, d), Ps[0]]
-    N = [H.new_zeros(BG, d, e), Hs[0]]
+    M, N = [None, Ps[0]], [None, Hs[0]]                              # index j: the map over steps < j
     for j in range(1, g):
         M.append(Ps[j] @ M[-1])
         N.append(torch.baddbmm(Hs[j], Ps[j], N[-1]))
@@ -132,10 +131,9 @@ def affine_scan(P: torch.Tensor, H: torch.Tensor, S0: torch.Tensor) -> tuple:
         starts.append(S)
         S = torch.baddbmm(N_t, M_t, S)                                # (B, d, e)
     starts = torch.stack(starts, dim=1).view(BG, d, e)                # (BG, d, e)
-    # 3. every state from its group's start: states[t, j] = M_j S_t + N_j, one product per group
-    Mj = torch.stack(M[:g], dim=1).view(BG, g * d, d)                 # (BG, g*d, d)
-    Nj = torch.stack(N[:g], dim=1).view(BG, g * d, e)                 # (BG, g*d, e)
-    states = torch.baddbmm(Nj, Mj, starts).view(B, G * g, d, e)[:, :C]  # (B, C, d, e)
+    # 3. every state from its group's start: states[t, j] = M_j S_t + N_j (M_0 = I, N_0 = 0)
+    states = [starts] + [torch.baddbmm(N[j], M[j], starts) for j in range(1, g)]  # g x (BG, d, e)
+    states = torch.stack(states, dim=1).view(B, G * g, d, e)[:, :C]  # (B, C, d, e)
     return states, S
 
 
