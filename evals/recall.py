@@ -1,7 +1,7 @@
 """Multi-query associative recall (MQAR): can each architecture retrieve what it saw?
 
 The task follows Arora et al. (2023), "Zoology: Measuring and Improving Recall in Efficient
-Language Models" (arXiv:2312.04927), section 3: a sequence opens with ``P`` key-value pairs, then
+Language Models" (arXiv:2312.04927): a sequence opens with ``P`` key-value pairs, then
 re-issues keys later on; at each re-issued key the model must emit the value that was paired with
 it. Keys and values come from disjoint halves of the vocabulary, and the distance between the end
 of the key-value block and a query follows a power law, so most queries are near and a few far.
@@ -14,8 +14,8 @@ This module has three jobs, in this order:
    accuracy on a disjoint test set.
 3. ``recall_grid`` / ``run_recall``: the sweep over sequence length and number of pairs, and over
    ``d_model`` and the chunk/window size, so that decoding-state size vs recall can be compared.
-   State size is *measured*: the number of elements held by the model's decoding cache after it
-   has read one whole sequence (``ModelCache.nbytes``), the same for every architecture.
+   State size is *measured*: the bytes held by the model's decoding cache after it has read one
+   whole sequence (``ModelCache.nbytes``), the same way for every architecture.
 
 Axis legend for shape comments:
     b  batch (sequences)      n  tokens per sequence      V  vocabulary
@@ -35,12 +35,12 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from evals.registry import MODEL_NAMES, ModelConfig, resolve_model
+from evals.registry import ModelConfig, resolve_model
 
 IGNORE = -100  # label of every non-query position (torch cross_entropy's ignore_index)
 FILLER = 0     # token at every position that is neither a pair nor a query
