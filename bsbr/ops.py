@@ -82,10 +82,12 @@ def _block_softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     # into baddbmm, soften in place, and fuse the retrieval read-out into the output matmul.
     B, c, L = q.shape[0], q.shape[1], k.shape[1]
     out = torch.empty(B, c, v.shape[-1], dtype=q.dtype, device=q.device)
-    tile = max(1, (1 << 21) // (c * L))
+    tile = min(B, max(1, (1 << 21) // (c * L)))
+    buf = torch.empty(tile, c, L, dtype=q.dtype, device=q.device)  # one logits buffer, reused by every tile
     for s in range(0, B, tile):
         e = min(s + tile, B)
-        logits = torch.baddbmm(bias[s:e] if per_block else bias, q[s:e], kt[s:e], alpha=scale)
+        logits = buf[:e - s]
+        torch.baddbmm(bias[s:e] if per_block else bias, q[s:e], kt[s:e], alpha=scale, out=logits)
         torch.softmax(logits, -1, out=logits)
         torch.bmm(logits, v[s:e], out=out[s:e])
         if readout is not None:
