@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Iterable
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")  # files only: no display on CI machines or cluster nodes
 
@@ -49,6 +50,29 @@ def model_palette(models: Iterable[str] = ()) -> dict:
     names = list(MODEL_NAMES) + [m for m in model_order(models) if m not in MODEL_NAMES]
     colours = sns.color_palette("tab10", max(10, len(names)))
     return {m: colours[i] for i, m in enumerate(names)}
+
+
+# Open markers, one shape per model in registry order, so that models with equal values (Hopfield with
+# one update step is Standard attention) stay visible on top of each other. The failure markers
+# (FAILURE_MARKERS) are left out so the two never read alike.
+MODEL_MARKERS = ("o", "s", "^", "D", "<", ">", "h", "p", "*", "d")
+
+
+def model_markers(models: Iterable[str] = ()) -> dict:
+    """A fixed marker per model, by registry order like ``model_palette``."""
+    names = list(MODEL_NAMES) + [m for m in model_order(models) if m not in MODEL_NAMES]
+    return {m: MODEL_MARKERS[i % len(MODEL_MARKERS)] for i, m in enumerate(names)}
+
+
+def _log_axes(ax) -> None:
+    """Log-log axes with plain tick labels (20, 50, 100 rather than 2x10^1)."""
+    ax.set(xscale="log", yscale="log")
+    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+    for axis in (ax.xaxis, ax.yaxis):
+        # 1-2-5 ticks: a run over one decade or less still gets several labels
+        axis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        axis.set_major_formatter(plain)
+        axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
 
 
 def _save(fig, path: Path) -> Path:
@@ -95,7 +119,9 @@ def _mark_failures(ax, failed: pd.DataFrame, palette: dict) -> None:
 
 
 def _legend(fig, models: list, palette: dict, extra: list) -> None:
-    handles = [Line2D([], [], color=palette[m], marker="o", label=m) for m in models] + extra
+    markers = model_markers(models)
+    handles = [Line2D([], [], color=palette[m], marker=markers[m], markerfacecolor="none", markeredgewidth=1.3,
+                      label=m) for m in models] + extra
     fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 0.95), frameon=False)
 
 
@@ -115,13 +141,15 @@ def plot_scaling(df: pd.DataFrame, fits: pd.DataFrame, out_dir: Path) -> list:
                 continue
             failed = sub[sub["status"] != "ok"]
             models = model_order(sub["model"])
+            markers = model_markers(models)
             # the fits of this metric and this configuration
             fits_here = fits[fits["metric"] == metric].merge(sub[list(CONFIG_KEYS)].drop_duplicates(), on=list(CONFIG_KEYS))
             g = _grid(sub)
             for (mode, device), ax in g.axes_dict.items():
                 pts = ok[(ok["mode"] == mode) & (ok["device"] == device)]
-                sns.scatterplot(data=pts, x="seq_len", y=metric, hue="model", hue_order=models, palette=palette,
-                                ax=ax, legend=False, s=30, zorder=3)
+                for m, p in pts.groupby("model"):
+                    ax.scatter(p["seq_len"], p[metric], marker=markers[m], s=42, facecolors="none",
+                               edgecolors=[palette[m]], linewidths=1.3, zorder=3)
                 if metric == "time_ms":
                     lo = (pts["time_ms"] - pts["time_ms_p20"]).clip(lower=0)
                     hi = (pts["time_ms_p80"] - pts["time_ms"]).clip(lower=0)
@@ -139,7 +167,7 @@ def plot_scaling(df: pd.DataFrame, fits: pd.DataFrame, out_dir: Path) -> list:
                     else:
                         ax.plot(n, evaluate_class(r.to_dict(), n), "-", color=palette[r["model"]], lw=1.3)
                 _mark_failures(ax, failed[(failed["mode"] == mode) & (failed["device"] == device)], palette)
-                ax.set(xscale="log", yscale="log")
+                _log_axes(ax)
             g.set_axis_labels(LENGTH_LABEL, METRIC_LABELS[metric])
             g.set_titles(row_template="mode: {row_name}", col_template="device: {col_name}")
             g.figure.suptitle(f"{METRIC_TITLES[metric]} vs length ({title})", y=1.02)
@@ -171,14 +199,19 @@ def plot_speedup(rel: pd.DataFrame, out_dir: Path) -> list:
                 continue
             models = model_order(sub["model"])
             g = _grid(sub)
-            g.map_dataframe(sns.lineplot, x="seq_len", y=col, hue="model", hue_order=models, palette=palette,
-                            marker="o", estimator="median", errorbar=None)
+            markers = model_markers(models)
             for (mode, device), ax in g.axes_dict.items():
                 ax.axhline(1.0, color="black", lw=0.8, ls="--")
-                v = sub.loc[(sub["mode"] == mode) & (sub["device"] == device), col].astype(float)
+                here = sub[(sub["mode"] == mode) & (sub["device"] == device)]
+                for m, p in here.groupby("model"):
+                    p = p.groupby("seq_len")[col].median()          # replicated rows: their median
+                    ax.plot(p.index, p.values, "-", marker=markers[m], color=palette[m], markerfacecolor="none",
+                            markeredgewidth=1.3, lw=1.4)
+                v = here[col].astype(float)
                 # keep 1 inside with a margin, or equal ratios would sit on a degenerate log axis
                 lo, hi = min(v.min(), 1.0) if len(v) else 1.0, max(v.max(), 1.0) if len(v) else 1.0
-                ax.set(xscale="log", yscale="log", ylim=(lo / 1.5, hi * 1.5))
+                _log_axes(ax)
+                ax.set(ylim=(lo / 1.5, hi * 1.5))
             g.set_axis_labels(LENGTH_LABEL, ylabel)
             g.set_titles(row_template="mode: {row_name}", col_template="device: {col_name}")
             g.figure.suptitle(f"{name} ({title})", y=1.02)
