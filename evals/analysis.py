@@ -75,6 +75,7 @@ MIN_LENGTHS = 5      # distinct lengths a fit needs ...
 MIN_SPAN = 8.0       # ... and the factor max/min they must span
 CLASSES: tuple = ("1", "n", "n log n", "n^2", "n + n^2")
 UNDERDETERMINED = "underdetermined"
+PAR_TOLERANCE = 0.05  # speedups within 5% of 1 at every length: on par with Standard, no crossover
 NOISY_SPREAD = 0.25  # a fit's note flags timings whose p20-p80 spread exceeds this share of the median
 
 
@@ -387,7 +388,8 @@ def crossover(rel: pd.DataFrame, reference: str = REFERENCE_MODEL) -> pd.DataFra
     ``first_faster_len`` is the shortest measured length from which every longer measured length
     has speedup > 1. ``crossover_len`` interpolates log(speedup) linearly in log(n) between that
     length and the one before it, i.e. where the speedup crosses 1. ``verdict`` says which case
-    held: faster throughout, crosses, or never faster in the measured range.
+    held: faster throughout, crosses, never faster in the measured range, or on par (every speedup
+    within ``PAR_TOLERANCE`` of 1, where a "crossing" would be timing noise).
     """
     keys = [k for k in MATCH_KEYS if k != "seq_len"]
     rows = []
@@ -398,7 +400,9 @@ def crossover(rel: pd.DataFrame, reference: str = REFERENCE_MODEL) -> pd.DataFra
         faster = s > 1
         r = dict(zip(["model", *keys], key), min_len=n[0], max_len=n[-1], speedup_at_max=s[-1],
                  first_faster_len=np.nan, crossover_len=np.nan)
-        if faster.all():
+        if (np.abs(np.log(s)) < np.log(1 + PAR_TOLERANCE)).all():
+            r.update(verdict=f"on par (within {100 * PAR_TOLERANCE:.0f}% throughout)")
+        elif faster.all():
             r.update(verdict="faster throughout", first_faster_len=n[0])
         elif not faster[-1]:
             r.update(verdict="never faster" if not faster.any() else "slower at the longest length")

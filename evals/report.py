@@ -19,8 +19,8 @@ import pandas as pd
 from rich.table import Table
 
 from evals import plots
-from evals.analysis import (CLASSES, MIN_LENGTHS, MIN_SPAN, NOISY_SPREAD, REFERENCE_MODEL, UNDERDETERMINED,
-                            Analysis, load_sidecar, model_order)
+from evals.analysis import (CLASSES, MIN_LENGTHS, MIN_SPAN, NOISY_SPREAD, PAR_TOLERANCE, REFERENCE_MODEL,
+                            UNDERDETERMINED, Analysis, load_sidecar, model_order)
 
 # Columns of the per-configuration key shown in the tables (the rest is in the report's header).
 _WHERE = ["device", "mode", "level"]
@@ -28,10 +28,10 @@ _WHERE = ["device", "mode", "level"]
 
 # ---- formatting helpers ----
 
-def _num(v, fmt: str = "{:.3g}") -> str:
+def _num(v, fmt: str = "{:.3g}", integers: bool = True) -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "–"
-    if isinstance(v, (int, np.integer)) or (isinstance(v, float) and v.is_integer() and abs(v) < 1e15):
+    if integers and (isinstance(v, (int, np.integer)) or (isinstance(v, float) and v.is_integer() and abs(v) < 1e15)):
         return f"{int(v)}"
     return fmt.format(v)
 
@@ -77,7 +77,7 @@ def pivot_by_length(rel: pd.DataFrame, col: str, fmt: str = "{:.2f}") -> pd.Data
     p = d.pivot_table(index=[*_WHERE, "seq_len"], columns="model", values=col, aggfunc="median")
     p = p[model_order(p.columns)].reset_index()
     for c in p.columns[len(_WHERE) + 1:]:
-        p[c] = p[c].map(lambda v: _num(v, fmt))
+        p[c] = p[c].map(lambda v: _num(v, fmt, integers=False))
     p["seq_len"] = p["seq_len"].map(_num)
     return p.rename(columns={"seq_len": "n"})
 
@@ -184,7 +184,8 @@ METHOD_TEXT = f"""\
 - **speedup** = t({REFERENCE_MODEL}) / t(model) at equal shape and length (> 1: faster than
   {REFERENCE_MODEL}); **memory ratio** = peak memory(model) / peak memory({REFERENCE_MODEL}).
   The *crossover* is where the speedup crosses 1 for good, interpolated in log-log between the
-  two measured lengths that bracket it."""
+  two measured lengths that bracket it; a model within {100 * PAR_TOLERANCE:.0f}% of Standard at every
+  length is *on par*, not crossing."""
 
 
 def render_markdown(an: Analysis, figures: Sequence[Path], out_dir: Path, command: Optional[str] = None) -> str:

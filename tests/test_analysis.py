@@ -343,3 +343,10 @@ def test_five_lengths_of_a_growing_time_are_not_called_constant():
     for seed in range(5):
         r = fit_one(n, noisy(lambda n: 0.5 + 0.013 * n, n, seed, noise=0.1))
         assert r["best_class"] in ("n", "n log n"), (seed, r["best_class"])
+
+
+def test_crossover_on_par_is_not_a_crossing():
+    # Hopfield with one update step is Standard: speedups 0.99 .. 1.01 must not be called a crossover
+    df = rows({"Standard": lambda n: 1e-3 * n, "Hopfield": lambda n: 1e-3 * n * (1 + 0.01 * np.cos(n))}, noise=0.0)
+    cross = analysis.crossover(analysis.relative_to_standard(df))
+    assert cross.iloc[0]["verdict"].startswith("on par") and np.isnan(cross.iloc[0]["crossover_len"])
