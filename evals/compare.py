@@ -73,7 +73,8 @@ def run_sweep(cases: Sequence[Case], output: Path | str, *, resume: bool = False
     info = read_sidecar(output) if kept else None
     info = dict(info or {}, **env)
     run_id = kept[0]["run_id"] if kept else new_run_id(env.get("git_sha"))
-    session = {"command": env["command"], "started_utc": utc_now(), "ended_utc": None,
+    session = {"command": env["command"], "git_sha": env["git_sha"], "git_dirty": env["git_dirty"],
+               "started_utc": utc_now(), "ended_utc": None,
                "threads": threads, "inject_slowdown": inject,
                "calibration_matmul_gflops": {"cpu": calibrate_matmul("cpu", threads=threads)}}
     if any(c.device.startswith("cuda") for c in cases) and torch.cuda.is_available():
