@@ -23,8 +23,9 @@ What is computed, following design/evaluation.md ("Analysis"):
   do not drown the short ones. Classes are ranked by the small-sample corrected Akaike criterion
   (AICc; Hurvich & Tsai, 1989; Burnham & Anderson, 2002):
   ``AICc = m ln(RSS/m) + 2K + 2K(K+1)/(m-K-1)`` with ``K = p`` (see ``aicc`` for why not p + 1);
-  a class needs ``m > K + 1`` points to be ranked at all. Of the classes within 2 of the lowest
-  AICc, the one with the fewest coefficients is chosen.
+  a class needs ``m > K + 1`` points to be ranked at all, and each of its growth terms must add at
+  least 5% of its fitted value at the longest length (else it is a simpler class in disguise). Of
+  the classes within 2 of the lowest AICc, the one with the fewest coefficients is chosen.
 * **Underdetermined**: fewer than 5 distinct lengths, or a span max/min under 8x, and the fit
   says so instead of naming a class.
 * **Relative figures** against ``Standard`` (Vaswani et al., 2017) at equal configuration and
@@ -74,6 +75,7 @@ MATCH_KEYS: tuple = ("device", "mode", "level", "dtype", "batch_size", "hidden_d
 MIN_LENGTHS = 5      # distinct lengths a fit needs ...
 MIN_SPAN = 8.0       # ... and the factor max/min they must span
 CLASSES: tuple = ("1", "n", "n log n", "n^2", "n + n^2")
+MATERIAL = 0.05  # a class's every growth term must add >= 5% of its fitted value at the longest length
 UNDERDETERMINED = "underdetermined"
 PAR_TOLERANCE = 0.05  # speedups within 5% of 1 at every length: on par with Standard, no crossover
 NOISY_SPREAD = 0.25  # a fit's note flags timings whose p20-p80 spread exceeds this share of the median
@@ -307,7 +309,14 @@ def fit_one(n: np.ndarray, y: np.ndarray) -> dict:
         row.update(best_class=UNDERDETERMINED, runner_up="", delta_aicc=np.nan, rel_rmse=np.nan,
                    note=f"{k} length(s) spanning {span:.3g}x; need >= {MIN_LENGTHS} spanning >= {MIN_SPAN:g}x")
         return row
-    ranked = sorted((s[0], CLASSES.index(cls), cls) for cls, s in scores.items() if np.isfinite(s[0]))
+    # materiality: a class whose growth term adds under MATERIAL of the fitted value at the longest
+    # length is its simpler nested class in disguise (c n^2 with c ~ 1e-11 on a flat decode time)
+    top = np.array([lengths.max()])
+    material = {cls: all(cj * class_basis(cls, top)[0, j] >= MATERIAL * float(class_basis(cls, top)[0] @ c)
+                         for j, cj in enumerate(c) if j > 0)
+                for cls, (_, c, _) in scores.items()}
+    ranked = sorted((s[0], CLASSES.index(cls), cls) for cls, s in scores.items()
+                    if np.isfinite(s[0]) and material[cls])
     # parsimony: of the classes within 2 AICc of the minimum (equally supported, Burnham & Anderson),
     # take the one with the fewest coefficients, so a nested extra term (n + n^2 over n) must earn its place
     close = [r for r in ranked if r[0] - ranked[0][0] < 2]

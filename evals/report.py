@@ -19,8 +19,8 @@ import pandas as pd
 from rich.table import Table
 
 from evals import plots
-from evals.analysis import (CLASSES, MIN_LENGTHS, MIN_SPAN, NOISY_SPREAD, PAR_TOLERANCE, REFERENCE_MODEL,
-                            UNDERDETERMINED, Analysis, load_sidecar, model_order)
+from evals.analysis import (CLASSES, MATERIAL, MIN_LENGTHS, MIN_SPAN, NOISY_SPREAD, PAR_TOLERANCE,
+                            REFERENCE_MODEL, UNDERDETERMINED, Analysis, load_sidecar, model_order)
 
 # Columns of the per-configuration key shown in the tables (the rest is in the report's header).
 _WHERE = ["device", "mode", "level"]
@@ -171,7 +171,8 @@ METHOD_TEXT = f"""\
   flattens the curve. A slope of 1 is linear growth, 2 quadratic.
 - **best class**: each of {", ".join(f"`{c}`" for c in CLASSES)} plus a constant overhead
   term, fitted with non-negative coefficients (NNLS) on relative residuals (y - ŷ)/y, and ranked
-  by AICc; of the classes within 2 of the lowest AICc the one with the fewest coefficients is
+  by AICc; a class whose growth term adds under {100 * MATERIAL:.0f}% of its fit at the longest length
+  is not ranked (flat decode times are `1`, not `n^2` with a 1e-11 coefficient); of the classes within 2 of the lowest AICc the one with the fewest coefficients is
   chosen. *ΔAICc to next* is AICc(runner-up) - AICc(chosen); under 2 means the data do not
   clearly tell the two apart. A class with p coefficients is ranked only with at least p + 2 points.
 - **{UNDERDETERMINED}**: fewer than {MIN_LENGTHS} distinct lengths or a span under

@@ -350,3 +350,11 @@ def test_crossover_on_par_is_not_a_crossing():
     df = rows({"Standard": lambda n: 1e-3 * n, "Hopfield": lambda n: 1e-3 * n * (1 + 0.01 * np.cos(n))}, noise=0.0)
     cross = analysis.crossover(analysis.relative_to_standard(df))
     assert cross.iloc[0]["verdict"].startswith("on par") and np.isnan(cross.iloc[0]["crossover_len"])
+
+
+def test_an_immaterial_growth_term_does_not_name_the_class():
+    # a flat per-token decode time with a 1% drift at the longest length (as measured for DeltaNet)
+    n = np.array([1024, 2048, 4096, 8192, 16384], float)
+    for seed in range(3):
+        r = fit_one(n, noisy(lambda n: 0.344 + 1.6e-11 * n * n, n, seed, noise=0.002))
+        assert r["best_class"] == "1", (seed, r["best_class"])
