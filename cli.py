@@ -91,13 +91,17 @@ def _choose(flag: str, values, valid) -> list[str]:
     return list(dict.fromkeys(picked))
 
 
-def _lengths(values) -> list[int]:
+def _positive_ints(flag: str, values, example: str = "4 8 16 or 4,8,16") -> list[int]:
     out = []
     for v in _split(values):
         if not _re.fullmatch(r"[+-]?\d+", v) or int(v) <= 0:
-            _fail(f"--seq-lengths: {v!r} is not a positive integer; give lengths like 64 128 256 or 64,128,256")
+            _fail(f"{flag}: {v!r} is not a positive integer; give values like {example}")
         out.append(int(v))
     return out
+
+
+def _lengths(values) -> list[int]:
+    return _positive_ints("--seq-lengths", values, "64 128 256 or 64,128,256")
 
 
 _ListOpt = _Optional[list[str]]
@@ -239,15 +243,13 @@ def analyze(
     if not csvs:
         newest = analysis.newest_results_csv("results")
         if newest is None:
-            typer.echo("error: no CSV given and no results CSV found under results/; "
-                       "pass CSV paths, e.g. bsbr-eval analyze results/run.csv", err=True)
-            raise typer.Exit(2)
+            _fail("no CSV given and no results CSV found under results/; "
+                  "pass CSV paths, e.g. bsbr-eval analyze results/run.csv")
         csvs = [newest]
     try:
         df = analysis.load_results(csvs)
     except analysis.AnalysisInputError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2)
+        _fail(str(e))
     out = output_dir or analysis.default_output_dir(csvs[0])
     an = analysis.analyze(df)
     command = shlex.join(["bsbr-eval", "analyze", *map(str, csvs), "--output-dir", str(out)])
@@ -292,18 +294,14 @@ def regress(
     from evals import regress as rg
     from evals import results
 
-    def usage(msg: str) -> None:
-        typer.echo(f"error: {msg}", err=True)
-        raise typer.Exit(2)
-
     if not threshold > 0:
-        usage(f"--threshold must be a positive fraction (0.25 = 25%), got {threshold}")
+        _fail(f"--threshold must be a positive fraction (0.25 = 25%), got {threshold}")
     if not 0 < alpha < 1:
-        usage(f"--alpha must lie in (0, 1), got {alpha}")
+        _fail(f"--alpha must lie in (0, 1), got {alpha}")
     if current is not None and not current.is_file():
-        usage(f"--current {current} does not exist; pass a results CSV")
+        _fail(f"--current {current} does not exist; pass a results CSV")
     if not update and not baseline.is_file():
-        usage(f"no baseline at {baseline}; create it with: bsbr-eval regress --baseline {baseline} --update")
+        _fail(f"no baseline at {baseline}; create it with: bsbr-eval regress --baseline {baseline} --update")
     import sys
 
     console = Console(width=None if sys.stdout.isatty() else 120)  # CI logs: one line per table row
@@ -315,7 +313,7 @@ def regress(
             if df is not None:
                 rg.check_columns(df, what)
     except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as e:
-        usage(" ".join(str(e).split()))
+        _fail(" ".join(str(e).split()))
 
     run_id = f"regress-{start}"
     with Progress(console=console, transient=True) as bar:
@@ -397,15 +395,12 @@ def convert(
 
     from rich.logging import RichHandler
 
-    def fail(message: str) -> None:  # bad input: one line on stderr, exit 2, no traceback
-        typer.echo(f"error: {message}", err=True)
-        raise typer.Exit(2)
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(show_path=False)])
     sizes = []
     for v in [p.strip() for c in (chunk_sizes or ["128"]) for p in str(c).split(",") if p.strip()]:
         if not v.lstrip("+-").isdigit() or int(v) <= 0:
-            fail(f"--chunk-sizes: {v!r} is not a positive integer; give sizes like 512,128,32")
+            _fail(f"--chunk-sizes: {v!r} is not a positive integer; give sizes like 512,128,32")
         sizes.append(int(v))
     sizes = list(dict.fromkeys(sizes))
     try:
@@ -416,11 +411,11 @@ def convert(
                             seq_len=seq_len, output_dir=str(output_dir) if output_dir else None,
                             save_model=save_model, experiment=experiment)
     except ValueError as e:
-        fail(" ".join(str(e).replace("--model_name", "--model-name").replace("--output_dir", "--output-dir")
+        _fail(" ".join(str(e).replace("--model_name", "--model-name").replace("--output_dir", "--output-dir")
                        .replace("--save_model", "--save-model").split()))
     except ImportError as e:
         extras = getattr(e, "name", None) in ("transformers", "safetensors")
-        fail(f"{e}; install the converter's extras: pip install 'bsbr[convert]'" if extras else str(e))
+        _fail(f"{e}; install the converter's extras: pip install 'bsbr[convert]'" if extras else str(e))
     ce.print_summary(result)
     if output_dir is not None:
         typer.echo(f"wrote results to {output_dir}/")
@@ -430,14 +425,6 @@ def convert(
 # recall's own list flags take space- or comma-separated values too (compare's joiner reads this tuple)
 _LIST_FLAGS = _LIST_FLAGS + ("--num-pairs", "--hidden-dims", "--sizes")
 
-
-def _positive_ints(flag: str, values) -> list[int]:
-    out = []
-    for v in _split(values):
-        if not _re.fullmatch(r"[+-]?\d+", v) or int(v) <= 0:
-            _fail(f"{flag}: {v!r} is not a positive integer; give values like 4 8 16 or 4,8,16")
-        out.append(int(v))
-    return out
 
 
 @app.command(cls=_ListFlagsCommand)
