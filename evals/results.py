@@ -121,6 +121,9 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+_PERF_ENV_PREFIXES = ("MALLOC_", "LD_PRELOAD", "OMP_", "MKL_", "KMP_", "GOMP_", "ATEN_", "TORCH_")
+
+
 def environment() -> dict:
     """Software, machine and code facts for the sidecar."""
     import torch
@@ -139,6 +142,8 @@ def environment() -> dict:
         "git_sha": sha or None,
         "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")) if sha else None,
         "command": shlex.join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        # settings outside the command line that change CPU timings (allocator, thread pools)
+        "perf_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(_PERF_ENV_PREFIXES)},
     }
 
 

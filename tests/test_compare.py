@@ -73,6 +73,19 @@ def test_sidecar_records_software_machine_code_and_run(monkeypatch, tmp_path):
     assert info["run_id"] == read(out)[1][0]
 
 
+def test_sidecar_records_allocator_and_thread_settings(monkeypatch, tmp_path):
+    # glibc's mmap threshold alone moved BSBR's 32k-token op time by 25%: such settings must be on record
+    register_toys(monkeypatch)
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "17179869184")
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.setenv("UNRELATED_VARIABLE", "x")
+    out = tmp_path / "r.csv"
+    C.run_sweep(toy_cases(lengths=(8,)), out, **FAST)
+    env = json.loads(out.with_suffix(".json").read_text())["perf_env"]
+    assert env["MALLOC_MMAP_THRESHOLD_"] == "17179869184" and env["OMP_NUM_THREADS"] == "2"
+    assert "UNRELATED_VARIABLE" not in env
+
+
 def test_rows_are_validated():
     with pytest.raises(ValueError, match="status"):
         R._line({"status": "fine"})
