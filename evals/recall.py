@@ -40,6 +40,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from bsbr.shell import check_positive_int
 from evals.registry import ModelConfig, resolve_model
 
 IGNORE = -100  # label of every non-query position (torch cross_entropy's ignore_index)
@@ -206,13 +207,10 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         for name in ("max_steps", "batch_size", "num_train", "num_val", "num_test", "eval_every"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        if self.schedule_steps is not None and (not isinstance(self.schedule_steps, int) or self.schedule_steps <= 0):
-            raise ValueError(f"schedule_steps must be a positive integer or None, got {self.schedule_steps!r}")
-        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be a non-negative integer, got {self.warmup_steps!r}")
+            check_positive_int(name, getattr(self, name))
+        if self.schedule_steps is not None:
+            check_positive_int("schedule_steps", self.schedule_steps)
+        check_positive_int("warmup_steps", self.warmup_steps, allow_zero=True)
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
         if not 0 < self.target_acc <= 1:
