@@ -78,8 +78,9 @@ def _block_softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         att = torch.baddbmm(bias if per_block else bias.expand(q.shape[0], -1, -1), q, kt, alpha=scale)
         out = torch.bmm(att.softmax(-1), v)
         return out if readout is None else torch.baddbmm(out, readout[0], readout[1], alpha=readout[2])
-    # Inference: tile over the block batch so each tile's logits stay in cache, fuse scale and mask
-    # into baddbmm, soften in place, and fuse the retrieval read-out into the output matmul.
+    # Inference: tile over the block batch so the logits' working set stays bounded (one 8 MB
+    # buffer reused by every tile), fuse scale and mask into baddbmm, take the softmax in place,
+    # and fuse the retrieval read-out into the output matmul.
     B, c, L = q.shape[0], q.shape[1], k.shape[1]
     out = torch.empty(B, c, v.shape[-1], dtype=q.dtype, device=q.device)
     tile = min(B, max(1, (1 << 21) // (c * L)))
