@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bsbr.shell import merge_heads
 from bsbr_extras.deltanet import (DeltaNetAttention, DeltaNetModel, affine_scan, delta_rule_chunkwise,
                                   delta_rule_recurrent, unit_lower_inverse)
 from tests.conftest import rel_err
@@ -144,16 +143,6 @@ def test_mixer_normalises_q_k_and_bounds_beta():
     assert beta.shape == (2, 3, 13) and ((beta > 0) & (beta < 1)).all()
     # beta_t = sigmoid(w_beta . x_t) per head
     assert torch.allclose(beta, torch.sigmoid(x @ mixer.beta_proj.weight.T).transpose(1, 2))
-
-
-def test_mixer_forward_is_out_proj_of_op():
-    torch.manual_seed(0)
-    mixer = DeltaNetAttention(24, 3, chunk_size=5).double()
-    x = torch.randn(2, 13, 24, dtype=torch.float64)
-    mask = pad_mask(2, 13, [13, 9])
-    for m in (None, mask):
-        want = mixer.out_proj(merge_heads(mixer.op(*mixer.op_inputs(x, m))))
-        assert torch.equal(mixer(x, mask=m), want)
 
 
 def test_cache_is_constant_size_and_continues():

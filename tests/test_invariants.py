@@ -7,6 +7,7 @@ in each architecture's own test module.
 import pytest
 import torch
 
+from bsbr.shell import merge_heads
 from evals.registry import MODEL_NAMES, REGISTRY
 from tests.conftest import TINY
 
@@ -48,6 +49,21 @@ def test_causal_jacobian(name):
     future = torch.triu(torch.ones(n, n, dtype=torch.bool), diagonal=1)
     assert per_pair[future].max() == 0, f"{name}: d o_t / d x_s != 0 for some s > t"
     assert per_pair[~future].max() > 0
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_forward_is_out_proj_of_op(name):
+    # the mixer protocol: the layer is its projections around the public op, so benchmarking the op
+    # measures what the layer computes (GAU's op is single-head and gated: test_gau checks its analogue)
+    mixer = REGISTRY[name].build_mixer(TINY).double().eval()
+    x = torch.randn(2, 13, TINY.hidden_dim, dtype=torch.float64)
+    mask = torch.ones(2, 13, dtype=torch.bool)
+    mask[1, 9:] = False
+    for m in (None, mask):
+        y = mixer.op(*mixer.op_inputs(x, m))
+        if y.dim() != 4:
+            pytest.skip(f"{name}'s op output is not per-head (b, h, n, d)")
+        assert torch.equal(mixer(x, mask=m), mixer.out_proj(merge_heads(y)))
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)

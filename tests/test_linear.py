@@ -4,7 +4,6 @@ full-matrix oracle, masking, the head-dimension guard, the mixer protocol, bad h
 import pytest
 import torch
 
-from bsbr.shell import merge_heads
 from bsbr_extras.linear import (LinearAttention, LinearTransformerModel, exclusive_prefix_sum, linear_attention,
                                 linear_attention_step)
 from tests.conftest import rel_err
@@ -107,16 +106,6 @@ def test_output_varies_across_head_dim():
     o = linear_attention(q, k, v, 8)
     spread = o.std(dim=-1) / o.abs().mean(dim=-1)                     # (b, h, n)
     assert spread[:, :, 1:].min() > 0.05
-
-
-def test_mixer_forward_is_out_proj_of_op():
-    torch.manual_seed(0)
-    mixer = LinearAttention(24, 3, chunk_size=5).double()
-    x = torch.randn(2, 13, 24, dtype=torch.float64)
-    mask = pad_mask(2, 13, [13, 9])
-    for m in (None, mask):
-        want = mixer.out_proj(merge_heads(mixer.op(*mixer.op_inputs(x, m))))
-        assert torch.equal(mixer(x, mask=m), want)
 
 
 def test_cache_is_constant_size_and_continues():
