@@ -105,12 +105,13 @@ def _lengths(values) -> list[int]:
 
 
 _ListOpt = _Optional[list[str]]
+_ModelsOpt = _Annotated[_ListOpt, typer.Option("--models", help="Models, space- or comma-separated "
+                                               "(case-insensitive). Default: all seven.", show_default=False)]
 
 
 @app.command(cls=_ListFlagsCommand)
 def compare(
-    models: _Annotated[_ListOpt, typer.Option("--models", help="Models, space- or comma-separated "
-                       "(case-insensitive). Default: all seven.", show_default=False)] = None,
+    models: _ModelsOpt = None,
     seq_lengths: _Annotated[_ListOpt, typer.Option("--seq-lengths", help="Sequence lengths, space- or "
                             "comma-separated. Default: 64 128 256 512 1024.", show_default=False)] = None,
     devices: _Annotated[_ListOpt, typer.Option("--devices", help="cpu and/or cuda. cuda without a GPU is an "
@@ -433,8 +434,7 @@ def recall(
                       "seven models in under 15 minutes on 2 cores.")] = False,
     preset: _Annotated[_Optional[str], typer.Option(help="quick (CPU, small) or full (GPU scale; use with "
                        "--device cuda). Default: quick.", show_default=False)] = None,
-    models: _Annotated[_ListOpt, typer.Option("--models", help="Models, space- or comma-separated "
-                       "(case-insensitive). Default: all seven.", show_default=False)] = None,
+    models: _ModelsOpt = None,
     seq_lengths: _Annotated[_ListOpt, typer.Option("--seq-lengths", help="Sequence lengths of the "
                             "length x pairs sweep. Default: the preset's.", show_default=False)] = None,
     num_pairs: _Annotated[_ListOpt, typer.Option("--num-pairs", help="Key-value pairs per sequence of the "
