@@ -23,18 +23,18 @@ so, with ``U~ = U - W S`` (the "pseudo values" corrected for what ``S`` already 
     O      = Q S + tril(Q K^T) U~        (tril keeps the diagonal)
     S_next = S + K^T U~ = (I - K^T W) S + K^T U
 
-``T`` needs one small unit-lower-triangular inversion per chunk, done for all chunks at once by
+``T`` needs one small unit-lower-triangular inversion per chunk, done for many chunks at once by
 block doubling (``unit_lower_inverse``; batched products only). Only the ``S -> S_next`` pass is
-sequential across chunks, as in the paper's algorithm; ``affine_scan`` runs it in about
-``2 sqrt(C)`` batched steps. Every other product is batched over all chunks.
-Cost per head ``O(n c d + n d^2)`` (the scan adds ``O(n d^3 / c)``, i.e. ``n d^2`` for ``c = d``).
+sequential across chunks, as in the paper's algorithm: two ``c x d x d_v`` products per chunk,
+batched over batch and heads. The sequence is processed in segments of a few chunks (all of a
+segment's chunks batched) so that no temporary outgrows the allocator's reused heap; see
+``SEGMENT_BYTES``. Cost per head ``O(n c d + n d^2)``.
 
 Axis legend:  b batch   h heads   n tokens   C chunks   c chunk size   d head size   D hidden
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -98,48 +98,51 @@ def unit_lower_inverse(A: torch.Tensor) -> torch.Tensor:
 
 
 
-def affine_scan(P: torch.Tensor, H: torch.Tensor, S0: torch.Tensor) -> tuple:
-    """States of ``S_{i+1} = P_i S_i + H_i`` before every step, and the state after the last.
+# Bytes of the largest per-segment temporary (a segment's [K V] rows). glibc serves allocations over
+# its mmap threshold (at most 32 MB) with fresh pages, and first-touch page faults then cost more than
+# the arithmetic: at n = 16k, 8 heads of 64, chunk 64, 2 threads, the whole-sequence form (every
+# temporary 32-64 MB) took 215 ms, of which about 100 ms were page faults. Segments of ~2 MB are
+# served from reused heap memory and cache: 108 ms. Any value gives the same result.
+SEGMENT_BYTES = 2 << 20
 
-    P (B, C, d, d), H (B, C, d, e), S0 (B, d, e) -> (states (B, C, d, e), S_C (B, d, e)).
 
-    Two levels of about ``sqrt(C)`` sequential steps instead of ``C``: inside groups of ``g``
-    steps the partial maps ``S -> M_j S + N_j`` are composed for all groups at once; then the
-    groups' start states are chained; then every state is one batched product. It costs three
-    times the FLOPs of the plain loop, but with 2 threads on a loaded machine every small product
-    pays a thread wake-up (we measured 256 (8 x 64 x 64) products take 1.6 s with 2 threads vs
-    14 ms with 1), so fewer, larger steps are what keeps the sequential pass cheap.
+def _segment(q, k, v, beta, S):
+    """The chunkwise form over the ``g`` chunks of one segment, from state ``S`` before its first chunk.
+
+    q, k (B, g, c, d), v (B, g, c, dv), beta (B, g, c, 1), S (B, d, dv) -> (o (B, g, c, dv), S after).
     """
-    B, C, d, _ = P.shape
-    e = H.shape[-1]
-    g = math.isqrt(C - 1) + 1                                         # steps per group
-    G = -(-C // g)                                                    # groups
-    if G * g != C:  # identity steps change nothing
-        P = torch.cat([P, torch.eye(d, dtype=P.dtype, device=P.device).expand(B, G * g - C, d, d)], dim=1)
-        H = F.pad(H, (0, 0, 0, 0, 0, G * g - C))
-    BG = B * G
-    # 1. inside every group at once: M_{j+1} = P_j M_j, N_{j+1} = P_j N_j + H_j, from (M_0, N_0) = (I, 0)
-    Ps = [t.reshape(BG, d, d) for t in P.view(B, G, g, d, d).unbind(2)]  # g x (BG, d, d)
-    Hs = [t.reshape(BG, d, e) for t in H.view(B, G, g, d, e).unbind(2)]  # g x (BG, d, e)
-    M, N = [None, Ps[0]], [None, Hs[0]]                              # index j: the map over steps < j
-    for j in range(1, g):
-        M.append(Ps[j] @ M[-1])
-        N.append(torch.baddbmm(Hs[j], Ps[j], N[-1]))
-    # 2. chain the groups: each group's whole map is (M_g, N_g)
-    S, starts = S0, []
-    for M_t, N_t in zip(M[g].view(B, G, d, d).unbind(1), N[g].view(B, G, d, e).unbind(1)):
-        starts.append(S)
-        S = torch.baddbmm(N_t, M_t, S)                                # (B, d, e)
-    starts = torch.stack(starts, dim=1).view(BG, d, e)                # (BG, d, e)
-    # 3. every state from its group's start: states[t, j] = M_j S_t + N_j (M_0 = I, N_0 = 0)
-    states = [starts] + [torch.baddbmm(N[j], M[j], starts) for j in range(1, g)]  # g x (BG, d, e)
-    states = torch.stack(states, dim=1).view(B, G * g, d, e)[:, :C]  # (B, C, d, e)
-    return states, S
+    B, g, c, d = q.shape
+    dv = v.shape[-1]
+    # UT transform for every chunk of the segment at once (Yang et al., 2024, eq. 8-9):
+    #   T = (I + strict_tril(diag(beta) K K^T))^{-1},  [W U] = T diag(beta) [K V]
+    # ``unit_lower_inverse`` reads only the strict lower triangle, so tril(-1) + I is never formed.
+    R = torch.cat([k, v], dim=-1) * beta                              # (B, g, c, d + dv): diag(beta) [K V]
+    kT = k.transpose(-1, -2)                                          # (B, g, d, c), a view
+    A = torch.matmul(R[..., :d], kT)                                  # (B, g, c, c): diag(beta) K K^T
+    T = unit_lower_inverse(A.reshape(B * g, c, c))                    # (Bg, c, c)
+    WU = (T @ R.view(B * g, c, d + dv)).view(B, g, c, d + dv)         # [W U]
+    # The sequential part, as in the paper's algorithm: chunk by chunk, the pseudo-values
+    # U~ = U - W S (what the chunk writes, corrected for what S already returns) and
+    # S_next = S + K^T U~. Two (c x d x dv) products per chunk, batched over b * h.
+    states, pseudo = [], []
+    for i in range(g):
+        states.append(S)
+        Wi, Ui = WU[:, i, :, :d], WU[:, i, :, d:]                      # (B, c, d), (B, c, dv)
+        pv = torch.baddbmm(Ui, Wi, S, alpha=-1)                       # (B, c, dv): U~
+        pseudo.append(pv)
+        S = torch.baddbmm(S, kT[:, i], pv)                            # (B, d, dv)
+    states = torch.stack(states, dim=1)                               # (B, g, d, dv): S before each chunk
+    pseudo = torch.stack(pseudo, dim=1)                               # (B, g, c, dv)
+    # Outputs, batched again: O = Q S + tril(Q K^T) U~ (diagonal kept)
+    qk = torch.matmul(q, kT).tril_()                                  # (B, g, c, c)
+    o = torch.matmul(q, states) + torch.matmul(qk, pseudo)            # (B, g, c, dv)
+    return o, S
 
 
 def delta_rule_chunkwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
                          chunk_size: int, mask: Optional[torch.Tensor] = None, *,
-                         initial_state: Optional[torch.Tensor] = None, output_final_state: bool = False):
+                         initial_state: Optional[torch.Tensor] = None, output_final_state: bool = False,
+                         segment_chunks: Optional[int] = None):
     """The delta rule, chunkwise WY/UT-transform form (Yang et al., 2024).
 
     Args:
@@ -149,11 +152,15 @@ def delta_rule_chunkwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta
         mask: (b, n) bool, True = real token; masked tokens get beta = 0 and k = 0.
         initial_state: optional (b, h, d, d_v) state ``S`` before the first token.
         output_final_state: also return the state after the last token.
+        segment_chunks: chunks per segment (a memory-locality knob that does not change the
+            result); None sizes segments so their largest temporary is about ``SEGMENT_BYTES``.
 
     Returns:
         o (b, h, n, d_v), and the final state (b, h, d, d_v) if ``output_final_state``.
     """
     check_positive_int("chunk_size", chunk_size)
+    if segment_chunks is not None:
+        check_positive_int("segment_chunks", segment_chunks)
     _check_inputs(q, k, v, beta, mask)
     k, beta = _apply_mask(k, beta, mask)
     b, h, n, d = q.shape
@@ -165,38 +172,16 @@ def delta_rule_chunkwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta
         q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
         beta = F.pad(beta, (0, pad))
     B = b * h
-    q = q.reshape(B, C, c, d)
-    k = k.reshape(B, C, c, d)
-    v = v.reshape(B, C, c, dv)
+    q, k, v = q.reshape(B, C, c, d), k.reshape(B, C, c, d), v.reshape(B, C, c, dv)
     beta = beta.reshape(B, C, c, 1)
-
-    # UT transform for every chunk at once (Yang et al., 2024, eq. 8-9):
-    #   T = (I + strict_tril(diag(beta) K K^T))^{-1},  [W U] = T diag(beta) [K V]
-    # T comes from one batched unit-lower-triangular inversion (``unit_lower_inverse`` reads only
-    # the strict lower triangle, so tril(-1) + I is never formed); W and U are one batched product.
-    BC = B * C
-    kb = k * beta                                                     # (B, C, c, d)
-    kT = k.reshape(BC, c, d).transpose(-1, -2)                        # (BC, d, c), a view: bmm reads it transposed
-    A = kb.reshape(BC, c, d) @ kT                                      # (BC, c, c)
-    T = unit_lower_inverse(A)                                         # (BC, c, c)
-    WU = T @ torch.cat([kb, v * beta], dim=-1).reshape(BC, c, d + dv)   # (BC, c, d + dv)
-    W, U = WU[..., :d], WU[..., d:]                                   # (BC, c, d), (BC, c, dv)
-
-    # Across chunks S_{i+1} = S_i + K_i^T (U_i - W_i S_i) = P_i S_i + H_i, an affine map whose
-    # P_i = I - K_i^T W_i and H_i = K_i^T U_i come from one product batched over all chunks. The
-    # sequential part (as in the paper's algorithm) is this recurrence, in ~2 sqrt(C) steps.
-    KWU = (kT @ WU).view(B, C, d, d + dv)                             # (B, C, d, d + dv): [K^T W | K^T U]
-    P = torch.eye(d, dtype=q.dtype, device=q.device) - KWU[..., :d]   # (B, C, d, d)
-    H = KWU[..., d:]                                                  # (B, C, d, dv)
-    S0 = initial_state.reshape(B, d, dv) if exists(initial_state) else q.new_zeros(B, d, dv)
-    states, S = affine_scan(P, H, S0)                                 # (B, C, d, dv): S before each chunk
-    states = states.reshape(BC, d, dv)
-    pseudo_v = torch.baddbmm(U, W, states, alpha=-1)                  # (BC, c, dv): U~ = U - W S
-
-    qv = q.reshape(BC, c, d)
-    qk = (qv @ kT).tril_()                                            # (BC, c, c), diagonal kept
-    o = torch.baddbmm(qv @ states, qk, pseudo_v)                     # (BC, c, dv): Q S + tril(Q K^T) U~
-    o = o.view(b, h, C * c, dv)[:, :, :n]
+    g = segment_chunks or max(1, SEGMENT_BYTES // (B * c * (d + dv) * q.element_size()))
+    S = initial_state.reshape(B, d, dv) if exists(initial_state) else q.new_zeros(B, d, dv)
+    outs = []
+    for s0 in range(0, C, g):
+        part = slice(s0, s0 + g)
+        o, S = _segment(q[:, part], k[:, part], v[:, part], beta[:, part], S)
+        outs.append(o)
+    o = torch.cat(outs, dim=1).view(b, h, C * c, dv)[:, :, :n]
     S = S.view(b, h, d, dv)
     return (o, S) if output_final_state else o
 

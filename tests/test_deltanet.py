@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bsbr_extras.deltanet import (DeltaNetAttention, DeltaNetModel, affine_scan, delta_rule_chunkwise,
+from bsbr_extras.deltanet import (SEGMENT_BYTES, DeltaNetAttention, DeltaNetModel, delta_rule_chunkwise,
                                   delta_rule_recurrent, unit_lower_inverse)
 from tests.conftest import rel_err
 from tests.reference_linear import delta_rule_ref
@@ -29,10 +29,12 @@ def pad_mask(b, n, lens):
 
 @pytest.mark.parametrize("n,chunk", [(1, 8), (29, 8), (32, 8), (29, 64), (29, 1)], ids=lambda x: str(x))
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
-def test_chunkwise_matches_oracle(n, chunk, masked):
+@pytest.mark.parametrize("segment", [None, 1, 3], ids=lambda g: f"seg{g}")
+def test_chunkwise_matches_oracle(n, chunk, masked, segment):
+    # segment None is one segment at these sizes; 1 and 3 force the state across segment seams
     q, k, v, beta = inputs(n=n, dv=5)
     mask = pad_mask(2, n, [n, max(1, n - 11)]) if masked else None
-    out = delta_rule_chunkwise(q, k, v, beta, chunk, mask)
+    out = delta_rule_chunkwise(q, k, v, beta, chunk, mask, segment_chunks=segment)
     assert out.dtype == torch.float32
     ref = delta_rule_ref(*(t.double() for t in (q, k, v, beta)), mask)
     assert rel_err(out, ref) <= TOL
@@ -45,16 +47,15 @@ def test_unit_lower_inverse_is_the_inverse(c):
     assert rel_err(unit_lower_inverse(A), torch.linalg.inv(M)) <= 1e-12
 
 
-@pytest.mark.parametrize("C", [1, 2, 3, 4, 10, 17])
-def test_affine_scan_matches_a_plain_loop(C):
-    P = 0.3 * torch.randn(2, C, 4, 4, dtype=torch.float64)
-    H = torch.randn(2, C, 4, 3, dtype=torch.float64)
-    S = torch.randn(2, 4, 3, dtype=torch.float64)
-    states, final = affine_scan(P, H, S)
-    for i in range(C):
-        assert torch.allclose(states[:, i], S, atol=1e-12, rtol=0)
-        S = P[:, i] @ S + H[:, i]
-    assert torch.allclose(final, S, atol=1e-12, rtol=0)
+def test_default_segments_split_a_long_sequence_without_changing_it():
+    # At benchmark sizes the default splits the sequence into several segments; the seams must be exact.
+    b, h, d, c = 1, 2, 64, 64
+    n = (3 * (SEGMENT_BYTES // (b * h * c * 2 * d * 4)) + 1) * c + 5  # 3 full default segments, one more chunk, a ragged tail
+    q, k, v, beta = inputs(b=b, h=h, n=n, d=d, dtype=torch.float32)
+    o, S = delta_rule_chunkwise(q, k, v, beta, c, output_final_state=True)
+    o1, S1 = delta_rule_chunkwise(q, k, v, beta, c, output_final_state=True, segment_chunks=n)
+    assert rel_err(o, o1) <= 1e-6 and rel_err(S, S1) <= 1e-6
+    assert rel_err(o[..., -200:, :], delta_rule_recurrent(q, k, v, beta)[..., -200:, :]) <= 1e-5
 
 
 def test_correlated_keys_stay_accurate():
@@ -70,21 +71,24 @@ def test_correlated_keys_stay_accurate():
     assert rel_err(out, delta_rule_ref(q.double(), k.double(), v.double(), beta.double())) <= TOL
 
 
-def test_gradients_match_oracle():
+@pytest.mark.parametrize("segment", [None, 2], ids=lambda g: f"seg{g}")
+def test_gradients_match_oracle(segment):
     q, k, v, beta = (t.requires_grad_() for t in inputs(n=29))
     mask = pad_mask(2, 29, [29, 17])
     cot = torch.randn(2, 3, 29, 8)
-    grads = torch.autograd.grad((delta_rule_chunkwise(q, k, v, beta, 8, mask) * cot).sum(), (q, k, v, beta))
+    out = delta_rule_chunkwise(q, k, v, beta, 8, mask, segment_chunks=segment)
+    grads = torch.autograd.grad((out * cot).sum(), (q, k, v, beta))
     ref = torch.autograd.grad((delta_rule_ref(q, k, v, beta, mask) * cot).sum(), (q, k, v, beta))
     for g, r in zip(grads, ref):
         assert rel_err(g, r) <= TOL
 
 
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
-def test_recurrent_matches_chunkwise(masked):
+@pytest.mark.parametrize("segment", [None, 1, 2], ids=lambda g: f"seg{g}")
+def test_recurrent_matches_chunkwise(masked, segment):
     q, k, v, beta = inputs(n=37, dv=6, dtype=torch.float64)  # 37 = 4 chunks of 8 + 5
     mask = pad_mask(2, 37, [37, 22]) if masked else None
-    o_c, S_c = delta_rule_chunkwise(q, k, v, beta, 8, mask, output_final_state=True)
+    o_c, S_c = delta_rule_chunkwise(q, k, v, beta, 8, mask, output_final_state=True, segment_chunks=segment)
     o_r, S_r = delta_rule_recurrent(q, k, v, beta, mask, output_final_state=True)
     assert rel_err(o_c, o_r) <= 1e-12
     assert rel_err(S_c, S_r) <= 1e-12
