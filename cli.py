@@ -129,6 +129,8 @@ def compare(
                           show_default=False)] = None,
     ff_dim: _Annotated[_Optional[int], typer.Option(help="Feed-forward width. Default: 512.",
                        show_default=False)] = None,
+    vocab_size: _Annotated[_Optional[int], typer.Option(help="Vocabulary size (model level: embedding and "
+                           "LM head). Default: 1000.", show_default=False)] = None,
     chunk_size: _Annotated[_Optional[int], typer.Option(help="Chunk size c of BSBR, Linear, DeltaNet, GAU. "
                            "Default: 64.", show_default=False)] = None,
     window_size: _Annotated[_Optional[int], typer.Option(help="Window w of SlidingWindow. Default: 64.",
@@ -181,14 +183,15 @@ def compare(
               "(give 'cpu cuda' to record the cuda rows as skipped)")
     for flag, value in (("--batch-size", batch_size), ("--repeats", repeats), ("--decode-tokens", decode_tokens),
                         ("--threads", threads), ("--hidden-dim", hidden_dim), ("--num-layers", num_layers),
-                        ("--num-heads", num_heads), ("--ff-dim", ff_dim), ("--chunk-size", chunk_size),
+                        ("--num-heads", num_heads), ("--ff-dim", ff_dim), ("--vocab-size", vocab_size),
+                        ("--chunk-size", chunk_size),
                         ("--window-size", window_size), ("--compression-factor", compression_factor)):
         if value is not None and value <= 0:
             _fail(f"{flag} must be a positive integer, got {value}")
     if not min_run_time >= 0:
         _fail(f"--min-run-time must be >= 0 seconds, got {min_run_time}")
     given = dict(hidden_dim=hidden_dim, num_layers=num_layers, num_heads=num_heads, ff_dim=ff_dim,
-                 chunk_size=chunk_size, window_size=window_size, compression_factor=compression_factor)
+                 vocab_size=vocab_size, chunk_size=chunk_size, window_size=window_size, compression_factor=compression_factor)
     config = ModelConfig().with_(**{k: v for k, v in given.items() if v is not None})
     try:
         check_heads(config.hidden_dim, config.num_heads)

@@ -263,13 +263,13 @@ def test_list_flags_accept_spaces_and_commas(recorder, form):
 def test_options_reach_the_cases(recorder):
     res = runner.invoke(cli.app, ["compare", "--models", "GAU", "--seq-lengths", "32", "--level", "op",
                                   "--hidden-dim", "512", "--num-heads", "8", "--num-layers", "3", "--ff-dim", "64",
-                                  "--chunk-size", "128", "--window-size", "512", "--compression-factor", "4",
+                                  "--vocab-size", "256", "--chunk-size", "128", "--window-size", "512", "--compression-factor", "4",
                                   "--batch-size", "2", "--dtype", "float64", "--decode-tokens", "5", "--seed", "3",
                                   "--threads", "1", "--repeats", "4", "--min-run-time", "0.5", "--output", "x.csv"])
     assert res.exit_code == 0, res.output
     (c,) = recorder.cases
     assert (c.level, c.batch_size, c.dtype, c.decode_tokens, c.seed) == ("op", 2, "float64", 5, 3)
-    assert c.config == ModelConfig(hidden_dim=512, num_heads=8, num_layers=3, ff_dim=64, chunk_size=128,
+    assert c.config == ModelConfig(hidden_dim=512, num_heads=8, num_layers=3, ff_dim=64, vocab_size=256, chunk_size=128,
                                    window_size=512, compression_factor=4)
     assert recorder.kwargs["repeats"] == 4 and recorder.kwargs["min_run_time"] == 0.5
     assert recorder.kwargs["threads"] == 1
@@ -289,6 +289,7 @@ def test_options_reach_the_cases(recorder):
     (["--shard", "x"], "i/N"),
     (["--hidden-dim", "30", "--num-heads", "4"], "divisible"),
     (["--batch-size", "0"], "positive integer"),
+    (["--vocab-size", "0"], "positive integer"),
     (["--resume"], "--output"),
 ], ids=lambda v: v if isinstance(v, str) else "_".join(v))
 def test_bad_input_exits_2_with_one_line(recorder, args, says):
