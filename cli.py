@@ -223,6 +223,83 @@ def compare(
                   + (f"; {bad} failed (see the error column)" if bad else ""))
 
 
+# ---- forms command ----
+@app.command(cls=_ListFlagsCommand)
+def forms(
+    models: _Annotated[_ListOpt, typer.Option("--models", help="Models with a recurrent op form "
+                       "(case-insensitive). Default: all of them (see `bsbr-eval models`).",
+                       show_default=False)] = None,
+    seq_lengths: _Annotated[_ListOpt, typer.Option("--seq-lengths", help="Sequence lengths, space- or "
+                            "comma-separated. Default: 1024 4096.", show_default=False)] = None,
+    modes: _Annotated[_ListOpt, typer.Option("--modes", help="forward and/or train (forward + backward). "
+                      "Default: train.", show_default=False)] = None,
+    hidden_dim: _Annotated[int, typer.Option(help="Hidden size D.")] = 512,
+    num_heads: _Annotated[int, typer.Option(help="Heads H (D must divide by H).")] = 8,
+    chunk_size: _Annotated[int, typer.Option(help="Chunk size of the parallel form.")] = 64,
+    batch_size: _Annotated[int, typer.Option(help="Batch size.")] = 1,
+    repeats: _Annotated[int, typer.Option(help="Timed samples per configuration (time_ms is their median).")] = 3,
+    min_run_time: _Annotated[float, typer.Option(help="Minimum seconds of timed work per configuration.")] = 0.0,
+    threads: _Annotated[int, typer.Option(help="CPU threads, pinned for every measurement and recorded.")] = 1,
+    seed: _Annotated[int, typer.Option(help="Seed for weights and inputs (recorded).")] = 0,
+    output: _Annotated[_Optional[_Path], typer.Option(help="CSV to write (a .json sidecar goes beside it). "
+                       "Default: results/forms_<UTC time>.csv.", show_default=False)] = None,
+) -> None:
+    """Time an op's chunkwise-parallel form against its token-by-token recurrence (op level, CPU).
+
+    Both forms compute the same outputs (the tests pin it); the table shows how much faster the
+    parallel form is. The recurrence is slow by nature: keep lengths modest.
+    """
+    import time as _time
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from evals import forms as fm
+    from evals.compare import new_run_id
+    from evals.registry import ModelConfig
+    from evals.results import _git
+    from bsbr.shell import check_heads
+
+    valid = fm.models_with_recurrence()
+    names = _choose("--models", models, valid) if models else list(valid)
+    lengths = _lengths(seq_lengths) if seq_lengths else [1024, 4096]
+    mode_list = _choose("--modes", modes, fm.FORM_MODES) if modes else ["train"]
+    if not names or not lengths or not mode_list:
+        _fail("--models, --seq-lengths and --modes need at least one value when given")
+    for flag, value in (("--hidden-dim", hidden_dim), ("--num-heads", num_heads), ("--chunk-size", chunk_size),
+                        ("--batch-size", batch_size), ("--repeats", repeats), ("--threads", threads)):
+        if value <= 0:
+            _fail(f"{flag} must be a positive integer, got {value}")
+    if not min_run_time >= 0:
+        _fail(f"--min-run-time must be >= 0 seconds, got {min_run_time}")
+    try:
+        check_heads(hidden_dim, num_heads)
+    except ValueError as e:
+        _fail(str(e))
+    output = output or _Path("results") / f"forms_{_time.strftime('%Y%m%dT%H%M%SZ', _time.gmtime())}.csv"
+    if output.exists() and output.stat().st_size > 0:
+        _fail(f"--output: {output} already exists; choose another file")
+    config = ModelConfig(hidden_dim=hidden_dim, num_heads=num_heads, chunk_size=chunk_size, num_layers=1)
+    settings = dict(models=names, seq_lengths=lengths, modes=mode_list, config=config.as_dict(),
+                    batch_size=batch_size, repeats=repeats, min_run_time=min_run_time, threads=threads, seed=seed)
+    console = Console()
+    rows = fm.run(names, lengths, mode_list, output, config=config, batch_size=batch_size, threads=threads,
+                  repeats=repeats, min_run_time=min_run_time, seed=seed, run_id=new_run_id(_git("rev-parse", "HEAD")),
+                  settings=settings,
+                  progress=lambda m, mode, n, form: console.print(f"[dim]{m} {mode} n={n} {form}[/dim]"))
+    table = Table(title="bsbr-eval forms: parallel vs recurrent (op level)")
+    for col in ("model", "mode", "n", "parallel ms", "recurrent ms", "parallel is"):
+        table.add_column(col, justify="right" if col not in ("model", "mode") else "left")
+    for s in fm.speedups(rows):
+        table.add_row(s["model"], s["mode"], str(s["seq_len"]), f"{s['parallel_ms']:.3g}",
+                      f"{s['recurrent_ms']:.4g}", f"{s['speedup']:.1f}x faster")
+    console.print(table)
+    bad = [r for r in rows if r["status"] != "ok"]
+    for r in bad:
+        console.print(f"[red]{r['model']} {r['mode']} n={r['seq_len']} {r['form']}: {r['error']}[/red]")
+    console.print(f"wrote {len(rows)} rows to {output} (+ {output.with_suffix('.json').name})")
+
+
 # ---- analyze command ----
 from pathlib import Path as _Path  # noqa: E402
 from typing import Annotated as _Annotated, Optional as _Optional  # noqa: E402

@@ -240,6 +240,10 @@ class DeltaNetAttention(nn.Module):
     def op(self, q, k, v, beta, mask=None) -> torch.Tensor:
         return delta_rule_chunkwise(q, k, v, beta, self.chunk_size, mask)
 
+    def op_recurrent(self, q, k, v, beta, mask=None) -> torch.Tensor:
+        """The same op one token at a time (the form ``op`` replaces for training and prefill)."""
+        return delta_rule_recurrent(q, k, v, beta, mask)
+
     def init_cache(self, batch_size: int, device=None, dtype=None) -> DeltaNetCache:
         d = self.head_dim
         return DeltaNetCache(S=torch.zeros(batch_size, self.num_heads, d, d, device=device, dtype=dtype))

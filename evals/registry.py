@@ -57,6 +57,7 @@ class ModelSpec:
     target: str                      # "module:ClassName" of the model class
     kwargs: Callable[[ModelConfig], dict]
     state: str = ""                  # what its decoding cache holds
+    forms: tuple = ("parallel",)     # op forms: "recurrent" too if the mixer has ``op_recurrent``
 
     def model_class(self):
         mod, cls = self.target.split(":")
@@ -91,7 +92,8 @@ REGISTRY: dict[str, ModelSpec] = {
         ModelSpec(
             "DeltaNet", "Delta rule, chunkwise WY form (Schlag et al., 2021; Yang et al., 2024)",
             "O(n c d + n d^2)", "n", MODES, "bsbr_extras.deltanet:DeltaNetModel",
-            lambda c: dict(_common(c), chunk_size=c.chunk_size), state="d x d state"),
+            lambda c: dict(_common(c), chunk_size=c.chunk_size), state="d x d state",
+            forms=("parallel", "recurrent")),
         ModelSpec(
             "SlidingWindow", "Causal sliding-window softmax attention (e.g. Beltagy et al., 2020)",
             "O(n w d)", "n", MODES, "bsbr_extras.sliding_window:SlidingWindowTransformerModel",
