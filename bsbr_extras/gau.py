@@ -15,7 +15,8 @@ Mixed-chunk attention (FLASH, s.3.2), chunks of ``c`` tokens at absolute positio
 * quadratic inside a chunk:  ``relu(Q_quad K_quad^T / c)^2``, causal (diagonal kept);
 * linear across chunks: every token of chunk ``i`` reads ``Q_lin S_i`` with
   ``S_i = sum_{j < i} K_lin_j^T V_j / c``, an exclusive prefix sum of one ``s x e`` state per
-  chunk (``exclusive_prefix_sum``); never recomputed per pair.
+  chunk; never recomputed per pair. ``gau_mixed_chunk`` forms these sums a block of chunks at a
+  time, carrying ``S`` across blocks, so only a block's states are held at once.
 
 Cost ``O(n c (s + e) + n s e)``. Departures and choices, stated here: the linear term is scaled by
 ``1/c`` like the quadratic one (so the state does not depend on ``n``); the paper's relative-position
@@ -40,7 +41,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from bsbr.shell import CausalLM, check_positive_int, exists
-from bsbr_extras.linear import exclusive_prefix_sum
+
+
+_BLOCK_STATE_BYTES = 4 << 20  # default block of chunks: about this much cross-chunk state at a time
 
 
 def _mask_keys(quad_k, lin_k, mask):
@@ -65,7 +68,8 @@ def _check_inputs(quad_q, quad_k, lin_q, lin_k, v, mask):
 
 def gau_mixed_chunk(quad_q: torch.Tensor, quad_k: torch.Tensor, lin_q: torch.Tensor, lin_k: torch.Tensor,
                     v: torch.Tensor, chunk_size: int, mask: Optional[torch.Tensor] = None, *,
-                    initial_state: Optional[torch.Tensor] = None, output_final_state: bool = False):
+                    initial_state: Optional[torch.Tensor] = None, output_final_state: bool = False,
+                    block_chunks: Optional[int] = None):
     """FLASH mixed-chunk attention ``A V`` (before the ``U`` gate), chunks starting at position 0.
 
     Args:
@@ -76,11 +80,28 @@ def gau_mixed_chunk(quad_q: torch.Tensor, quad_k: torch.Tensor, lin_q: torch.Ten
         initial_state: optional (b, s, e) cross-chunk state from an earlier, chunk-aligned prefix.
         output_final_state: also return the state after the last *complete* chunk (a trailing
             partial chunk is the caller's to keep, as the decoding cache does).
+        block_chunks: ``G``, chunks per block (a speed knob: the output does not depend on it
+            beyond round-off). Default: as many as keep a block's states near 4 MiB.
 
     Returns:
         (b, n, e), and the state (b, s, e) if ``output_final_state``.
+
+    The chunks are taken ``G`` at a time, carrying the state ``S`` from block to block. Per block:
+
+    1. the ``G`` chunk states ``K_lin_j^T V_j``, one batched product;
+    2. their exclusive prefix sums seeded with ``S``, one product with a constant
+       ``(G+1) x G`` strictly lower-triangular matrix of ``1/c`` (``baddbmm`` adds ``S``); its
+       last row is the next block's ``S``;
+    3. the read-out ``Q_lin S_i``, with the quadratic term accumulated onto it (``baddbmm_``).
+
+    FLOPs are those of the all-chunks-at-once form, but at most ``G + 1`` states exist at a time
+    instead of ``C`` (128 MiB at n = 16k, s = 128, e = 1024), so they are reused while still in
+    cache. When autograd is not recording (and ``b = 1``) the read-out is written straight into
+    the output; otherwise the blocks' outputs are concatenated.
     """
     check_positive_int("chunk_size", chunk_size)
+    if exists(block_chunks):
+        check_positive_int("block_chunks", block_chunks)
     _check_inputs(quad_q, quad_k, lin_q, lin_k, v, mask)
     quad_k, lin_k = _mask_keys(quad_k, lin_k, mask)
     b, n, s = quad_q.shape
@@ -88,24 +109,33 @@ def gau_mixed_chunk(quad_q: torch.Tensor, quad_k: torch.Tensor, lin_q: torch.Ten
     c = chunk_size
     C = -(-n // c)
     pad = C * c - n
+    G = block_chunks or max(1, _BLOCK_STATE_BYTES // (s * e * v.element_size()))
     if pad:  # zero keys are never read; padded query rows are dropped
         quad_q, quad_k, lin_q, lin_k, v = (F.pad(t, (0, 0, 0, pad)) for t in (quad_q, quad_k, lin_q, lin_k, v))
-    qq, qk, lq, lk = (t.reshape(b * C, c, s) for t in (quad_q, quad_k, lin_q, lin_k))
-    vc = v.reshape(b * C, c, e)
-
-    # linear term across chunks: exclusive prefix sum of per-chunk states (plus the carry-in)
-    kv = (lk.transpose(-1, -2) @ vc).div_(c).view(b, C, s, e)         # (b, C, s, e)
-    kv_prev = exclusive_prefix_sum(kv, dim=1, initial=initial_state)  # (b, C, s, e)
-
-    # quadratic term inside each chunk, fused with the linear one
-    kernel = F.relu((qq @ qk.transpose(-1, -2)).div_(c)).square().tril_()  # (bC, c, c), diagonal kept
-    o = torch.baddbmm(lq @ kv_prev.view(b * C, s, e), kernel, vc)    # (bC, c, e)
-    o = o.view(b, C * c, e)[:, :n]                                    # (b, n, e)
+    state = initial_state if exists(initial_state) else v.new_zeros(b, s, e)
+    # split, not slice, into blocks: autograd then assembles each input's gradient in one piece
+    blocks = zip(*(t.reshape(b, C, c, t.shape[-1]).split(G, dim=1) for t in (quad_q, quad_k, lin_q, lin_k, v)))
+    tracked = torch.is_grad_enabled() and any(t.requires_grad for t in (quad_q, quad_k, lin_q, lin_k, v, state))
+    out = None if tracked or b > 1 else v.new_empty(b, C, c, e)  # (b, C, c, e)
+    dest = out.split(G, dim=1) if exists(out) else None
+    outs, prefix = [], {}
+    for i, (qq, qk, lq, lk, vc) in enumerate(blocks):  # (b, g, c, s) x 4, (b, g, c, e); g = G but the last
+        g = qq.shape[1]
+        if g not in prefix:  # row j, for j = 0..g: (1/c) x (sum of the first j chunk states)
+            prefix[g] = torch.ones(g + 1, g, dtype=v.dtype, device=v.device).tril_(-1).div_(c)
+        kv = lk.transpose(-1, -2) @ vc                                # (b, g, s, e) chunk states, unscaled
+        states = torch.baddbmm(state.reshape(b, 1, s * e), prefix[g].expand(b, g + 1, g),
+                               kv.view(b, g, s * e)).view(b, g + 1, s, e)  # S before chunk 0..g of the block
+        kernel = F.relu((qq @ qk.transpose(-1, -2)).div_(c)).square().tril_()  # (b, g, c, c), diagonal kept
+        o = lq @ states[:, :g] if dest is None else torch.matmul(lq, states[:, :g], out=dest[i])  # (b, g, c, e)
+        o.view(b * g, c, e).baddbmm_(kernel.view(b * g, c, c), vc.reshape(b * g, c, e))
+        outs.append(o)
+        last, state = states, states[:, g]
+    o = (out if exists(out) else torch.cat(outs, dim=1)).view(b, C * c, e)[:, :n]  # (b, n, e)
     if not output_final_state:
         return o
-    complete = n // c  # a trailing partial chunk is not folded in
-    state = kv_prev[:, complete] if complete < C else kv_prev[:, -1] + kv[:, -1]
-    return o, state
+    # a trailing partial chunk (the last of the last block) is not folded in
+    return o, (state if n % c == 0 else last[:, -2])
 
 
 def gau_continue_chunk(quad_q: torch.Tensor, quad_k: torch.Tensor, lin_q: torch.Tensor, v: torch.Tensor,

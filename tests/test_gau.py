@@ -168,3 +168,57 @@ def test_op_rejects_bad_arguments():
         gau_mixed_chunk(*x, 0)
     with pytest.raises(ValueError, match="mask"):
         gau_mixed_chunk(*x, 4, torch.ones(2, 5, dtype=torch.bool))
+
+
+# Blocks of chunks: gau_mixed_chunk takes the chunks `block_chunks` at a time, carrying the
+# state across blocks, and without autograd (b = 1) writes each block straight into the output.
+# Both paths, several block sizes (one chunk per block, a short last block, one block for all),
+# a trailing partial chunk, a mask, and a carried-in state, all against the full-matrix oracle.
+
+@pytest.mark.parametrize("block", [1, 2, 5, 12, 100], ids=lambda x: f"G{x}")
+@pytest.mark.parametrize("b", [1, 2], ids=["b1", "b2"])
+@pytest.mark.parametrize("grad", [False, True], ids=["nograd", "grad"])
+def test_blocks_match_oracle(block, b, grad):
+    n, c = 45, 4  # 12 chunks, the last one partial
+    x = [t.requires_grad_(grad) for t in inputs(b=b, n=n)]
+    mask = pad_mask(b, n, [n - 3, 30][:b])
+    with torch.set_grad_enabled(grad):
+        out = gau_mixed_chunk(*x, c, mask, block_chunks=block)
+    ref = gau_attention_ref(*(t.detach().double() for t in x), c, mask)
+    assert out.requires_grad == grad
+    assert rel_err(out, ref) <= TOL
+    if grad:
+        cot = torch.randn(b, n, 12)
+        grads = torch.autograd.grad((out * cot).sum(), x)
+        want = torch.autograd.grad((gau_attention_ref(*x, c, mask) * cot).sum(), x)
+        for gr, w in zip(grads, want):
+            assert rel_err(gr, w) <= TOL
+
+
+@pytest.mark.parametrize("block", [1, 3, None], ids=lambda x: f"G{x}")
+@pytest.mark.parametrize("grad", [False, True], ids=["nograd", "grad"])
+def test_blocks_continue_from_a_state(block, grad):
+    # a chunk-aligned prefix, its final state, then the rest from that state == the oracle's tail
+    n, c, p = 41, 4, 12
+    x = [t.requires_grad_(grad) for t in inputs(b=1, n=n)]
+    with torch.set_grad_enabled(grad):
+        _, S = gau_mixed_chunk(*(t[:, :p] for t in x), c, block_chunks=block, output_final_state=True)
+        rest, S_end = gau_mixed_chunk(*(t[:, p:] for t in x), c, block_chunks=block, initial_state=S,
+                                      output_final_state=True)
+    xd = [t.detach().double() for t in x]
+    assert rel_err(rest, gau_attention_ref(*xd, c)[:, p:]) <= TOL
+    # n = 41: the state after the last complete chunk covers tokens 0..39
+    want = xd[3][:, :40].transpose(-1, -2) @ xd[4][:, :40] / c
+    assert rel_err(S_end, want) <= TOL
+    if grad:  # the gradient flows through the carried state into the prefix's inputs
+        g = torch.autograd.grad(rest.sum(), x[3])[0]
+        assert g[:, :p].abs().sum() > 0
+
+
+def test_block_size_does_not_change_the_output():
+    x = inputs(b=1, n=64, dtype=torch.float64)
+    outs = [gau_mixed_chunk(*x, 4, block_chunks=g) for g in (1, 2, 3, 7, 16, None)]
+    for o in outs[1:]:
+        assert rel_err(o, outs[0]) <= 1e-12
+    with pytest.raises(ValueError, match="block_chunks"):
+        gau_mixed_chunk(*x, 4, block_chunks=0)
