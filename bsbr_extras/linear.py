@@ -15,7 +15,8 @@ Two forms that give the same numbers:
 
 * ``linear_attention``: chunkwise parallel. Inside a chunk, a causally masked ``c x c`` product;
   across chunks, an exclusive prefix sum over per-chunk states (``exclusive_prefix_sum``; no
-  Python loop over chunks or tokens). Cost per head ``O(n c d + n d^2)``.
+  Python loop over chunks or tokens, only over blocks of heads). Cost per head
+  ``O(n c d + n d^2)``.
 * ``linear_attention_step``: the recurrence for one token, ``O(d^2)``; the decoding cache keeps
   ``(S, z)``.
 
@@ -35,6 +36,7 @@ from torch import nn
 from bsbr.shell import CausalLM, check_heads, check_positive_int, exists, merge_heads, split_heads
 
 EPS = 1e-6
+_BLOCK_STATE_BYTES = 2 << 20  # default block of chunks: about this much state at a time
 
 
 def feature_map(x: torch.Tensor) -> torch.Tensor:
@@ -80,7 +82,7 @@ def _check_qkv(q, k, v, mask):
 
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size: int,
                      mask: Optional[torch.Tensor] = None, *, initial_state=None,
-                     output_final_state: bool = False, eps: float = EPS):
+                     output_final_state: bool = False, eps: float = EPS, block_chunks: Optional[int] = None):
     """Causal linear attention, chunkwise-parallel form.
 
     Args:
@@ -91,45 +93,75 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_si
         initial_state: optional ``(S0, z0)`` of shapes (b, h, d, d_v), (b, h, d): the sums over an
             earlier prefix (used by the decoding cache to continue a sequence).
         output_final_state: also return ``(S_n, z_n)``.
+        eps: added to the normaliser.
+        block_chunks: ``G``, chunks per block (a speed knob: the output does not depend on it
+            beyond round-off). Default: as many as keep a block's states near 2 MiB.
 
     Returns:
         o (b, h, n, d_v), and ``(S, z)`` if ``output_final_state``.
+
+    The chunks are taken ``G`` at a time (all heads together), carrying ``[S | z]`` from block
+    to block. Per block: the feature maps; the ``G`` chunk states ``phi(K_j)^T [V_j | 1]``; their
+    exclusive prefix sums seeded with the carried state, one product with a constant ``G x G``
+    strictly lower-triangular matrix (``baddbmm`` adds the carry); the read-out ``phi(Q_i) S_i``
+    plus the intra-chunk term (one ``baddbmm``); the division. FLOPs are those
+    of the all-chunks-at-once form, but every intermediate exists for one block only (a few MiB,
+    reused while in cache, where the whole-sequence form allocated ``(b, h, n, .)`` tensors and
+    34 MiB of states at n = 16k, h = 8, d = 64), and a block of tokens of all heads is one
+    contiguous piece of the ``(b, n, h, d)`` layout that the projections produce. When autograd
+    is not recording the blocks write straight into the output; otherwise they are concatenated.
     """
     check_positive_int("chunk_size", chunk_size)
+    if exists(block_chunks):
+        check_positive_int("block_chunks", block_chunks)
     _check_qkv(q, k, v, mask)
     b, h, n, d = q.shape
     dv = v.shape[-1]
+    B, N = b * h, d * (dv + 1)                                        # N: one state [S | z], flattened
     c = min(chunk_size, n)
-    C = -(-n // c)
-    pad = C * c - n
+    G = block_chunks or max(1, _BLOCK_STATE_BYTES // (B * N * v.element_size()))
+    state = (torch.cat([initial_state[0], initial_state[1][..., None]], dim=-1).reshape(B, 1, N)
+             if exists(initial_state) else v.new_zeros(B, 1, N))     # (bh, 1, d*(dv+1))
+    tracked = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, state))
+    out = None if tracked else v.new_empty(b, h, n, dv)
+    # split, not slice, into blocks: autograd then assembles each input's gradient in one piece
+    blocks = zip(*(t.split(G * c, dim=2) for t in (q, k, v)))
+    outs, prefix = [], {}
+    for i, (qb, kb, vb) in enumerate(blocks):                        # (b, h, L, .), L <= G c tokens
+        t0, L = i * G * c, qb.shape[2]
+        g = -(-L // c)
+        pad = g * c - L
+        fq, fk = feature_map(qb), feature_map(kb)
+        if exists(mask):
+            fk = fk * mask[:, None, t0:t0 + L, None].to(fk.dtype)    # masked keys: phi(k) = 0 -> no contribution
+        # a ones column appended to v carries the normaliser: [S | z] = phi(K)^T [V | 1], so every
+        # product below yields numerator and denominator together
+        v1 = torch.cat([vb, torch.ones_like(vb[..., :1])], dim=-1)    # (b, h, L, dv+1)
+        if pad:  # zero keys contribute nothing; padded query rows are dropped
+            fq, fk, v1 = (F.pad(t, (0, 0, 0, pad)) for t in (fq, fk, v1))
+        fq, fk, v1 = fq.reshape(B * g, c, d), fk.reshape(B * g, c, d), v1.reshape(B * g, c, dv + 1)
 
-    fq, fk = feature_map(q), feature_map(k)
-    if exists(mask):
-        fk = fk * mask[:, None, :, None].to(fk.dtype)  # masked keys: phi(k) = 0 -> no contribution
-    # a ones column appended to v carries the normaliser: [S | z] = phi(K)^T [V | 1], so every
-    # product below yields numerator and denominator together
-    v1 = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)          # (b, h, n, dv+1)
-    if pad:
-        # zero keys contribute nothing; padded query rows are dropped at the end
-        fq, fk, v1 = (F.pad(t, (0, 0, 0, pad)) for t in (fq, fk, v1))
-    fq = fq.reshape(b * h * C, c, d)
-    fk = fk.reshape(b * h * C, c, d)
-    v1 = v1.reshape(b * h * C, c, dv + 1)
+        # per-chunk states, then their exclusive prefix sums seeded with the carry: what chunk j
+        # of the block sees of every chunk before it
+        if g not in prefix:
+            prefix[g] = torch.ones(g, g, dtype=v.dtype, device=v.device).tril_(-1)
+        kv = (fk.transpose(-1, -2) @ v1).view(B, g, N)                  # (bh, g, N)
+        states = torch.baddbmm(state, prefix[g].expand(B, g, g), kv)    # (bh, g, N)
+        state = (states[:, -1] + kv[:, -1])[:, None]                  # (bh, 1, N) carry-out
 
-    # per-chunk states, then their exclusive prefix sums: what chunk i sees from chunks j < i
-    kv = (fk.transpose(-1, -2) @ v1).view(b, h, C, d, dv + 1)         # (b, h, C, d, dv+1)
-    init = torch.cat([initial_state[0], initial_state[1][..., None]], dim=-1) if exists(initial_state) else None
-    kv_prev = exclusive_prefix_sum(kv, dim=2, initial=init)          # (b, h, C, d, dv+1)
+        # intra-chunk causal (c, c) scores, diagonal kept; then inter + intra in one fused product
+        scores = (fq @ fk.transpose(-1, -2)).tril_()                  # (bhg, c, c)
+        nd = torch.baddbmm(fq @ states.view(B * g, d, dv + 1), scores, v1)  # (bhg, c, dv+1)
+        nd = nd.view(b, h, g * c, dv + 1)[:, :, :L]
+        if exists(out):
+            torch.div(nd[..., :dv], nd[..., dv:].add_(eps), out=out[:, :, t0:t0 + L])
+        else:
+            outs.append(nd[..., :dv] / (nd[..., dv:] + eps))          # (b, h, L, dv)
 
-    # intra-chunk causal (c, c) scores, diagonal kept; then inter + intra in one fused product
-    scores = (fq @ fk.transpose(-1, -2)).tril_()                      # (bhC, c, c)
-    nd = torch.baddbmm(fq @ kv_prev.view(b * h * C, d, dv + 1), scores, v1)  # (bhC, c, dv+1)
-    nd = nd.view(b, h, C * c, dv + 1)[:, :, :n]
-    o = nd[..., :dv] / (nd[..., dv:] + eps)                           # (b, h, n, dv)
-
+    o = out if exists(out) else torch.cat(outs, dim=2)                # (b, h, n, dv)
     if not output_final_state:
         return o
-    final = kv_prev[:, :, -1] + kv[:, :, -1]                          # (b, h, d, dv+1)
+    final = state.view(b, h, d, dv + 1)
     return o, (final[..., :dv], final[..., dv])
 
 
