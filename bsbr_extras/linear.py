@@ -25,7 +25,6 @@ Axis legend:  b batch   h heads   n tokens   C chunks   c chunk size   d head si
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -42,31 +41,6 @@ _BLOCK_STATE_BYTES = 2 << 20  # default block of chunks: about this much state a
 def feature_map(x: torch.Tensor) -> torch.Tensor:
     """phi(x) = elu(x) + 1 > 0 (Katharopoulos et al., 2020, eq. 7)."""
     return F.elu(x).add_(1.0)  # in place: elu's backward needs its input, not its output
-
-
-def exclusive_prefix_sum(x: torch.Tensor, dim: int, initial: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``y_i = initial + sum_{j < i} x_j`` along ``dim``: what chunk ``i`` sees of the chunks before it.
-
-    Two-level blocked matmuls (prefix sums inside blocks of ``~sqrt(C)`` entries, then across the
-    block totals) instead of ``torch.cumsum``, which on CPU is several times slower than a plain
-    pass when ``dim`` is not the last one (the per-chunk states put it in the middle).
-    ``initial`` has ``x``'s shape without ``dim`` and is added to every entry.
-    """
-    shape, C = x.shape, x.shape[dim]
-    P, N = math.prod(shape[:dim]), math.prod(shape[dim + 1:])
-    g = math.isqrt(C - 1) + 1                                         # block length, ceil(sqrt(C))
-    G = -(-C // g)                                                    # blocks
-    x3 = x.reshape(P, C, N)
-    if G * g != C:
-        x3 = F.pad(x3, (0, 0, 0, G * g - C))
-    xb = x3.view(P, G, g, N)
-    strict = lambda m: torch.ones(m, m, dtype=x.dtype, device=x.device).tril(-1)
-    within = strict(g) @ xb                                           # (P, G, g, N) sums inside each block
-    before = strict(G) @ xb.sum(dim=2)                                # (P, G, N) sums of earlier blocks
-    if exists(initial):
-        before = before + initial.reshape(P, 1, N)
-    y = (within + before[:, :, None]).view(P, G * g, N)[:, :C]
-    return y.contiguous().view(shape)  # a copy only when C was padded
 
 
 def _check_qkv(q, k, v, mask):

@@ -27,7 +27,6 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from bsbr.shell import CausalLM, check_dropout, check_heads, check_positive_int, exists, merge_heads
 from bsbr_extras.standard import StandardAttention, allowed_keys, causal_softmax_attention, check_qkv

@@ -4,7 +4,7 @@ full-matrix oracle, masking, the head-dimension guard, the mixer protocol, bad h
 import pytest
 import torch
 
-from bsbr_extras.linear import (LinearAttention, LinearTransformerModel, exclusive_prefix_sum, linear_attention,
+from bsbr_extras.linear import (LinearAttention, LinearTransformerModel, linear_attention,
                                 linear_attention_step)
 from tests.conftest import rel_err
 from tests.reference_linear import linear_attention_ref
@@ -50,15 +50,6 @@ def test_chunk_size_does_not_change_the_result():
     outs = [linear_attention(q, k, v, c) for c in (1, 4, 7, 37, 100)]
     for o in outs[1:]:
         assert rel_err(o, outs[0]) <= 1e-12
-
-
-@pytest.mark.parametrize("C", [1, 2, 5, 16, 17, 40])
-def test_exclusive_prefix_sum_matches_cumsum(C):
-    x = torch.randn(2, 3, C, 4, 5, dtype=torch.float64)
-    init = torch.randn(2, 3, 4, 5, dtype=torch.float64)
-    want = torch.cat([torch.zeros_like(x[:, :, :1]), x.cumsum(2)[:, :, :-1]], dim=2)
-    assert torch.allclose(exclusive_prefix_sum(x, 2), want, atol=1e-12, rtol=0)
-    assert torch.allclose(exclusive_prefix_sum(x, 2, initial=init), want + init[:, :, None], atol=1e-12, rtol=0)
 
 
 def test_step_form_matches_parallel_form():
