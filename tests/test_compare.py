@@ -78,11 +78,13 @@ def test_sidecar_records_allocator_and_thread_settings(monkeypatch, tmp_path):
     register_toys(monkeypatch)
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "17179869184")
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")  # PyTorch's huge-page switch for large CPU tensors
     monkeypatch.setenv("UNRELATED_VARIABLE", "x")
     out = tmp_path / "r.csv"
     C.run_sweep(toy_cases(lengths=(8,)), out, **FAST)
     env = json.loads(out.with_suffix(".json").read_text())["perf_env"]
     assert env["MALLOC_MMAP_THRESHOLD_"] == "17179869184" and env["OMP_NUM_THREADS"] == "2"
+    assert env["THP_MEM_ALLOC_ENABLE"] == "1"
     assert "UNRELATED_VARIABLE" not in env
 
 
