@@ -106,13 +106,11 @@ def unit_lower_inverse(A: torch.Tensor) -> torch.Tensor:
 SEGMENT_BYTES = 2 << 20
 
 
-def _segment(q, k, v, beta, S, qk_l2norm=False):
+def _segment(q, k, v, beta, S):
     """The chunkwise form over the ``g`` chunks of one segment, from state ``S`` before its first chunk.
 
     q, k (B, g, c, d), v (B, g, c, dv), beta (B, g, c, 1), S (B, d, dv) -> (o (B, g, c, dv), S after).
     """
-    if qk_l2norm:  # on the segment's slices: small and cache-resident, unlike a whole-sequence pass
-        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
     B, g, c, d = q.shape
     dv = v.shape[-1]
     # UT transform for every chunk of the segment at once (Yang et al., 2024, eq. 8-9):
@@ -144,11 +142,11 @@ def _segment(q, k, v, beta, S, qk_l2norm=False):
 def delta_rule_chunkwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
                          chunk_size: int, mask: Optional[torch.Tensor] = None, *,
                          initial_state: Optional[torch.Tensor] = None, output_final_state: bool = False,
-                         segment_chunks: Optional[int] = None, qk_l2norm: bool = False):
+                         segment_chunks: Optional[int] = None):
     """The delta rule, chunkwise WY/UT-transform form (Yang et al., 2024).
 
     Args:
-        q, k: (b, h, n, d), expected L2-normalised per head unless ``qk_l2norm``.
+        q, k: (b, h, n, d), expected L2-normalised per head (``DeltaNetAttention`` does it).
         v: (b, h, n, d_v).  beta: (b, h, n) write strengths in (0, 1).
         chunk_size: tokens per chunk; any ``n`` works (the last chunk is zero-padded).
         mask: (b, n) bool, True = real token; masked tokens get beta = 0 and k = 0.
@@ -156,9 +154,6 @@ def delta_rule_chunkwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta
         output_final_state: also return the state after the last token.
         segment_chunks: chunks per segment (a memory-locality knob that does not change the
             result); None sizes segments so their largest temporary is about ``SEGMENT_BYTES``.
-        qk_l2norm: L2-normalise q and k per head here, segment by segment (``DeltaNetAttention``
-            uses it): the same numbers as normalising beforehand, without two whole-sequence
-            passes and their (b, h, n, d) temporaries.
 
     Returns:
         o (b, h, n, d_v), and the final state (b, h, d, d_v) if ``output_final_state``.
@@ -184,7 +179,7 @@ def delta_rule_chunkwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta
     outs = []
     for s0 in range(0, C, g):
         part = slice(s0, s0 + g)
-        o, S = _segment(q[:, part], k[:, part], v[:, part], beta[:, part], S, qk_l2norm)
+        o, S = _segment(q[:, part], k[:, part], v[:, part], beta[:, part], S)
         outs.append(o)
     o = torch.cat(outs, dim=1).view(b, h, C * c, dv)[:, :, :n]
     S = S.view(b, h, d, dv)
@@ -193,14 +188,12 @@ def delta_rule_chunkwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta
 
 def delta_rule_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
                          mask: Optional[torch.Tensor] = None, *, initial_state: Optional[torch.Tensor] = None,
-                         output_final_state: bool = False, qk_l2norm: bool = False):
+                         output_final_state: bool = False):
     """The delta rule one token at a time (the decoding form; ``O(d^2)`` per token).
 
     Same arguments and results as :func:`delta_rule_chunkwise`, without ``chunk_size``.
     """
     _check_inputs(q, k, v, beta, mask)
-    if qk_l2norm:
-        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
     k, beta = _apply_mask(k, beta, mask)
     b, h, n, d = q.shape
     S = initial_state if exists(initial_state) else q.new_zeros(b, h, d, v.shape[-1])
@@ -239,18 +232,17 @@ class DeltaNetAttention(nn.Module):
     def op_inputs(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> tuple:
         q, k, v = self.qkv(x).chunk(3, dim=-1)                        # 3 x (b, n, D)
         q, k, v = (split_heads(t, self.num_heads) for t in (q, k, v))  # 3 x (b, h, n, d)
-        # q and k are L2-normalised inside the op (qk_l2norm): unit-norm keys keep every
-        # (I - beta k k^T) a contraction for beta in (0, 1)
+        # unit-norm keys keep every (I - beta k k^T) a contraction for beta in (0, 1)
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         beta = torch.sigmoid(self.beta_proj(x)).transpose(1, 2)       # (b, h, n)
         return (q, k, v, beta) if mask is None else (q, k, v, beta, mask)
 
     def op(self, q, k, v, beta, mask=None) -> torch.Tensor:
-        """The delta rule on raw per-head q, k (normalised inside), v and beta."""
-        return delta_rule_chunkwise(q, k, v, beta, self.chunk_size, mask, qk_l2norm=True)
+        return delta_rule_chunkwise(q, k, v, beta, self.chunk_size, mask)
 
     def op_recurrent(self, q, k, v, beta, mask=None) -> torch.Tensor:
         """The same op one token at a time (the form ``op`` replaces for training and prefill)."""
-        return delta_rule_recurrent(q, k, v, beta, mask, qk_l2norm=True)
+        return delta_rule_recurrent(q, k, v, beta, mask)
 
     def init_cache(self, batch_size: int, device=None, dtype=None) -> DeltaNetCache:
         d = self.head_dim
@@ -264,11 +256,10 @@ class DeltaNetAttention(nn.Module):
         else:
             # one token: the recurrence; a longer piece (a prompt): the chunkwise form from the cached S
             if x.shape[1] == 1:
-                o, S = delta_rule_recurrent(*inputs[:4], mask, initial_state=cache.S, output_final_state=True,
-                                            qk_l2norm=True)
+                o, S = delta_rule_recurrent(*inputs[:4], mask, initial_state=cache.S, output_final_state=True)
             else:
                 o, S = delta_rule_chunkwise(*inputs[:4], self.chunk_size, mask, initial_state=cache.S,
-                                            output_final_state=True, qk_l2norm=True)
+                                            output_final_state=True)
             cache.S.copy_(S)
         return self.out_proj(merge_heads(o))                           # (b, n, D)
 
