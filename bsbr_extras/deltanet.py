@@ -177,9 +177,10 @@ def delta_rule_chunkwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta
     g = segment_chunks or max(1, SEGMENT_BYTES // (B * c * (d + dv) * q.element_size()))
     S = initial_state.reshape(B, d, dv) if exists(initial_state) else q.new_zeros(B, d, dv)
     outs = []
-    for s0 in range(0, C, g):
-        part = slice(s0, s0 + g)
-        o, S = _segment(q[:, part], k[:, part], v[:, part], beta[:, part], S)
+    # split, not slice: autograd then assembles each input's gradient once, instead of one
+    # input-sized zero tensor per segment
+    for parts in zip(*(t.split(g, dim=1) for t in (q, k, v, beta))):
+        o, S = _segment(*parts, S)
         outs.append(o)
     o = torch.cat(outs, dim=1).view(b, h, C * c, dv)[:, :, :n]
     S = S.view(b, h, d, dv)
