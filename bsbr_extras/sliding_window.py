@@ -88,21 +88,27 @@ def _banded_blocked(q, k, v, window_size, mask, scale, dropout_p):
 
     # token-major output, so merging heads afterwards is a free view instead of another copy
     out = q.new_empty(b, w + J * B, h, v.shape[-1])  # (b, w + J*B, h, d)
-    out[:, :w] = causal_softmax_attention(q[:, :, :w], k[:, :, :w], v[:, :, :w],
-                                          mask[:, :w] if exists(mask) else None, scale, dropout_p).transpose(1, 2)
+    # Inputs are split, never sliced, into the first w positions and then segments aligned with the
+    # query segments: autograd then assembles each input's gradient once (a slice's backward makes
+    # an input-sized zero tensor per segment). A segment is at least w positions long, so the w
+    # keys before it lie in the part just before it.
+    per_block = b * h * B * d * q.element_size()
+    rows = B * max(1, SEGMENT_BYTES // per_block, -(-w // B))  # positions per segment, >= w
+    (q0, q_rest), (k0, k_rest), (v0, v_rest) = (t.split([w, J * B], dim=2) for t in (q, k, v))
+    out[:, :w] = causal_softmax_attention(q0, k0, v0, mask[:, :w] if exists(mask) else None,
+                                          scale, dropout_p).transpose(1, 2)
     band = _band(B, w + B, w, q.device)  # (B, w+B): local query i (column w+i) sees columns i+1 .. w+i
     if exists(mask):
         diag = torch.arange(B, device=q.device)[:, None] + w == torch.arange(w + B, device=q.device)  # (B, w+B)
-    per_block = b * h * B * d * q.element_size()
-    step = max(1, SEGMENT_BYTES // per_block)  # query blocks per segment
-    for j0 in range(0, J, step):
-        j1 = min(J, j0 + step)
-        Js = j1 - j0
+    k_prev, v_prev, p0 = k0, v0, 0  # p0: the segment's first query position, minus w
+    for qp, kp, vp in zip(*(t.split(rows, dim=2) for t in (q_rest, k_rest, v_rest))):
+        Js = qp.shape[2] // B
         # block j's queries are positions [w + jB, w + (j+1)B), its keys [jB, jB + w + B): overlapping
-        # windows of stride B, which unfold returns as a view of the segment's keys (no copy)
-        qq = q[:, :, w + j0 * B: w + j1 * B].contiguous().unflatten(2, (Js, B))  # (b, h, Js, B, d)
-        ks = k[:, :, j0 * B: j1 * B + w].contiguous()  # (b, h, Js*B + w, d)
-        vs = v[:, :, j0 * B: j1 * B + w].contiguous()
+        # windows of stride B over the segment's keys, which unfold returns as a view (no copy)
+        qq = qp.contiguous().unflatten(2, (Js, B))  # (b, h, Js, B, d)
+        ks = torch.cat([k_prev[:, :, -w:], kp], dim=2)  # (b, h, w + Js*B, d), contiguous
+        vs = torch.cat([v_prev[:, :, -w:], vp], dim=2)
+        k_prev, v_prev = kp, vp
         kk = ks.unfold(2, w + B, B).transpose(-1, -2)  # (b, h, Js, w+B, d)
         vv = vs.unfold(2, w + B, B).transpose(-1, -2)  # (b, h, Js, w+B, d)
         if not exists(mask):
@@ -110,13 +116,14 @@ def _banded_blocked(q, k, v, window_size, mask, scale, dropout_p):
             rest = F.scaled_dot_product_attention(qq.flatten(0, 1), kk.flatten(0, 1), vv.flatten(0, 1),
                                                   attn_mask=band, scale=scale, dropout_p=dropout_p)
         else:
-            km = mask[:, j0 * B: j1 * B + w].unfold(1, w + B, B)  # (b, Js, w+B)
+            km = mask[:, p0: p0 + Js * B + w].unfold(1, w + B, B)  # (b, Js, w+B)
             allowed = band & (km[:, :, None, :] | diag)  # (b, Js, B, w+B): see allowed_keys for the diagonal
             # the key mask differs per sequence: one fused call per sequence keeps every tensor a view
             rest = torch.stack([F.scaled_dot_product_attention(qq[i], kk[i], vv[i], attn_mask=allowed[i],
                                                                scale=scale, dropout_p=dropout_p)
                                 for i in range(b)])
-        out[:, w + j0 * B: w + j1 * B] = rest.reshape(b, h, Js * B, -1).transpose(1, 2)
+        out[:, w + p0: w + p0 + Js * B] = rest.reshape(b, h, Js * B, -1).transpose(1, 2)
+        p0 += Js * B
     return out[:, :n].transpose(1, 2)  # (b, h, n, d)
 
 

@@ -48,6 +48,29 @@ def test_query_blocks_smaller_than_the_window_match_oracle(monkeypatch, block, m
         assert rel_err(a.grad, b.grad) <= 1e-5, f"d/d{name}"
 
 
+@pytest.mark.parametrize("block, w, n", [(2, 5, 47), (3, 7, 64), (4, 4, 41)], ids=lambda x: str(x))
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "padmask"])
+def test_many_segments_match_oracle(monkeypatch, block, w, n, masked):
+    # A one-byte budget makes every segment the minimum (ceil(w / B) blocks), so the w keys before a
+    # segment come from the part before it and there are many seams; outputs and gradients must not see them.
+    monkeypatch.setattr(sw_module, "QUERY_BLOCK", block)
+    monkeypatch.setattr(sw_module, "SEGMENT_BYTES", 1)
+    q, k, v = qkv(n=n)
+    mask = pad_mask(2, n, [n, n - 13]) if masked else None
+    if masked:
+        mask[0, 10:19] = False
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = at_real(sliding_window_attention(*leaves, w, mask), mask)
+    ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = softmax_attention_loop(*ref_leaves, window=w, mask=mask)
+    assert rel_err(out, ref) <= 1e-5
+    wt = torch.randn_like(ref)
+    (out * wt).sum().backward()
+    (ref * wt).sum().backward()
+    for name, a, b in zip("qkv", leaves, ref_leaves):
+        assert rel_err(a.grad, b.grad) <= 1e-5, f"d/d{name}"
+
+
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "padmask"])
 def test_gradients_match_oracle(masked):
     n, w = 23, 6
