@@ -123,7 +123,7 @@ def run(models: Sequence[str], seq_lengths: Sequence[int], modes: Sequence[str],
                                    repeats=len(s), samples_ms=" ".join(f"{x:.6g}" for x in samples))
                     rows.append(row)
                     _write_atomic(output, rows)
-    write_sidecar(output, dict(info, finished_utc=utc_now()))
+    write_sidecar(output, dict(info, ended_utc=utc_now()))
     return rows
 
 

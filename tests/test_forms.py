@@ -59,7 +59,7 @@ def test_command_times_both_forms_and_reports_the_ratio(tmp_path):
     assert all(r["status"] == "ok" and float(r["time_ms"]) > 0 and r["model"] == "DeltaNet" for r in rows)
     assert tuple(rows[0]) == fm.COLUMNS
     side = json.loads(out.with_suffix(".json").read_text())
-    assert side["settings"]["seq_lengths"] == [16, 40] and "finished_utc" in side
+    assert side["settings"]["seq_lengths"] == [16, 40] and "ended_utc" in side
     ratios = fm.speedups(rows)
     assert len(ratios) == 4
     for s in ratios:
