@@ -23,17 +23,17 @@ def _fail(message: str) -> None:
 
 @app.command()
 def models() -> None:
-    """List the registry: name, the published method it follows, complexity, modes, decoding state."""
+    """List the registry: name, the published method it follows, complexity, modes, op forms, decoding state."""
     from rich.console import Console
     from rich.table import Table
 
     from evals.registry import REGISTRY
 
     table = Table(title="bsbr-eval models (names are case-insensitive)")
-    for col in ("name", "method", "complexity (per head)", "modes", "decoding cache holds"):
+    for col in ("name", "method", "complexity (per head)", "modes", "op forms", "decoding cache holds"):
         table.add_column(col, overflow="fold")
     for spec in REGISTRY.values():
-        table.add_row(spec.name, spec.method, spec.complexity, " ".join(spec.modes), spec.state)
+        table.add_row(spec.name, spec.method, spec.complexity, " ".join(spec.modes), " ".join(spec.forms), spec.state)
     Console().print(table)
 
 

@@ -14,7 +14,8 @@ from .sliding_window import (SlidingWindowAttention, SlidingWindowTransformerMod
 from .hopfield import HopfieldAttention, HopfieldNetworkModel, hopfield_retrieval  # noqa: E402,F401
 
 # Linear family: kernelised linear attention, the delta rule, and the gated attention unit.
-from .linear import LinearAttention, LinearTransformerModel, linear_attention, linear_attention_step  # noqa: E402,F401
+from .linear import (LinearAttention, LinearTransformerModel, linear_attention, linear_attention_recurrent,  # noqa: E402,F401
+                     linear_attention_step)
 from .deltanet import (DeltaNetAttention, DeltaNetModel, delta_rule_chunkwise,  # noqa: E402,F401
                        delta_rule_recurrent)
 from .gau import GatedAttentionUnit, GAUModel, gau_continue_chunk, gau_mixed_chunk  # noqa: E402,F401

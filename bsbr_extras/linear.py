@@ -161,6 +161,32 @@ def linear_attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, S: 
     return num / (den + eps)
 
 
+def linear_attention_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                               mask: Optional[torch.Tensor] = None, eps: float = EPS) -> torch.Tensor:
+    """Causal linear attention one token at a time, out of place (so autograd can train through it).
+
+    ``S_t = S_{t-1} + phi(k_t)^T v_t``, ``z_t = z_{t-1} + phi(k_t)``,
+    ``o_t = phi(q_t)^T S_t / (phi(q_t)^T z_t + eps)``: the form :func:`linear_attention` replaces
+    for training and prefill (``bsbr-eval forms`` times the two). Same arguments as that function,
+    without ``chunk_size``; returns (b, h, n, d_v).
+    """
+    _check_qkv(q, k, v, mask)
+    fq, fk = feature_map(q), feature_map(k)                           # (b, h, n, d)
+    if exists(mask):
+        fk = fk * mask[:, None, :, None].to(fk.dtype)
+    b, h, n, d = q.shape
+    S = q.new_zeros(b, h, d, v.shape[-1])
+    z = q.new_zeros(b, h, d)
+    out = []
+    for t in range(n):
+        S = S + fk[:, :, t, :, None] * v[:, :, t, None, :]            # (b, h, d, dv)
+        z = z + fk[:, :, t]                                           # (b, h, d)
+        num = (fq[:, :, t, None] @ S)[:, :, 0]                        # (b, h, dv)
+        den = (fq[:, :, t] * z).sum(-1, keepdim=True)                 # (b, h, 1)
+        out.append(num / (den + eps))
+    return torch.stack(out, dim=2)                                    # (b, h, n, dv)
+
+
 # ----------------------------------------------------------------------------- mixer
 
 
@@ -190,6 +216,10 @@ class LinearAttention(nn.Module):
 
     def op(self, q, k, v, mask=None) -> torch.Tensor:
         return linear_attention(q, k, v, self.chunk_size, mask)
+
+    def op_recurrent(self, q, k, v, mask=None) -> torch.Tensor:
+        """The same op one token at a time (the form ``op`` replaces for training and prefill)."""
+        return linear_attention_recurrent(q, k, v, mask)
 
     def init_cache(self, batch_size: int, device=None, dtype=None) -> LinearAttentionCache:
         h, d = self.num_heads, self.head_dim

@@ -88,7 +88,8 @@ REGISTRY: dict[str, ModelSpec] = {
         ModelSpec(
             "Linear", "Linear attention, phi=elu+1 (Katharopoulos et al., 2020)",
             "O(n c d + n d^2)", "n", MODES, "bsbr_extras.linear:LinearTransformerModel",
-            lambda c: dict(_common(c), chunk_size=c.chunk_size), state="d x d state + d normaliser"),
+            lambda c: dict(_common(c), chunk_size=c.chunk_size), state="d x d state + d normaliser",
+            forms=("parallel", "recurrent")),
         ModelSpec(
             "DeltaNet", "Delta rule, chunkwise WY form (Schlag et al., 2021; Yang et al., 2024)",
             "O(n c d + n d^2)", "n", MODES, "bsbr_extras.deltanet:DeltaNetModel",

@@ -345,6 +345,8 @@ def test_models_command_lists_the_registry():
     for name in MODEL_NAMES:
         assert name in res.output
     assert "Vaswani" in res.output and "Katharopoulos" in res.output
+    deltanet_row = next(line for line in res.output.splitlines() if line.lstrip("│ ").startswith("DeltaNet"))
+    assert "recurrent" in deltanet_row  # the op forms column (what `bsbr-eval forms` accepts)
 
 
 def test_levels_and_modes_come_from_the_registry():

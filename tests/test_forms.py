@@ -39,8 +39,28 @@ def test_recurrent_form_equals_parallel_form(name, masked):
     assert rel_err(par * keep, rec * keep) <= 1e-5
 
 
-def test_there_is_a_model_with_a_recurrent_form():
-    assert "DeltaNet" in fm.models_with_recurrence()
+@pytest.mark.parametrize("name", fm.models_with_recurrence())
+def test_recurrent_form_trains_to_the_same_gradients(name):
+    # `forms --modes train` backpropagates through the recurrence: it must be differentiable and agree
+    torch.manual_seed(1)
+    mixer = REGISTRY[name].build_mixer(SMALL)
+    with torch.no_grad():
+        inputs = [t.clone() for t in mixer.op_inputs(torch.randn(1, 19, SMALL.hidden_dim))]
+    grads = []
+    for op in (mixer.op, mixer.op_recurrent):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        cot = torch.randn(op(*leaves).shape, generator=torch.Generator().manual_seed(2))
+        grads.append(torch.autograd.grad((op(*leaves) * cot).sum(), leaves))
+    for a, b in zip(*grads):
+        assert rel_err(a, b) <= 1e-5
+
+
+def test_the_recurrent_models_are_the_registry_order_default(tmp_path):
+    assert fm.models_with_recurrence() == ("Linear", "DeltaNet")
+    res, out = _invoke(tmp_path, "--seq-lengths", "16", "--modes", "forward")
+    assert res.exit_code == 0, res.output
+    assert [(r["model"], r["form"]) for r in csv.DictReader(out.open())] == [
+        (m, f) for m in ("Linear", "DeltaNet") for f in ("parallel", "recurrent")]
 
 
 def _invoke(tmp_path, *args):
@@ -51,7 +71,7 @@ def _invoke(tmp_path, *args):
 
 
 def test_command_times_both_forms_and_reports_the_ratio(tmp_path):
-    res, out = _invoke(tmp_path, "--seq-lengths", "16,40", "--modes", "forward", "train")
+    res, out = _invoke(tmp_path, "--models", "deltanet", "--seq-lengths", "16,40", "--modes", "forward", "train")
     assert res.exit_code == 0, res.output
     rows = list(csv.DictReader(out.open()))
     assert [(r["mode"], int(r["seq_len"]), r["form"]) for r in rows] == [
@@ -75,7 +95,7 @@ def test_a_failing_configuration_is_a_row_not_a_crash(tmp_path, monkeypatch):
             raise RuntimeError("boom")
         return real(model, form, *a, **kw)
     monkeypatch.setattr(fm, "build", broken)
-    res, out = _invoke(tmp_path, "--seq-lengths", "16", "--modes", "forward")
+    res, out = _invoke(tmp_path, "--models", "DeltaNet", "--seq-lengths", "16", "--modes", "forward")
     assert res.exit_code == 0, res.output
     rows = list(csv.DictReader(out.open()))
     assert [(r["form"], r["status"]) for r in rows] == [("parallel", "ok"), ("recurrent", "error")]
