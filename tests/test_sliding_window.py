@@ -26,16 +26,8 @@ def test_parallel_matches_oracle(n, w, masked):
     assert rel_err(at_real(out, mask), softmax_attention_loop(q, k, v, window=w, mask=mask)) <= 1e-5
 
 
-@pytest.mark.parametrize("block", [1, 3, 64], ids=lambda b: f"block{b}")
-@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "padmask"])
-def test_query_blocks_smaller_than_the_window_match_oracle(monkeypatch, block, masked):
-    # QUERY_BLOCK < w (the path taken for w > 64) must give the same numbers; 3 does not divide w = 7
-    monkeypatch.setattr(sw_module, "QUERY_BLOCK", block)
-    n, w = 31, 7
-    q, k, v = qkv(n=n)
-    mask = pad_mask(2, n, [n, 20]) if masked else None
-    if masked:
-        mask[0, 9:18] = False
+def assert_matches_oracle_with_gradients(q, k, v, w, mask):
+    """Outputs at real positions and the gradients of a random projection of them, against the loop oracle."""
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     out = at_real(sliding_window_attention(*leaves, w, mask), mask)
     ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
@@ -46,6 +38,19 @@ def test_query_blocks_smaller_than_the_window_match_oracle(monkeypatch, block, m
     (ref * wt).sum().backward()
     for name, a, b in zip("qkv", leaves, ref_leaves):
         assert rel_err(a.grad, b.grad) <= 1e-5, f"d/d{name}"
+
+
+@pytest.mark.parametrize("block", [1, 3, 64], ids=lambda b: f"block{b}")
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "padmask"])
+def test_query_blocks_smaller_than_the_window_match_oracle(monkeypatch, block, masked):
+    # QUERY_BLOCK < w (the path taken for w > 64) must give the same numbers; 3 does not divide w = 7
+    monkeypatch.setattr(sw_module, "QUERY_BLOCK", block)
+    n, w = 31, 7
+    q, k, v = qkv(n=n)
+    mask = pad_mask(2, n, [n, 20]) if masked else None
+    if masked:
+        mask[0, 9:18] = False
+    assert_matches_oracle_with_gradients(q, k, v, w, mask)
 
 
 @pytest.mark.parametrize("block, w, n", [(2, 5, 47), (3, 7, 64), (4, 4, 41)], ids=lambda x: str(x))
@@ -59,16 +64,7 @@ def test_many_segments_match_oracle(monkeypatch, block, w, n, masked):
     mask = pad_mask(2, n, [n, n - 13]) if masked else None
     if masked:
         mask[0, 10:19] = False
-    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    out = at_real(sliding_window_attention(*leaves, w, mask), mask)
-    ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    ref = softmax_attention_loop(*ref_leaves, window=w, mask=mask)
-    assert rel_err(out, ref) <= 1e-5
-    wt = torch.randn_like(ref)
-    (out * wt).sum().backward()
-    (ref * wt).sum().backward()
-    for name, a, b in zip("qkv", leaves, ref_leaves):
-        assert rel_err(a.grad, b.grad) <= 1e-5, f"d/d{name}"
+    assert_matches_oracle_with_gradients(q, k, v, w, mask)
 
 
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "padmask"])
