@@ -21,13 +21,12 @@ from __future__ import annotations
 import csv
 import io
 import os
-import statistics
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
-from evals.measure import _one_line, _total, time_fn
+from evals.measure import _one_line, op_call, sample_stats, time_fn
 from evals.registry import REGISTRY, ModelConfig
 from evals.results import environment, utc_now, write_sidecar
 
@@ -57,20 +56,7 @@ def build(model: str, form: str, mode: str, n: int, config: ModelConfig, batch_s
     mixer = REGISTRY[model].build_mixer(config).eval()
     op = mixer.op if form == "parallel" else mixer.op_recurrent
     x = torch.randn(batch_size, n, config.hidden_dim, generator=g)
-    with torch.no_grad():
-        inputs = tuple(t.detach().clone() if isinstance(t, torch.Tensor) else t for t in mixer.op_inputs(x))
-    if mode == "forward":
-        def fn():
-            with torch.no_grad():
-                return op(*inputs)
-        return fn
-    leaves = [t.requires_grad_(True) for t in inputs if isinstance(t, torch.Tensor) and t.is_floating_point()]
-
-    def fn():
-        for t in leaves:
-            t.grad = None
-        _total(op(*inputs)).backward()
-    return fn
+    return op_call(mixer, op, x, train=mode == "train")
 
 
 def _write_atomic(path: Path, rows: list[dict]) -> None:
@@ -117,10 +103,7 @@ def run(models: Sequence[str], seq_lengths: Sequence[int], modes: Sequence[str],
                     except Exception as err:  # a failing configuration is a row, never a crash
                         row.update(status="error", error=_one_line(err))
                     else:
-                        s = sorted(samples)
-                        q = statistics.quantiles(s, n=5, method="inclusive") if len(s) > 1 else s * 4
-                        row.update(status="ok", time_ms=statistics.median(s), time_ms_p20=q[0], time_ms_p80=q[3],
-                                   repeats=len(s), samples_ms=" ".join(f"{x:.6g}" for x in samples))
+                        row.update(sample_stats(samples), status="ok")
                     rows.append(row)
                     _write_atomic(output, rows)
     write_sidecar(output, dict(info, ended_utc=utc_now()))

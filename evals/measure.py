@@ -375,23 +375,34 @@ def build_workload(case: Case) -> Workload:
             _total(mixer(x)).backward()
         return Workload(fn, None, params, 1)
 
-    # op level: the projections happen here, outside anything timed
+    return Workload(op_call(mixer, mixer.op, x, train), None, params, 1)
+
+
+def op_call(mixer, op: Callable, x: torch.Tensor, train: bool) -> Callable[[], object]:
+    """The op level: ``op(*mixer.op_inputs(x))`` with the projections made here, outside anything
+    timed. ``train``: forward plus backward of the outputs' sum, into fresh leaf inputs."""
     with torch.no_grad():
         inputs = tuple(t.detach().clone() if isinstance(t, torch.Tensor) else t for t in mixer.op_inputs(x))
-    leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.is_floating_point()]
     if not train:
         def fn():
             with torch.no_grad():
-                return mixer.op(*inputs)
-        return Workload(fn, None, params, 1)
-    for t in leaves:
-        t.requires_grad_(True)
+                return op(*inputs)
+        return fn
+    leaves = [t.requires_grad_(True) for t in inputs if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
     def fn():
         for t in leaves:
             t.grad = None
-        _total(mixer.op(*inputs)).backward()
-    return Workload(fn, None, params, 1)
+        _total(op(*inputs)).backward()
+    return fn
+
+
+def sample_stats(samples: list[float]) -> dict:
+    """The timing columns of a row from per-call samples in ms: median, p20, p80, count, raw."""
+    s = sorted(samples)
+    q = statistics.quantiles(s, n=5, method="inclusive") if len(s) > 1 else s * 4
+    return dict(time_ms=statistics.median(s), time_ms_p20=q[0], time_ms_p80=q[3], repeats=len(samples),
+                samples_ms=" ".join(f"{x:.6g}" for x in samples))
 
 
 # ----------------------------------------------------------------------------- one row
@@ -449,9 +460,6 @@ def measure(case: Case, *, repeats: int = 10, warmup: int = 1, min_run_time: flo
         torch.set_num_threads(prev_threads)
         if case.device.startswith("cuda") and torch.cuda.is_available():
             torch.cuda.empty_cache()
-    per_token = sorted(s / k for s in samples)
-    q = statistics.quantiles(per_token, n=5, method="inclusive") if len(per_token) > 1 else per_token * 4
-    row.update(status="ok", time_ms=statistics.median(per_token), time_ms_p20=q[0], time_ms_p80=q[3],
-               repeats=len(samples), timer="cuda_event" if case.device.startswith("cuda") else "cpu_wall",
-               samples_ms=" ".join(f"{s / k:.6g}" for s in samples))
+    row.update(sample_stats([s / k for s in samples]), status="ok",
+               timer="cuda_event" if case.device.startswith("cuda") else "cpu_wall")
     return row
