@@ -124,3 +124,21 @@ def test_refuses_to_overwrite_a_results_file(tmp_path):
     res = runner.invoke(cli.app, ["forms", "--output", str(out)])
     assert res.exit_code == 2 and "already exists" in res.output
     assert out.read_text() == "keep me\n"
+
+
+def test_options_reach_the_run(tmp_path, monkeypatch):
+    seen = {}
+
+    def record(models, lengths, modes, output, **kw):
+        seen.update(models=models, lengths=lengths, modes=modes, **kw)
+        return []
+    monkeypatch.setattr(fm, "run", record)
+    res = runner.invoke(cli.app, ["forms", "--models", "linear", "--seq-lengths", "32", "64", "--modes", "forward",
+                                  "--hidden-dim", "48", "--num-heads", "3", "--chunk-size", "16", "--batch-size", "2",
+                                  "--repeats", "4", "--min-run-time", "0.25", "--threads", "1", "--seed", "7",
+                                  "--output", str(tmp_path / "o.csv")])
+    assert res.exit_code == 0, res.output
+    assert (seen["models"], seen["lengths"], seen["modes"]) == (["Linear"], [32, 64], ["forward"])
+    cfg = seen["config"]
+    assert (cfg.hidden_dim, cfg.num_heads, cfg.chunk_size) == (48, 3, 16)
+    assert (seen["batch_size"], seen["repeats"], seen["min_run_time"], seen["threads"], seen["seed"]) == (2, 4, 0.25, 1, 7)
