@@ -38,7 +38,6 @@ What is computed, following design/evaluation.md ("Analysis"):
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,19 +48,9 @@ import pandas as pd
 from scipy import optimize, stats
 
 from evals.registry import MODEL_NAMES
+from evals.results import REQUIRED_COLUMNS, ResultsError, read_sidecar, read_table
 
-# ---- the CSV contract (design/evaluation.md, "The CSV") ----
-
-REQUIRED_COLUMNS: tuple = (
-    "run_id", "model", "device", "mode", "level", "dtype",
-    "batch_size", "seq_len", "hidden_dim", "num_layers", "num_heads", "chunk_size",
-    "status", "time_ms", "time_ms_p20", "time_ms_p80", "repeats", "timer",
-    "peak_memory_mb", "memory_method", "flops", "params", "error",
-)
-STATUSES: tuple = ("ok", "oom", "error", "skipped")
-NUMERIC_COLUMNS: tuple = ("batch_size", "seq_len", "hidden_dim", "num_layers", "num_heads", "chunk_size",
-                          "time_ms", "time_ms_p20", "time_ms_p80", "repeats", "peak_memory_mb", "flops",
-                          "params")
+# The CSV contract (schema, statuses, which columns are numbers) lives in evals.results.
 METRICS: tuple = ("time_ms", "peak_memory_mb")
 REFERENCE_MODEL = "Standard"
 
@@ -81,28 +70,11 @@ PAR_TOLERANCE = 0.05  # speedups within 5% of 1 at every length: on par with Sta
 NOISY_SPREAD = 0.25  # a fit's note flags timings whose p20-p80 spread exceeds this share of the median
 
 
-class AnalysisInputError(ValueError):
+class AnalysisInputError(ResultsError):
     """Bad input to ``analyze``: a missing file, a CSV without the required columns, no rows."""
 
 
 # ---- loading ----
-
-def sidecar_path(csv_path: Path) -> Path:
-    """The JSON sidecar ``compare`` writes beside ``run.csv`` is ``run.json``."""
-    return Path(csv_path).with_suffix(".json")
-
-
-def load_sidecar(csv_path: Path) -> Optional[dict]:
-    """The sidecar's contents, or None when there is none (or it is not a JSON object)."""
-    p = sidecar_path(csv_path)
-    if not p.is_file():
-        return None
-    try:
-        meta = json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return meta if isinstance(meta, dict) else None
-
 
 def calibration_gflops(meta: dict, device: str) -> float:
     """The run's matmul calibration for ``device`` in GFLOP/s, NaN if the sidecar has none.
@@ -119,53 +91,55 @@ def calibration_gflops(meta: dict, device: str) -> float:
     return np.nan
 
 
-def validate(df: pd.DataFrame, source: str = "input") -> pd.DataFrame:
-    """Check the contract; coerce numeric columns; return a copy. Raises AnalysisInputError."""
-    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
-    if missing:
-        shown = ", ".join(missing[:6]) + (f" (+{len(missing) - 6} more)" if len(missing) > 6 else "")
-        raise AnalysisInputError(f"{source}: missing required column(s) {shown}; a compare CSV has: "
-                                 f"{', '.join(REQUIRED_COLUMNS)}")
-    if len(df) == 0:
-        raise AnalysisInputError(f"{source}: no rows (the CSV has a header only)")
-    df = df.copy()
-    for c in NUMERIC_COLUMNS:
-        df[c] = pd.to_numeric(df[c], errors="coerce")
-    df["status"] = df["status"].astype(str).str.strip().str.lower()
-    bad = sorted(set(df["status"]) - set(STATUSES))
-    if bad:
-        raise AnalysisInputError(f"{source}: unknown status value(s) {', '.join(bad)}; valid: {', '.join(STATUSES)}")
-    if df["seq_len"].isna().any() or (df["seq_len"] <= 0).any():
-        raise AnalysisInputError(f"{source}: seq_len must be a positive integer in every row")
-    return df
+def load(paths: Sequence[Path | str]) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Read and concatenate CSVs (whole runs or ``--shard i/N`` slices of one).
 
-
-def load_results(paths: Sequence[Path | str]) -> pd.DataFrame:
-    """Read, validate and concatenate CSVs (whole runs or ``--shard i/N`` slices of one).
-
-    Adds ``source`` (the file) and ``matmul_gflops`` (from that file's sidecar, else NaN).
-    Rows repeated verbatim across files (a shard read twice) are dropped.
+    Returns ``(rows, dropped, sidecars)``: the rows that can be used, with ``source`` (the file)
+    and ``matmul_gflops`` (from that file's sidecar, else NaN) added; every row left out, with its
+    file, line and why (torn, unknown status, a non-number where a number belongs, ``ok`` without
+    a time, or a verbatim repeat of a row already read, e.g. a shard given twice); and each file's
+    sidecar (a dict, None when there is none, or the ``ResultsError`` saying it is corrupt).
+    A missing or empty file, one short of the required columns, or nothing usable at all is an
+    ``AnalysisInputError``.
     """
     if not paths:
         raise AnalysisInputError("no CSV given")
-    frames = []
+    frames, dropped, sidecars = [], [], {}
     for p in map(Path, paths):
-        if not p.is_file():
-            raise AnalysisInputError(f"{p}: no such file")
         try:
-            raw = pd.read_csv(p, keep_default_na=True)
-        except pd.errors.EmptyDataError:
-            raise AnalysisInputError(f"{p}: empty file (no header, no rows)") from None
-        except (pd.errors.ParserError, UnicodeDecodeError) as e:
-            raise AnalysisInputError(f"{p}: not a readable CSV ({str(e).splitlines()[0]})") from None
-        df = validate(raw, source=str(p))
-        meta = load_sidecar(p) or {}
-        df["matmul_gflops"] = [calibration_gflops(meta, d) for d in df["device"].astype(str)]
+            table = read_table(p, strict=False)
+        except ResultsError as e:
+            raise AnalysisInputError(str(e)) from None
+        df = table.rows
+        df["_line"] = table.lines
+        dropped += table.dropped
+        try:
+            meta = sidecars[str(p)] = read_sidecar(p)
+        except ResultsError as e:
+            meta, sidecars[str(p)] = None, e
+        df["matmul_gflops"] = [calibration_gflops(meta or {}, d) for d in df["device"].astype(str)]
         df["source"] = str(p)
         frames.append(df)
     out = pd.concat(frames, ignore_index=True)
-    cols = [c for c in out.columns if c != "source"]
-    return out.drop_duplicates(subset=cols).reset_index(drop=True)
+    cols = [c for c in out.columns if c not in ("source", "_line")]
+    repeat = out.duplicated(subset=cols)
+    for _, r in out[repeat].iterrows():
+        dropped.append(dict(source=r["source"], line=r["_line"], model=r["model"], seq_len=r["seq_len"],
+                            reason="repeats a row already read (same values)"))
+    out = out[~repeat].drop(columns="_line").reset_index(drop=True)
+    if out.empty:
+        raise AnalysisInputError(f"{', '.join(map(str, paths))}: no usable rows"
+                                 + (f" ({len(dropped)} dropped, first: line {dropped[0]['line']}: "
+                                    f"{dropped[0]['reason']})" if dropped else " (the CSV has a header only)"))
+    return out, pd.DataFrame(dropped, columns=DROPPED_COLUMNS), sidecars
+
+
+DROPPED_COLUMNS = ["source", "line", "model", "seq_len", "reason"]
+
+
+def load_results(paths: Sequence[Path | str]) -> pd.DataFrame:
+    """The usable rows of ``load`` (see there)."""
+    return load(paths)[0]
 
 
 def newest_results_csv(root: Path | str = "results") -> Optional[Path]:
@@ -475,9 +449,13 @@ class Analysis:
     relative: pd.DataFrame    # relative_to_standard
     crossover: pd.DataFrame   # crossover
     failures: pd.DataFrame    # status_summary
+    dropped: pd.DataFrame = None  # rows of the input left out, and why (``load``)
+    sidecars: dict = None         # source -> sidecar dict, None (none) or the ResultsError (corrupt)
 
 
-def analyze(df: pd.DataFrame) -> Analysis:
+def analyze(df: pd.DataFrame, dropped: Optional[pd.DataFrame] = None, sidecars: Optional[dict] = None) -> Analysis:
     rel = relative_to_standard(df)
     return Analysis(rows=flop_rate(df), fits=complexity_fits(df), relative=rel, crossover=crossover(rel),
-                    failures=status_summary(df))
+                    failures=status_summary(df),
+                    dropped=dropped if dropped is not None else pd.DataFrame(columns=DROPPED_COLUMNS),
+                    sidecars=sidecars if sidecars is not None else {})

@@ -4,6 +4,8 @@
   rows and out-of-memory into ``oom``; after an ``oom`` at length ``n`` the longer lengths of the
   same model / device / mode (same level, dtype and config) are recorded as ``skipped``.
 - CUDA cases on a machine without CUDA are ``skipped`` (the CLI refuses CUDA-only sweeps).
+- The output is claimed through ``evals.results`` (validated, locked for the whole sweep, never
+  replaced without ``resume``); rows are appended whole.
 - ``resume=True`` keeps the rows already in the CSV and measures only the missing cases (an
   ``oom`` among the kept rows still skips the longer lengths after it).
 - A rich progress bar shows the current configuration and the estimated time left; a rich table
@@ -13,7 +15,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -22,9 +23,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from evals.grid import KEY_COLUMNS, Case, case_key
+from evals.grid import DEVICES, DTYPES, Case, expand_grid, parse_shard, shard as take_shard
 from evals.measure import calibrate_matmul, empty_row, measure, parse_inject
-from evals.results import completed_keys, environment, read_rows, read_sidecar, repair, utc_now, write_sidecar, append_row
+from evals.options import check_fraction, check_positive, choose, positive_ints
+from evals.registry import LEVELS, MODES, REGISTRY, ModelConfig
+from evals.results import (KEY_COLUMNS, ResultsError, append_row, case_key, claim_output, completed_keys,
+                           environment, new_run_id, outcome, read_sidecar, utc_now, utc_stamp, write_sidecar)
 
 log = logging.getLogger(__name__)
 
@@ -36,30 +40,39 @@ def _group(key: tuple) -> tuple:
     return key[:_SEQ] + key[_SEQ + 1:]
 
 
-def new_run_id(sha: Optional[str] = None) -> str:
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    return f"{stamp}-{sha[:7]}" if sha else stamp
+class Rows(list):
+    """The rows of the CSV after a sweep; ``kept`` of them (the first) were there before it."""
+
+    kept: int = 0
+
+    @property
+    def new(self) -> list:
+        return self[self.kept:]
 
 
 def run_sweep(cases: Sequence[Case], output: Path | str, *, resume: bool = False, repeats: int = 10,
               warmup: int = 1, min_run_time: float = 0.2, threads: Optional[int] = None,
               inject: Optional[dict] = None, show_progress: bool = True, console: Optional[Console] = None,
-              settings: Optional[dict] = None) -> list[dict]:
+              settings: Optional[dict] = None) -> Rows:
     """Measure ``cases`` in order, appending one row per case to ``output``; returns every row
     of the CSV (kept ones first when resuming). Writes the JSON sidecar next to the CSV.
 
-    Raises ValueError if ``output`` already holds rows and ``resume`` is False.
+    ``output`` is claimed for the whole sweep (``results.claim_output``): checked, locked, and
+    refused with a ``ResultsError`` if it already holds rows and ``resume`` is False, or if it is
+    not a results CSV. A failed write raises ``results.OutputError``; the rows before it stay.
     """
     output = Path(output)
     inject = parse_inject() if inject is None else inject
     threads = threads or torch.get_num_threads()
-    kept: list[dict] = []
-    if output.exists() and output.stat().st_size > 0:
-        if not resume:
-            raise ValueError(f"{output} already exists; pass --resume to continue it, or choose another --output")
-        if repair(output):
-            log.warning("dropped a torn last line from %s", output)
-        kept = read_rows(output)
+    with claim_output(output, resume=resume) as kept:
+        rows = _sweep(cases, output, kept, repeats=repeats, warmup=warmup, min_run_time=min_run_time,
+                      threads=threads, inject=inject, show_progress=show_progress, console=console,
+                      settings=settings)
+    return rows
+
+
+def _sweep(cases, output: Path, kept: list[dict], *, repeats, warmup, min_run_time, threads, inject,
+           show_progress, console, settings) -> Rows:
     done = completed_keys(kept)
     oom_at = {}  # group -> first length that ran out of memory
     for r in kept:
@@ -70,9 +83,8 @@ def run_sweep(cases: Sequence[Case], output: Path | str, *, resume: bool = False
     env = environment()
     # what every measurement ran with (pinned), and what torch would have used unpinned
     env["torch_num_threads_default"], env["torch_num_threads"] = env["torch_num_threads"], threads
-    info = read_sidecar(output) if kept else None
-    info = dict(info or {}, **env)
-    run_id = kept[0]["run_id"] if kept else new_run_id(env.get("git_sha"))
+    info = dict((read_sidecar(output) if kept else None) or {}, **env)
+    run_id = kept[0]["run_id"] if kept else new_run_id(env.get("git_sha") or "")
     session = {"command": env["command"], "git_sha": env["git_sha"], "git_dirty": env["git_dirty"],
                "started_utc": utc_now(), "ended_utc": None,
                "threads": threads, "inject_slowdown": inject,
@@ -86,7 +98,8 @@ def run_sweep(cases: Sequence[Case], output: Path | str, *, resume: bool = False
     write_sidecar(output, info)
 
     cuda_ok = torch.cuda.is_available()
-    rows = list(kept)
+    rows = Rows(kept)
+    rows.kept = len(kept)
     todo = [c for c in cases if case_key(c.fields()) not in done]
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
@@ -95,8 +108,7 @@ def run_sweep(cases: Sequence[Case], output: Path | str, *, resume: bool = False
         task = progress.add_task("starting", total=len(todo))
         for case in todo:
             progress.update(task, description=case.label())
-            key = case_key(case.fields())
-            g = _group(key)
+            g = _group(case_key(case.fields()))
             common = dict(run_id=run_id, threads=threads, inject=float(inject.get(case.model, 1.0)))
             if case.device.startswith("cuda") and not cuda_ok:
                 row = empty_row(case, "skipped", "CUDA is not available on this machine", **common)
@@ -120,6 +132,53 @@ def run_sweep(cases: Sequence[Case], output: Path | str, *, resume: bool = False
     session["ended_utc"] = info["ended_utc"] = utc_now()
     write_sidecar(output, info)
     return rows
+
+
+def run_compare(*, models=None, seq_lengths=None, devices=None, modes=None, level: str = "model",
+                dtype: str = "float32", batch_size: int = 1, repeats: int = 10, min_run_time: float = 0.2,
+                decode_tokens: int = 16, output: Optional[Path] = None, resume: bool = False,
+                shard: Optional[str] = None, threads: int = 1, seed: int = 0, console: Optional[Console] = None,
+                **config) -> tuple[Rows, int, str]:
+    """``bsbr-eval compare``: check the options (``ResultsError`` names the bad one), build the grid,
+    sweep it into ``output``; returns the rows, the exit code and the closing line.
+
+    ``config`` holds the ``ModelConfig`` overrides (``hidden_dim=...``; None means the default).
+    """
+    names = choose("--models", models, tuple(REGISTRY), default=tuple(REGISTRY))
+    lengths = positive_ints("--seq-lengths", seq_lengths, default=(64, 128, 256, 512, 1024))
+    devs = choose("--devices", devices, DEVICES, default=("cpu",))
+    mode_list = choose("--modes", modes, MODES, default=("forward",))
+    level, dtype = choose("--level", [level], LEVELS)[0], choose("--dtype", [dtype], DTYPES)[0]
+    if "cuda" in devs and "cpu" not in devs and not torch.cuda.is_available():
+        raise ResultsError("--devices: CUDA is not available on this machine; valid: cpu "
+                           "(give 'cpu cuda' to record the cuda rows as skipped)")
+    check_positive(batch_size=batch_size, repeats=repeats, decode_tokens=decode_tokens, threads=threads, **config)
+    check_fraction("--min-run-time", min_run_time)
+    cfg = ModelConfig().with_(**{k: v for k, v in config.items() if v is not None})
+    from bsbr.shell import check_heads
+
+    try:
+        check_heads(cfg.hidden_dim, cfg.num_heads)
+        inject = parse_inject()
+        slice_ = parse_shard(shard) if shard else None
+    except ValueError as e:
+        raise ResultsError(str(e)) from None
+    if resume and output is None:
+        raise ResultsError("--resume needs --output naming the CSV to continue")
+    output = Path(output) if output else Path("results") / f"compare_{utc_stamp()}.csv"
+    cases = expand_grid(names, lengths, devs, mode_list, level=level, config=cfg, batch_size=batch_size,
+                        dtype=dtype, decode_tokens=decode_tokens, seed=seed)
+    if slice_:
+        cases = take_shard(cases, *slice_)
+    settings = dict(models=names, seq_lengths=lengths, devices=devs, modes=mode_list, level=level, dtype=dtype,
+                    batch_size=batch_size, config=cfg.as_dict(), repeats=repeats, min_run_time=min_run_time,
+                    decode_tokens=decode_tokens, threads=threads, seed=seed, shard=shard)
+    torch.manual_seed(seed)
+    rows = run_sweep(cases, output, resume=resume, repeats=repeats, min_run_time=min_run_time, threads=threads,
+                     inject=inject, settings=settings, console=console)
+    code, words = outcome(rows.new)
+    summary = f"wrote {len(rows)} rows to {output} (+ {output.with_suffix('.json').name})"
+    return rows, code, summary + (f"; {words}" if words else "")
 
 
 def _num(v, fmt: str) -> str:

@@ -10,31 +10,26 @@ parallel form is. Tests pin that the two forms give the same numbers.
 Which models have a recurrent op is stated in the registry (``ModelSpec.forms``); their mixers
 expose it as ``op_recurrent(*op_inputs)``.
 
-The CSV has one row per (model, mode, length, form) with the timing columns of ``compare``. The
-whole file is rewritten atomically after every row (temp file + rename), so an interrupted run
-keeps every row it finished and no file is ever half-written. A JSON sidecar records the
-environment as for ``compare``.
+The CSV (``evals.results.FORMS_COLUMNS``) has one row per (model, mode, length, form) with the
+timing columns of ``compare``. The output is claimed, locked and appended to one whole row at a
+time through ``evals.results``, as for ``compare``; a JSON sidecar records the environment.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import os
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
-from evals.measure import _one_line, op_call, sample_stats, time_fn
+from evals.measure import op_call, time_fn
+from evals.options import check_fraction, check_positive, choose, positive_ints
 from evals.registry import REGISTRY, ModelConfig
-from evals.results import environment, utc_now, write_sidecar
+from evals.results import (FORMS_COLUMNS as COLUMNS, ResultsError, append_row, claim_output, environment, new_run_id,
+                           one_line, outcome, sample_stats, utc_now, utc_stamp, write_sidecar)
 
 FORMS = ("parallel", "recurrent")
 FORM_MODES = ("forward", "train")
-COLUMNS = ("run_id", "model", "form", "mode", "seq_len", "batch_size", "hidden_dim", "num_heads", "chunk_size",
-           "dtype", "threads", "status", "time_ms", "time_ms_p20", "time_ms_p80", "repeats", "timer",
-           "samples_ms", "error")
 
 
 def models_with_recurrence() -> tuple:
@@ -59,31 +54,24 @@ def build(model: str, form: str, mode: str, n: int, config: ModelConfig, batch_s
     return op_call(mixer, op, x, train=mode == "train")
 
 
-def _write_atomic(path: Path, rows: list[dict]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
-        f.write(buf.getvalue())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def run(models: Sequence[str], seq_lengths: Sequence[int], modes: Sequence[str], output: Path | str, *,
         config: ModelConfig, batch_size: int = 1, threads: int = 1, repeats: int = 3, min_run_time: float = 0.0,
         seed: int = 0, run_id: str = "", settings: Optional[dict] = None, progress=None) -> list[dict]:
     """Time both forms of every (model, mode, length); returns the rows (also written to ``output``).
 
     Lengths run ascending with the parallel form first, so the slow recurrent runs come last in
-    each group. A failure is an ``error`` row with the message, never a crash.
+    each group. A failure is an ``error`` row with the message, never a crash. ``output`` must
+    not exist yet (``ResultsError``); it is locked for the whole run.
     """
     output = Path(output)
-    if output.exists() and output.stat().st_size > 0:
-        raise ValueError(f"{output} already exists; choose another --output")
-    output.parent.mkdir(parents=True, exist_ok=True)
+    with claim_output(output, columns=COLUMNS[:4], can_resume=False):
+        return _run(models, seq_lengths, modes, output, config=config, batch_size=batch_size, threads=threads,
+                    repeats=repeats, min_run_time=min_run_time, seed=seed, run_id=run_id, settings=settings,
+                    progress=progress)
+
+
+def _run(models, seq_lengths, modes, output: Path, *, config, batch_size, threads, repeats, min_run_time, seed,
+         run_id, settings, progress) -> list[dict]:
     info = dict(environment(), run_id=run_id, started_utc=utc_now(), settings=settings or {})
     write_sidecar(output, info)
     rows: list[dict] = []
@@ -101,11 +89,11 @@ def run(models: Sequence[str], seq_lengths: Sequence[int], modes: Sequence[str],
                         fn = build(model, form, mode, n, config, batch_size, seed)
                         samples = time_fn(fn, repeats=repeats, min_run_time=min_run_time, threads=threads)
                     except Exception as err:  # a failing configuration is a row, never a crash
-                        row.update(status="error", error=_one_line(err))
+                        row.update(status="error", error=one_line(err, kind=True))
                     else:
                         row.update(sample_stats(samples), status="ok")
                     rows.append(row)
-                    _write_atomic(output, rows)
+                    append_row(output, row, COLUMNS)
     write_sidecar(output, dict(info, ended_utc=utc_now()))
     return rows
 
@@ -122,3 +110,47 @@ def speedups(rows: Sequence[dict]) -> list[dict]:
             out.append(dict(model=model, mode=mode, seq_len=n, parallel_ms=t["parallel"],
                             recurrent_ms=t["recurrent"], speedup=t["recurrent"] / t["parallel"]))
     return out
+
+
+def run_forms(*, models=None, seq_lengths=None, modes=None, hidden_dim: int = 512, num_heads: int = 8,
+              chunk_size: int = 64, batch_size: int = 1, repeats: int = 3, min_run_time: float = 0.0,
+              threads: int = 1, seed: int = 0, output: Optional[Path] = None, progress=None
+              ) -> tuple[list[dict], Path, int, str]:
+    """``bsbr-eval forms``: check the options (``ResultsError`` names the bad one), run, and return
+    the rows, the output path, the exit code and the closing line."""
+    from bsbr.shell import check_heads
+
+    valid = models_with_recurrence()
+    names = choose("--models", models, valid, default=valid)
+    lengths = positive_ints("--seq-lengths", seq_lengths, default=(1024, 4096))
+    mode_list = choose("--modes", modes, FORM_MODES, default=("train",))
+    check_positive(hidden_dim=hidden_dim, num_heads=num_heads, chunk_size=chunk_size, batch_size=batch_size,
+                   repeats=repeats, threads=threads)
+    check_fraction("--min-run-time", min_run_time)
+    try:
+        check_heads(hidden_dim, num_heads)
+    except ValueError as e:
+        raise ResultsError(str(e)) from None
+    output = Path(output) if output else Path("results") / f"forms_{utc_stamp()}.csv"
+    config = ModelConfig(hidden_dim=hidden_dim, num_heads=num_heads, chunk_size=chunk_size, num_layers=1)
+    settings = dict(models=names, seq_lengths=lengths, modes=mode_list, config=config.as_dict(),
+                    batch_size=batch_size, repeats=repeats, min_run_time=min_run_time, threads=threads, seed=seed)
+    rows = run(names, lengths, mode_list, output, config=config, batch_size=batch_size, threads=threads,
+               repeats=repeats, min_run_time=min_run_time, seed=seed, settings=settings, progress=progress,
+               run_id=new_run_id())
+    code, words = outcome(rows)
+    summary = f"wrote {len(rows)} rows to {output} (+ {output.with_suffix('.json').name})"
+    return rows, output, code, summary + (f"; {words}" if words else "")
+
+
+def speedup_table(rows: Sequence[dict]):
+    """A rich table of ``speedups``: both medians and how much faster the parallel form is."""
+    from rich.table import Table
+
+    table = Table(title="bsbr-eval forms: parallel vs recurrent (op level)")
+    for col in ("model", "mode", "n", "parallel ms", "recurrent ms", "parallel is"):
+        table.add_column(col, justify="right" if col not in ("model", "mode") else "left")
+    for s in speedups(rows):
+        table.add_row(s["model"], s["mode"], str(s["seq_len"]), f"{s['parallel_ms']:.3g}",
+                      f"{s['recurrent_ms']:.4g}", f"{s['speedup']:.1f}x faster")
+    return table

@@ -68,24 +68,6 @@ class Case:
         return f"{self.model} {self.device} {self.mode} {self.level} n={self.seq_len}"
 
 
-# Columns that identify a case in a CSV row; ``--resume`` matches rows on exactly these.
-KEY_COLUMNS = tuple(Case("x", "cpu", "forward", "model", "float32", 1, 1, ModelConfig()).fields())
-
-
-def case_key(row: dict) -> tuple:
-    """A hashable identity for a case's row, equal for a ``Case.fields()`` dict and the same row
-    read back from the CSV (where every value is a string and None is empty)."""
-    def norm(v):
-        if v is None or v == "":
-            return ""
-        try:  # 8, "8" and "8.0" are the same value; a float keeps its repr
-            f = float(v)
-        except (TypeError, ValueError):
-            return str(v)
-        return str(int(f)) if f.is_integer() else repr(f)
-    return tuple(norm(row.get(k)) for k in KEY_COLUMNS)
-
-
 def expand_grid(models: Sequence[str], seq_lengths: Iterable[int], devices: Sequence[str] = ("cpu",),
                 modes: Sequence[str] = ("forward",), *, level: str = "model", config: Optional[ModelConfig] = None,
                 batch_size: int = 1, dtype: str = "float32", decode_tokens: int = 16, seed: int = 0) -> list[Case]:

@@ -60,6 +60,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from evals.grid import Case
+from evals.results import one_line, sample_stats
 from evals.registry import REGISTRY, resolve_model
 
 aten = torch.ops.aten
@@ -397,14 +398,6 @@ def op_call(mixer, op: Callable, x: torch.Tensor, train: bool) -> Callable[[], o
     return fn
 
 
-def sample_stats(samples: list[float]) -> dict:
-    """The timing columns of a row from per-call samples in ms: median, p20, p80, count, raw."""
-    s = sorted(samples)
-    q = statistics.quantiles(s, n=5, method="inclusive") if len(s) > 1 else s * 4
-    return dict(time_ms=statistics.median(s), time_ms_p20=q[0], time_ms_p80=q[3], repeats=len(samples),
-                samples_ms=" ".join(f"{x:.6g}" for x in samples))
-
-
 # ----------------------------------------------------------------------------- one row
 
 
@@ -413,11 +406,6 @@ def _is_oom(err: BaseException) -> bool:
         return True
     msg = str(err).lower()
     return "out of memory" in msg or "can't allocate memory" in msg or "not enough memory" in msg
-
-
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return f"{type(err).__name__}: {text}"[:500]
 
 
 def empty_row(case: Case, status: str, error: str = "", *, run_id: str = "", threads: Optional[int] = None,
@@ -455,7 +443,7 @@ def measure(case: Case, *, repeats: int = 10, warmup: int = 1, min_run_time: flo
         samples = time_fn(work.fn, device=case.device, repeats=repeats, warmup=warmup,
                           min_run_time=min_run_time, setup=work.setup, inject=factor, threads=threads)
     except Exception as err:  # a failing configuration is a row, never a crash of the sweep
-        return empty_row(case, "oom" if _is_oom(err) else "error", _one_line(err), inject=factor, **base)
+        return empty_row(case, "oom" if _is_oom(err) else "error", one_line(err, kind=True), inject=factor, **base)
     finally:
         torch.set_num_threads(prev_threads)
         if case.device.startswith("cuda") and torch.cuda.is_available():

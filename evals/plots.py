@@ -34,6 +34,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 
 from evals.analysis import UNDERDETERMINED, evaluate_class, model_order, ok_rows  # noqa: E402
 from evals.registry import MODEL_NAMES  # noqa: E402
+from evals.results import write_figure  # noqa: E402
 
 METRIC_LABELS = {"time_ms": "time (ms, median of repeats)", "peak_memory_mb": "peak memory (MB)"}
 METRIC_TITLES = {"time_ms": "Time", "peak_memory_mb": "Peak memory"}
@@ -64,22 +65,29 @@ def model_markers(models: Iterable[str] = ()) -> dict:
     return {m: MODEL_MARKERS[i % len(MODEL_MARKERS)] for i, m in enumerate(names)}
 
 
-def _log_axes(ax) -> None:
-    """Log-log axes with plain tick labels (20, 50, 100 rather than 2x10^1)."""
-    ax.set(xscale="log", yscale="log")
+def _log_axes(ax, axes: str = "xy") -> None:
+    """Log axes with plain tick labels (20, 50, 100 rather than 2x10^1). Call after drawing.
+
+    1-2-5 ticks when the data span two decades or less, so a narrow range still gets several
+    labels; powers of ten only when wider, so the labels of a wide range never run into each other.
+    """
     plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
-    for axis in (ax.xaxis, ax.yaxis):
-        # 1-2-5 ticks: a run over one decade or less still gets several labels
-        axis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    for name in axes:
+        axis = getattr(ax, f"{name}axis")
+        getattr(ax, f"set_{name}scale")("log")
+        lo, hi = (float(v) for v in axis.get_data_interval())
+        wide = lo > 0 and np.isfinite(hi / lo) and np.log10(hi / lo) > 2
+        axis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0,) if wide else (1.0, 2.0, 5.0)))
         axis.set_major_formatter(plain)
         axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
 
 
 def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    """Through the results layer: the PNG appears whole or not at all."""
+    try:
+        return write_figure(fig, path, dpi=DPI, bbox_inches="tight")
+    finally:
+        plt.close(fig)
 
 
 def _config_groups(df: pd.DataFrame):
@@ -249,7 +257,7 @@ def plot_params(df: pd.DataFrame, out_dir: Path) -> list:
 
 
 def plot_conversion(agree: pd.DataFrame, speed: pd.DataFrame, out_dir: Path, stem: str = "convert") -> list:
-    """GPT-2 vs its BSBR conversions (``bsbr_extras.convert_example``): one figure, three panels.
+    """GPT-2 vs its BSBR conversions (``evals.convert_experiment``): one figure, three panels.
 
     1. held-out perplexity vs chunk size: the conversions without training (line), the original
        (dashed), and, where present, the fine-tuned conversion (star) and the original fine-tuned
@@ -305,10 +313,11 @@ def plot_conversion(agree: pd.DataFrame, speed: pd.DataFrame, out_dir: Path, ste
             s = speed[speed["variant"] == v].sort_values("seq_len")
             ax.fill_between(s["seq_len"], s["time_ms_p20"], s["time_ms_p80"], alpha=0.15,
                             color=sns.color_palette()[i % 10])
-        ax.set(xscale="log", yscale="log", xlabel=LENGTH_LABEL, ylabel=METRIC_LABELS["time_ms"],
-               title="Forward time (batch 1, no grad)")
+        ax.set(xlabel=LENGTH_LABEL, ylabel=METRIC_LABELS["time_ms"], title="Forward time (batch 1, no grad)")
+        _log_axes(ax, "y")  # plain 1-2-5 labels: a range under one decade still gets numbers
+        ax.set_xscale("log")
         ax.set_xticks(sorted(speed["seq_len"].unique()), [_i(n) for n in sorted(speed["seq_len"].unique())])
-        ax.minorticks_off()
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.legend(fontsize=8, frameon=False)
     fig.tight_layout()
     return [_save(fig, Path(out_dir) / f"{stem}.png")]

@@ -20,7 +20,9 @@ from rich.table import Table
 
 from evals import plots
 from evals.analysis import (CLASSES, MATERIAL, MIN_LENGTHS, MIN_SPAN, NOISY_SPREAD, PAR_TOLERANCE,
-                            REFERENCE_MODEL, UNDERDETERMINED, Analysis, load_sidecar, model_order)
+                            REFERENCE_MODEL, UNDERDETERMINED, Analysis, analyze, default_output_dir, load,
+                            model_order, newest_results_csv)
+from evals.results import ResultsError, check_output_dir, locked, write_frame, write_text
 
 # Columns of the per-configuration key shown in the tables (the rest is in the report's header).
 _WHERE = ["device", "mode", "level"]
@@ -148,12 +150,16 @@ _SIDECAR_FIRST = ("device_name", "cpu_model", "cpu_count", "torch_num_threads", 
                   "started_utc", "ended_utc")
 
 
-def _machine_section(sources: Sequence[str]) -> list:
+def _machine_section(sources: Sequence[str], sidecars: dict) -> list:
     lines = []
     for src in sources:
-        meta = load_sidecar(Path(src))
+        meta = sidecars.get(src)
         lines.append(f"**{Path(src).name}** — sidecar `{Path(src).with_suffix('.json').name}`")
         lines.append("")
+        if isinstance(meta, ResultsError):
+            lines += [f"_The JSON sidecar is corrupt ({meta}): machine, software and command are unknown, "
+                      "and the FLOP-rate fraction is left blank._", ""]
+            continue
         if meta is None:
             lines += ["_No JSON sidecar beside this CSV: machine, software and command are unknown, and the "
                       "FLOP-rate fraction is left blank._", ""]
@@ -194,12 +200,12 @@ def render_markdown(an: Analysis, figures: Sequence[Path], out_dir: Path, comman
     rows = an.rows
     sources = list(dict.fromkeys(rows["source"]))
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    md = [f"# bsbr-eval analysis: {', '.join(Path(s).name for s in sources)}", "",
+    md = [f"{REPORT_TITLE} {', '.join(Path(s).name for s in sources)}", "",
           f"Generated {now}" + (f" by `{command}`" if command else "") + ".", "",
           "Input: " + ", ".join(f"`{s}`" for s in sources), "",
           "## What was measured", "", *_measured_summary(rows), "",
           "## Machine, software and the measuring command (from the JSON sidecars)", "",
-          *_machine_section(sources), "",
+          *_machine_section(sources, an.sidecars or {}), "",
           "## How to read the fits", "", METHOD_TEXT, ""]
     for metric, name in (("time_ms", "time"), ("peak_memory_mb", "peak memory")):
         md += [f"## Complexity fits: {name}", "", md_table(fits_display(an.fits, metric))]
@@ -215,7 +221,11 @@ def render_markdown(an: Analysis, figures: Sequence[Path], out_dir: Path, comman
            "calibration on that device (`calibration_matmul_gflops` in the sidecar) where that is recorded. "
            "Above 100% means the timing is noisier than the calibration, not a faster-than-matmul model.", "",
            md_table(flops_display(rows)),
-           "## Not measured", "", md_table(an.failures), "## Figures", ""]
+           "## Not measured", "", md_table(an.failures),
+          "## Rows left out of the analysis", "",
+          "Rows of the input that could not be used, and why; everything above counts only the rows used.", "",
+          md_table(an.dropped) if an.dropped is not None and len(an.dropped) else "None.", "",
+          "## Figures", ""]
     for f in figures:
         rel = Path(f).relative_to(out_dir) if Path(f).is_relative_to(out_dir) else Path(f)
         md += [f"![{rel.stem}]({rel.as_posix()})", ""]
@@ -227,20 +237,46 @@ def render_markdown(an: Analysis, figures: Sequence[Path], out_dir: Path, comman
 def write_analysis(an: Analysis, out_dir: Path, command: Optional[str] = None) -> dict:
     """Write fits.csv, relative.csv, crossover.csv, the figures and report.md; return name -> path."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     written = {}
     for name, table in (("fits", an.fits), ("relative", an.relative), ("crossover", an.crossover)):
-        path = out_dir / f"{name}.csv"
-        table.to_csv(path, index=False)
-        written[name] = path
+        written[name] = write_frame(out_dir / f"{name}.csv", table)
     figures = (plots.plot_scaling(an.rows, an.fits, out_dir) + plots.plot_speedup(an.relative, out_dir)
                + plots.plot_params(an.rows, out_dir))
     for f in figures:
         written[Path(f).stem] = Path(f)
-    report = out_dir / "report.md"
-    report.write_text(render_markdown(an, figures, out_dir, command))
-    written["report"] = report
+    written["report"] = write_text(out_dir / "report.md", render_markdown(an, figures, out_dir, command))
     return written
+
+
+REPORT_TITLE = "# bsbr-eval analysis:"
+
+
+def run_analyze(csvs: Optional[Sequence[Path]] = None, output_dir: Optional[Path] = None,
+                command: Optional[str] = None) -> tuple[Analysis, Path, dict]:
+    """``bsbr-eval analyze``: read the CSVs (default: the newest results CSV under results/), check
+    and lock the output folder before any work, analyse, write; returns the analysis, the folder
+    and what was written. ``ResultsError`` for bad input.
+
+    The folder must be new, empty, or hold an earlier analysis (a ``report.md`` this tool wrote),
+    whose files are replaced: nothing else is ever overwritten.
+    """
+    if not csvs:
+        newest = newest_results_csv("results")
+        if newest is None:
+            raise ResultsError("no CSV given and no results CSV found under results/; "
+                               "pass CSV paths, e.g. bsbr-eval analyze results/run.csv")
+        csvs = [newest]
+    out = check_output_dir(output_dir or default_output_dir(csvs[0]))
+    with locked(out / "report.md", "--output-dir"):
+        report = out / "report.md"
+        ours = report.is_file() and report.read_text(encoding="utf-8", errors="replace").startswith(REPORT_TITLE)
+        if any(out.iterdir()) and not ours and not all(p.name.endswith(".lock") for p in out.iterdir()):
+            raise ResultsError(f"--output-dir: {out} holds files that are not an earlier analysis; "
+                               "choose a new or empty folder")
+        df, dropped, sidecars = load(csvs)
+        an = analyze(df, dropped, sidecars)
+        written = write_analysis(an, out, command=command)
+    return an, out, written
 
 
 # ---- the terminal ----
@@ -272,4 +308,6 @@ def terminal_tables(an: Analysis) -> list:
         out.append(_rich(_compact(crossover_display(an.crossover)), f"Speedup over {REFERENCE_MODEL}: crossover"))
     if not an.failures.empty:
         out.append(_rich(_compact(an.failures.drop(columns="error")), "Not measured (see report.md for errors)"))
+    if an.dropped is not None and len(an.dropped):
+        out.append(_rich(an.dropped.astype(str), f"{len(an.dropped)} row(s) left out of the analysis"))
     return out

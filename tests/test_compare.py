@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 import cli
 from evals import compare as C
 from evals import results as R
-from evals.grid import KEY_COLUMNS, Case, case_key, expand_grid, parse_shard, shard
+from evals.grid import Case, expand_grid, parse_shard, shard
+from evals.results import KEY_COLUMNS, case_key
 from evals.registry import LEVELS, MODEL_NAMES, MODES, ModelConfig
 from tests.test_measure import TOY_CFG, register_toys
 
@@ -88,11 +89,12 @@ def test_sidecar_records_allocator_and_thread_settings(monkeypatch, tmp_path):
     assert "UNRELATED_VARIABLE" not in env
 
 
-def test_rows_are_validated():
+def test_rows_are_validated(tmp_path):
     with pytest.raises(ValueError, match="status"):
-        R._line({"status": "fine"})
+        R.append_row(tmp_path / "r.csv", {"status": "fine"})
     with pytest.raises(ValueError, match="unknown column"):
-        R._line({"status": "ok", "speed": 1})
+        R.append_row(tmp_path / "r.csv", {"status": "ok", "speed": 1})
+    assert not (tmp_path / "r.csv").exists()
 
 
 # ----------------------------------------------------------------------------- grid and shards
@@ -229,7 +231,7 @@ class Recorder:
 
     def __call__(self, cases, output, **kw):
         self.cases, self.output, self.kwargs = list(cases), output, kw
-        return []
+        return C.Rows()
 
 
 @pytest.fixture
@@ -281,8 +283,8 @@ def test_options_reach_the_cases(recorder):
     (["--models", "Bogus"], "BSBR, Standard"),
     (["--modes", "fwd"], "forward, train, decode"),
     (["--devices", "tpu"], "cpu, cuda"),
-    (["--level", "block"], "model, layer, op"),
-    (["--dtype", "int8"], "float32"),
+    (["--level", "block"], "'model', 'layer', 'op'"),
+    (["--dtype", "int8"], "'float32'"),
     (["--seq-lengths", "0"], "positive integer"),
     (["--seq-lengths", "64", "-8"], "positive integer"),
     (["--seq-lengths", "64,abc"], "positive integer"),

@@ -253,7 +253,7 @@ def test_sequence_longer_than_position_table(gpt2):
 
 from typer.testing import CliRunner  # noqa: E402
 
-from bsbr_extras import convert_example as ce  # noqa: E402
+from evals import convert_experiment as ce  # noqa: E402
 
 BYTES_N = 64  # position table of the byte-level GPT-2 below
 
@@ -341,5 +341,8 @@ def test_cli_convert_bad_input_exits_2_with_one_line(byte_gpt2_dir, args, messag
 
 
 def test_example_module_bad_input_returns_2(tmp_path, capsys):
-    assert ce.main(["--model_name", str(tmp_path / "missing"), "--chunk_size", "8"]) == 2
-    assert "cannot load a model config" in capsys.readouterr().err
+    from bsbr_extras import convert_example
+
+    assert convert_example.main(["--model_name", str(tmp_path / "missing"), "--chunk_size", "8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error:") and "cannot load a model config" in err
