@@ -68,6 +68,10 @@ class Case:
         return f"{self.model} {self.device} {self.mode} {self.level} n={self.seq_len}"
 
 
+# Columns that identify a case in a CSV row (``evals.results.case_key`` compares rows on them).
+KEY_COLUMNS = tuple(Case("x", "cpu", "forward", "model", "float32", 1, 1, ModelConfig()).fields())
+
+
 def expand_grid(models: Sequence[str], seq_lengths: Iterable[int], devices: Sequence[str] = ("cpu",),
                 modes: Sequence[str] = ("forward",), *, level: str = "model", config: Optional[ModelConfig] = None,
                 batch_size: int = 1, dtype: str = "float32", decode_tokens: int = 16, seed: int = 0) -> list[Case]:

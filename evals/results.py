@@ -43,8 +43,7 @@ from typing import Iterable, Iterator, Optional, Sequence
 
 from filelock import FileLock, Timeout
 
-from evals.grid import CONFIG_COLUMNS, Case
-from evals.registry import ModelConfig
+from evals.grid import CONFIG_COLUMNS, KEY_COLUMNS
 
 
 class ResultsError(ValueError):
@@ -85,8 +84,7 @@ FAILED = ("oom", "error")
 NUMERIC_COLUMNS = ("batch_size", "seq_len", "hidden_dim", "num_layers", "num_heads", "chunk_size",
                    "time_ms", "time_ms_p20", "time_ms_p80", "repeats", "peak_memory_mb", "flops", "params")
 
-# Columns that identify a case in a row; ``--resume`` matches rows on exactly these.
-KEY_COLUMNS = tuple(Case("x", "cpu", "forward", "model", "float32", 1, 1, ModelConfig()).fields())
+# KEY_COLUMNS (a case's own fields, from the grid) identify a row; ``--resume`` matches on them.
 assert set(KEY_COLUMNS) <= set(COLUMNS), "every identifying column must be written"
 
 
@@ -399,7 +397,7 @@ def read_table(path: Path | str, *, required: Sequence[str] = REQUIRED_COLUMNS,
     path = Path(path)
     name = f"{what} {path}".strip()
     if not path.is_file():
-        raise ResultsError(f"{name}: no such file")
+        raise ResultsError(f"{name} does not exist; give a results CSV")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
@@ -421,7 +419,7 @@ def read_table(path: Path | str, *, required: Sequence[str] = REQUIRED_COLUMNS,
     missing = [c for c in required if c not in header]
     if missing:
         shown = ", ".join(missing[:6]) + (f" (+{len(missing) - 6} more)" if len(missing) > 6 else "")
-        raise ResultsError(f"{name}: missing required column(s) {shown}; it needs: {', '.join(required)}")
+        raise ResultsError(f"{name} lacks column(s) {shown}; it needs: {', '.join(required)}")
     numeric = [c for c in numeric if c in header]
     kept, dropped, lines = [], [], []
     for i, (line, rec) in enumerate(records):
