@@ -68,15 +68,16 @@ def model_markers(models: Iterable[str] = ()) -> dict:
 def _log_axes(ax, axes: str = "xy") -> None:
     """Log axes with plain tick labels (20, 50, 100 rather than 2x10^1). Call after drawing.
 
-    1-2-5 ticks when the data span two decades or less, so a narrow range still gets several
-    labels; powers of ten only when wider, so the labels of a wide range never run into each other.
+    1-2-5 ticks, so a narrow range still gets several labels; powers of ten only when the data
+    span more decades than the labels have room for side by side (x: 2; y, whose labels stack and
+    are short: 4), so the labels of a wide range never run into each other.
     """
     plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
     for name in axes:
         axis = getattr(ax, f"{name}axis")
         getattr(ax, f"set_{name}scale")("log")
         lo, hi = (float(v) for v in axis.get_data_interval())
-        wide = lo > 0 and np.isfinite(hi / lo) and np.log10(hi / lo) > 2
+        wide = lo > 0 and np.isfinite(hi / lo) and np.log10(hi / lo) > (2 if name == "x" else 4)
         axis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0,) if wide else (1.0, 2.0, 5.0)))
         axis.set_major_formatter(plain)
         axis.set_minor_formatter(matplotlib.ticker.NullFormatter())

@@ -358,3 +358,46 @@ def test_an_immaterial_growth_term_does_not_name_the_class():
     for seed in range(3):
         r = fit_one(n, noisy(lambda n: 0.344 + 1.6e-11 * n * n, n, seed, noise=0.002))
         assert r["best_class"] == "1", (seed, r["best_class"])
+
+
+# ----------------------------------------------------------------------------- readable axes
+
+
+def _visible_labels(fig, axis) -> list:
+    """(text, window extent) of the tick labels drawn inside the axis' limits."""
+    fig.canvas.draw()
+    lo, hi = sorted(axis.get_view_interval())
+    return [(t.get_text(), t.get_window_extent()) for tick, t in zip(axis.get_major_ticks(), axis.get_ticklabels())
+            if lo <= tick.get_loc() <= hi and t.get_text()]
+
+
+def test_wide_length_range_tick_labels_do_not_collide(tmp_path, monkeypatch):
+    from evals import plots
+
+    figs = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figs.append(fig) or path)
+    lengths = [64 * 2 ** i for i in range(11)]  # 64 .. 65536: three decades
+    df = pd.DataFrame([dict(model=m, device="cpu", mode="forward", level="op", dtype="float32", batch_size=1,
+                            hidden_dim=64, num_layers=1, num_heads=2, seq_len=n,
+                            speedup=n / 1000 if m == "BSBR" else 1.0, memory_ratio=1.0)
+                       for m in ("BSBR", "Standard") for n in lengths])
+    plots.plot_speedup(df, tmp_path)
+    labels = _visible_labels(figs[0], figs[0].axes[0].xaxis)
+    assert len(labels) >= 3
+    boxes = [b for _, b in labels]
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:]), [t for t, _ in labels]
+
+
+def test_conversion_time_panel_has_numbered_y_ticks(tmp_path, monkeypatch):
+    # forward times between 20 and 130 ms: less than a decade, which a bare log axis labels once
+    from evals import plots
+
+    figs = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figs.append(fig) or path)
+    agree = pd.DataFrame([dict(variant=v, chunk_size=c, finetuned=False, finetune_steps=0, ppl=12.0, kl=0.01,
+                               top1_agreement=0.9) for v, c in (("original", ""), ("bsbr-c64", 64), ("bsbr-c32", 32))])
+    speed = pd.DataFrame([dict(variant=v, seq_len=n, time_ms=t, time_ms_p20=t * 0.9, time_ms_p80=t * 1.1)
+                          for v, f in (("original", 1.0), ("bsbr-c64", 1.3)) for n, t in ((64, 20 * f), (512, 100 * f))])
+    plots.plot_conversion(agree, speed, tmp_path)
+    labels = [t for t, _ in _visible_labels(figs[0], figs[0].axes[2].yaxis)]
+    assert len(labels) >= 3 and all(t.replace(".", "").isdigit() for t in labels), labels
