@@ -28,7 +28,8 @@ from evals.measure import calibrate_matmul, empty_row, measure, parse_inject
 from evals.options import check_fraction, check_positive, choose, positive_ints
 from evals.registry import LEVELS, MODES, REGISTRY, ModelConfig
 from evals.results import (KEY_COLUMNS, ResultsError, append_row, case_key, claim_output, completed_keys,
-                           environment, new_run_id, outcome, read_sidecar, utc_now, utc_stamp, write_sidecar)
+                           environment, new_run_id, outcome, read_sidecar, sidecar_path, utc_now, utc_stamp,
+                           write_sidecar)
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +178,7 @@ def run_compare(*, models=None, seq_lengths=None, devices=None, modes=None, leve
     rows = run_sweep(cases, output, resume=resume, repeats=repeats, min_run_time=min_run_time, threads=threads,
                      inject=inject, settings=settings, console=console)
     code, words = outcome(rows.new)
-    summary = f"wrote {len(rows)} rows to {output} (+ {output.with_suffix('.json').name})"
+    summary = f"wrote {len(rows)} rows to {output} (+ {sidecar_path(output).name})"
     return rows, code, summary + (f"; {words}" if words else "")
 
 

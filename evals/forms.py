@@ -26,7 +26,8 @@ from evals.measure import op_call, time_fn
 from evals.options import check_fraction, check_positive, choose, positive_ints
 from evals.registry import REGISTRY, ModelConfig
 from evals.results import (FORMS_COLUMNS as COLUMNS, ResultsError, append_row, claim_output, environment, new_run_id,
-                           one_line, outcome, sample_stats, utc_now, utc_stamp, write_sidecar)
+                           one_line, outcome, sample_stats, sidecar_path, utc_now, utc_stamp,
+                           write_sidecar)
 
 FORMS = ("parallel", "recurrent")
 FORM_MODES = ("forward", "train")
@@ -139,7 +140,7 @@ def run_forms(*, models=None, seq_lengths=None, modes=None, hidden_dim: int = 51
                repeats=repeats, min_run_time=min_run_time, seed=seed, settings=settings, progress=progress,
                run_id=new_run_id())
     code, words = outcome(rows)
-    summary = f"wrote {len(rows)} rows to {output} (+ {output.with_suffix('.json').name})"
+    summary = f"wrote {len(rows)} rows to {output} (+ {sidecar_path(output).name})"
     return rows, output, code, summary + (f"; {words}" if words else "")
 
 

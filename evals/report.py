@@ -22,7 +22,7 @@ from evals import plots
 from evals.analysis import (CLASSES, MATERIAL, MIN_LENGTHS, MIN_SPAN, NOISY_SPREAD, PAR_TOLERANCE,
                             REFERENCE_MODEL, UNDERDETERMINED, Analysis, analyze, default_output_dir, load,
                             model_order, newest_results_csv)
-from evals.results import ResultsError, check_output_dir, locked, write_frame, write_text
+from evals.results import ResultsError, check_output_dir, locked, sidecar_path, write_frame, write_text
 
 # Columns of the per-configuration key shown in the tables (the rest is in the report's header).
 _WHERE = ["device", "mode", "level"]
@@ -154,7 +154,7 @@ def _machine_section(sources: Sequence[str], sidecars: dict) -> list:
     lines = []
     for src in sources:
         meta = sidecars.get(src)
-        lines.append(f"**{Path(src).name}** — sidecar `{Path(src).with_suffix('.json').name}`")
+        lines.append(f"**{Path(src).name}** — sidecar `{sidecar_path(src).name}`")
         lines.append("")
         if isinstance(meta, ResultsError):
             lines += [f"_The JSON sidecar is corrupt ({meta}): machine, software and command are unknown, "
