@@ -40,7 +40,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 Level = enum.Enum("Level", {v: v for v in LEVELS}, type=str)
 Dtype = enum.Enum("Dtype", {v: v for v in DTYPES}, type=str)
-Preset = enum.Enum("Preset", {v: v for v in rc.PRESETS}, type=str)
 Device = enum.Enum("Device", {v: v for v in ("cpu", "cuda")}, type=str)
 
 # Flags that take several values, space- or comma-separated (``--seq-lengths 64 128`` or ``64,128``).
@@ -399,8 +398,8 @@ def convert(
 def recall(
     quick: Annotated[bool, typer.Option("--quick", help="The CPU preset (same as --preset quick): all "
                      "seven models in under 15 minutes on 2 cores.")] = False,
-    preset: Annotated[Optional[Preset], typer.Option(case_sensitive=False, help="quick (CPU, small) or full "
-                      "(GPU scale; use with --device cuda). Default: quick.", show_default=False)] = None,
+    preset: Annotated[Optional[str], typer.Option(help="quick (CPU, small) or full (GPU scale; use with "
+                      "--device cuda). Default: quick.", show_default=False)] = None,
     models: ModelsOpt = None,
     seq_lengths: _list("--seq-lengths", "Sequence lengths of the length x pairs sweep. Default: the preset's.") = None,
     num_pairs: _list("--num-pairs", "Key-value pairs per sequence of the length x pairs sweep. "
@@ -430,9 +429,9 @@ def recall(
     """Multi-query associative recall (MQAR; Arora et al., 2023): train each model from scratch, report
     held-out accuracy vs length, pairs and decoding-state size. See docs/recall.md."""
     with exit_codes():
-        if quick and preset not in (None, Preset.quick):
-            raise ResultsError(f"--quick conflicts with --preset {preset.value}; give one of them")
-        name = (preset or Preset.quick).value
+        name = choose("--preset", [preset or "quick"], tuple(rc.PRESETS))[0]
+        if quick and name != "quick":
+            raise ResultsError(f"--quick conflicts with --preset {name}; give one of them")
         base = rc.PRESETS[name]
         names = choose("--models", models, tuple(REGISTRY), default=tuple(REGISTRY))
         if device == Device.cuda and not torch.cuda.is_available():
