@@ -23,17 +23,19 @@ def _fail(message: str) -> None:
 
 @app.command()
 def models() -> None:
-    """List the registry: name, the published method it follows, complexity, modes, op forms, decoding state."""
+    """List the registry: name, the published method it follows, complexity, modes, op forms, decoding state, departures."""
     from rich.console import Console
     from rich.table import Table
 
     from evals.registry import REGISTRY
 
     table = Table(title="bsbr-eval models (names are case-insensitive)")
-    for col in ("name", "method", "complexity (per head)", "modes", "op forms", "decoding cache holds"):
+    for col in ("name", "method", "complexity (per head)", "modes", "op forms", "decoding cache holds",
+                "departures from the method"):
         table.add_column(col, overflow="fold")
     for spec in REGISTRY.values():
-        table.add_row(spec.name, spec.method, spec.complexity, " ".join(spec.modes), " ".join(spec.forms), spec.state)
+        table.add_row(spec.name, spec.method, spec.complexity, " ".join(spec.modes), " ".join(spec.forms), spec.state,
+                      spec.departures)
     Console().print(table)
 
 

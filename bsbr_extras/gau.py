@@ -2,8 +2,7 @@
 
 Hua, Dai, Liu & Le (2022), "Transformer Quality in Linear Time" (ICML), s.2 (GAU) and s.3 (FLASH).
 
-A single-head unit (there are no heads: ``num_heads`` is accepted by :class:`GAUModel` for the
-registry's common signature and ignored):
+A single-head unit (there are no heads, so :class:`GAUModel` takes no ``num_heads``):
 
     U = silu(W_u x),  V = silu(W_v x)            width e = expansion_factor * hidden_dim
     Z = silu(W_z x)                              width s = qk_dim (shared by all four below)
@@ -40,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bsbr.shell import CausalLM, check_positive_int, exists
+from bsbr.shell import CausalLM, TokenMixer, check_positive_int, exists
 
 
 _BLOCK_STATE_BYTES = 4 << 20  # default block of chunks: about this much cross-chunk state at a time
@@ -189,7 +188,7 @@ class ScaleOffset(nn.Module):
         return out.unbind(dim=-2)
 
 
-class GatedAttentionUnit(nn.Module):
+class GatedAttentionUnit(TokenMixer):
     """Single-head gated attention unit with FLASH mixed-chunk attention (Hua et al., 2022)."""
 
     def __init__(self, hidden_dim: int, chunk_size: int = 128, expansion_factor: int = 2, qk_dim: int = 128):
@@ -212,10 +211,15 @@ class GatedAttentionUnit(nn.Module):
 
     def op_inputs(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> tuple:
         _, inputs = self._project(x)
-        return inputs if mask is None else (*inputs, mask)
+        return inputs
 
-    def op(self, quad_q, quad_k, lin_q, lin_k, v, mask=None) -> torch.Tensor:
-        return gau_mixed_chunk(quad_q, quad_k, lin_q, lin_k, v, self.chunk_size, mask)
+    def op(self, quad_q, quad_k, lin_q, lin_k, v, *, mask=None) -> torch.Tensor:
+        return gau_mixed_chunk(quad_q, quad_k, lin_q, lin_k, v, self.chunk_size, mask=mask)
+
+    def output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``W_o (U * A V)``: the op's ``A V`` (b, n, e) gated by ``U = silu(W_u x)``."""
+        u = F.silu(self.uv(x)).chunk(2, dim=-1)[0]                     # (b, n, e), as in _project
+        return self.out_proj(u * o)
 
     def init_cache(self, batch_size: int, device=None, dtype=None) -> GAUCache:
         s, e = self.qk_dim, self.expansion_dim
@@ -224,8 +228,8 @@ class GatedAttentionUnit(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
                 cache: Optional[GAUCache] = None) -> torch.Tensor:
-        u, inputs = self._project(x)
-        o = self.op(*inputs, mask) if cache is None else self._continue(cache, *inputs, mask)
+        u, inputs = self._project(x)  # U computed once here; ``output`` recomputes it for op-level callers
+        o = self.op(*inputs, mask=mask) if cache is None else self._continue(cache, *inputs, mask)
         return self.out_proj(u * o)                                   # (b, n, D)
 
     def _continue(self, cache: GAUCache, quad_q, quad_k, lin_q, lin_k, v, mask) -> torch.Tensor:
@@ -262,8 +266,11 @@ class GatedAttentionUnit(nn.Module):
 class GAUModel(CausalLM):
     """Causal LM whose token mixer is a gated attention unit (FLASH mixed-chunk; Hua et al., 2022).
 
+    GAU is single-head, so unlike the other six models it takes no ``num_heads``: its fourth
+    positional argument is ``ff_dim``.
+
     Args:
-        num_heads: accepted for the common model signature and ignored: GAU is single-head.
+        vocab_size, hidden_dim, num_layers, ff_dim, dropout: as in every model here.
         chunk_size: FLASH chunk length ``c`` (positive int; also scales ``relu(q k / c)^2``).
         expansion_factor: ``e = expansion_factor * hidden_dim``, the width of ``U`` and ``V`` (positive int).
         qk_dim: ``s``, the width of the shared ``Z`` behind the queries and keys (positive int).
@@ -272,11 +279,10 @@ class GAUModel(CausalLM):
     The shared shell's pre-norm block adds its feed-forward layer after the unit.
     """
 
-    def __init__(self, vocab_size: int, hidden_dim: int, num_layers: int, num_heads: int, ff_dim: int,
-                 dropout: float = 0.1, chunk_size: int = 128, expansion_factor: int = 2, qk_dim: int = 128,
-                 **shell_kwargs):
-        for name, val in (("chunk_size", chunk_size), ("expansion_factor", expansion_factor), ("qk_dim", qk_dim)):
-            check_positive_int(name, val)
+    mixer_class = GatedAttentionUnit
+
+    def __init__(self, vocab_size: int, hidden_dim: int, num_layers: int, ff_dim: int, dropout: float = 0.1,
+                 chunk_size: int = 128, expansion_factor: int = 2, qk_dim: int = 128, **shell_kwargs):
         super().__init__(vocab_size, hidden_dim, num_layers, ff_dim, dropout,
                          mixer_factory=lambda i: GatedAttentionUnit(hidden_dim, chunk_size, expansion_factor, qk_dim),
                          **shell_kwargs)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bsbr.shell import CausalLM, check_dropout, check_heads, exists, merge_heads, split_heads
+from bsbr.shell import CausalLM, TokenMixer, check_dropout, check_heads, exists, split_heads
 
 # ----------------------------------------------------------------------------- checks
 
@@ -137,8 +137,12 @@ class KVCache:
 # ----------------------------------------------------------------------------- mixer
 
 
-class StandardAttention(nn.Module):
-    """Multi-head causal softmax attention with fused QKV and output projections (nanoGPT layout)."""
+class StandardAttention(TokenMixer):
+    """Multi-head causal softmax attention with fused QKV and output projections (nanoGPT layout).
+
+    ``dropout`` is on the attention probabilities (training only); the residual dropout of the
+    mixer's output belongs to the shell's block.
+    """
 
     def __init__(self, hidden_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True):
         super().__init__()
@@ -148,19 +152,19 @@ class StandardAttention(nn.Module):
         self.qkv = nn.Linear(hidden_dim, 3 * hidden_dim, bias=bias)
         self.out_proj = nn.Linear(hidden_dim, hidden_dim, bias=bias)
 
-    def op_inputs(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None):
+    def op_inputs(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> tuple:
         q, k, v = self.qkv(x).chunk(3, dim=-1)  # 3 x (b, n, D)
-        return split_heads(q, self.num_heads), split_heads(k, self.num_heads), split_heads(v, self.num_heads), mask
+        return tuple(split_heads(t, self.num_heads) for t in (q, k, v))  # 3 x (b, h, n, d)
 
-    def op(self, q, k, v, mask=None):
-        return causal_softmax_attention(q, k, v, mask, dropout_p=self.dropout if self.training else 0.0)
+    def op(self, q, k, v, *, mask=None):
+        return causal_softmax_attention(q, k, v, mask=mask, dropout_p=self.dropout if self.training else 0.0)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None):
-        q, k, v, mask = self.op_inputs(x, mask)  # (b, h, m, d) each
+        q, k, v = self.op_inputs(x, mask)  # (b, h, m, d) each
         if exists(cache):
             # the new queries attend to the whole cached prefix plus themselves; nothing is recomputed
             k, v, mask = cache.append(k, v, mask)  # (b, h, n, d), (b, n) or None
-        return self.out_proj(merge_heads(self.op(q, k, v, mask)))  # (b, m, D)
+        return self.output(self.op(q, k, v, mask=mask), x)  # (b, m, D)
 
     def init_cache(self, batch_size: int, device=None, dtype=None) -> KVCache:
         return KVCache(batch_size, device, dtype)
@@ -175,10 +179,10 @@ class StandardTransformerModel(CausalLM):
     ``dropout`` is used by the shell (embeddings, residual, FFN) and on the attention probabilities.
     """
 
+    mixer_class = StandardAttention
+
     def __init__(self, vocab_size: int, hidden_dim: int, num_layers: int, num_heads: int, ff_dim: int,
                  dropout: float = 0.1, **shell_kwargs):
-        check_heads(hidden_dim, num_heads)
-        check_dropout(dropout)
         super().__init__(vocab_size, hidden_dim, num_layers, ff_dim, dropout,
                          mixer_factory=lambda i: StandardAttention(hidden_dim, num_heads, dropout),
                          **shell_kwargs)
