@@ -91,7 +91,7 @@ REGISTRY: dict[str, ModelSpec] = {
             lambda c: dict(_common(c), chunk_size=c.chunk_size, compression_factor=c.compression_factor,
                            chunk_overlap=c.chunk_overlap),
             state="current chunk K,V + one d x d/f state per completed chunk",
-            departures="none (defined here): chunk summary = mean of the layer input over real tokens; "
+            departures="none, the method is this project's; its choices: chunk summary = mean of the layer input over real tokens; "
                        "gamma = 1/(c sqrt(d/f)); compression = learned per-head map d -> d/f"),
         ModelSpec(
             "Standard", "Causal softmax attention (Vaswani et al., 2017)",
