@@ -185,7 +185,7 @@ class BSBRAttention(TokenMixer):
 
     # ---- decoding -----------------------------------------------------------------------------
 
-    def init_cache(self, batch_size: int, device=None, dtype=None) -> BSBRCache:
+    def init_cache(self, batch_size: int, device=None, dtype=None, max_len=None) -> BSBRCache:
         b, h, d, e, D = batch_size, self.num_heads, self.head_dim, self.key_dim, self.hidden_dim
         z = lambda *s: torch.zeros(*s, device=device, dtype=dtype)  # noqa: E731
         nb = lambda *s: torch.zeros(*s, device=device, dtype=torch.bool)  # noqa: E731

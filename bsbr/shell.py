@@ -10,7 +10,8 @@ Axis legend used in shape comments:
 The mixer protocol (what ``Block`` and ``evals`` need from a token mixer):
 
     mixer(x, mask=None, cache=None) -> y         x, y: (b, n, D); mask: (b, n) bool, True = real
-    mixer.init_cache(batch_size, device, dtype)  -> a mutable per-layer cache object
+    mixer.init_cache(batch_size, device, dtype, max_len=None) -> a mutable per-layer cache object
+                                                    (max_len: see CausalLM.init_cache)
     mixer.op_inputs(x, mask=None)                -> the op's positional inputs (projections done;
                                                     the mask is NOT among them)
     mixer.op(*inputs, mask=None)                 -> the pure token-mixing computation
@@ -90,7 +91,16 @@ def normalize_mask(attention_mask: Optional[torch.Tensor], input_ids: torch.Tens
             f"attention_mask shape {tuple(attention_mask.shape)} must match input_ids shape {tuple(input_ids.shape)}"
         )
     mask = attention_mask.to(device=input_ids.device) != 0
-    return None if bool(mask.all()) else mask
+    return None if known_all_true(mask) else mask
+
+
+def known_all_true(mask: torch.Tensor) -> bool:
+    """True when ``mask`` is all True and that can be read for free: on a CPU tensor outside
+    ``torch.compile``. Elsewhere reading it would synchronise with the device or break the graph, so
+    the answer is False and callers keep the (equivalent) masked path."""
+    if mask.device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    return bool(mask.all())
 
 
 def check_input_ids(input_ids, vocab_size: int) -> None:
@@ -104,7 +114,12 @@ def check_input_ids(input_ids, vocab_size: int) -> None:
         raise ValueError("input_ids must hold at least one sequence (batch >= 1), got batch 0")
     if input_ids.shape[1] == 0:
         raise ValueError("input_ids must hold at least one token per sequence (seq_len >= 1)")
-    if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size):
+    if input_ids.device.type != "cpu" or torch.compiler.is_compiling():
+        # reading the range would synchronise with the device (or break a compiled graph): check it
+        # asynchronously instead; a bad id then fails the next synchronising call
+        torch._assert_async(((input_ids >= 0) & (input_ids < vocab_size)).all(),
+                            f"input_ids must lie in [0, vocab_size={vocab_size})")
+    elif int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size:
         raise ValueError(f"input_ids must lie in [0, vocab_size={vocab_size}), got range [{int(input_ids.min())}, {int(input_ids.max())}]")
 
 
@@ -208,7 +223,7 @@ class RecurrentStateMixer(TokenMixer):
     ``(o, new_state)`` with ``new_state`` a tuple shaped like ``state``.
     """
 
-    def init_cache(self, batch_size: int, device=None, dtype=None) -> RecurrentStateCache:
+    def init_cache(self, batch_size: int, device=None, dtype=None, max_len=None) -> RecurrentStateCache:
         return RecurrentStateCache(self.init_state(batch_size, device, dtype))
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
@@ -371,12 +386,21 @@ class CausalLM(nn.Module):
             cache.pos += n
         return self.lm_head(self.norm(x))  # (b, n, V)
 
-    def init_cache(self, batch_size: int, device=None, dtype=None) -> ModelCache:
-        """An empty decoding cache; pass it to ``forward`` to stream a sequence in pieces."""
+    def init_cache(self, batch_size: int, device=None, dtype=None, max_len: Optional[int] = None) -> ModelCache:
+        """An empty decoding cache; pass it to ``forward`` to stream a sequence in pieces.
+
+        ``max_len``: the most tokens the cache will hold. The key/value caches (Standard, Hopfield)
+        then allocate it once and never grow, so a compiled decode step keeps one shape; a longer
+        sequence raises a ValueError. The fixed-size caches (Linear, DeltaNet, SlidingWindow) do not
+        need it; BSBR's and GAU's caches do not use it yet (they grow per chunk).
+        """
         check_positive_int("batch_size", batch_size)
+        if max_len is not None:
+            check_positive_int("max_len", max_len)
         p = self.embed.weight
         device, dtype = default(device, p.device), default(dtype, p.dtype)
-        return ModelCache(batch_size, [blk.mixer.init_cache(batch_size, device, dtype) for blk in self.layers])
+        kw = {} if max_len is None else {"max_len": max_len}  # a mixer need not know max_len to be used without it
+        return ModelCache(batch_size, [blk.mixer.init_cache(batch_size, device, dtype, **kw) for blk in self.layers])
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
@@ -401,7 +425,7 @@ class CausalLM(nn.Module):
                                   or not 0.0 < top_p <= 1.0):
             raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
         check_input_ids(input_ids, self.vocab_size)
-        cache = self.init_cache(input_ids.shape[0])
+        cache = self.init_cache(input_ids.shape[0], max_len=input_ids.shape[1] + max(max_new_tokens, 1))
         out = input_ids
         logits = self(input_ids, cache=cache)[:, -1]
         for step in range(max_new_tokens):

@@ -221,7 +221,7 @@ class GatedAttentionUnit(TokenMixer):
         u = F.silu(self.uv(x)).chunk(2, dim=-1)[0]                     # (b, n, e), as in _project
         return self.out_proj(u * o)
 
-    def init_cache(self, batch_size: int, device=None, dtype=None) -> GAUCache:
+    def init_cache(self, batch_size: int, device=None, dtype=None, max_len=None) -> GAUCache:
         s, e = self.qk_dim, self.expansion_dim
         z = lambda *shape: torch.zeros(batch_size, *shape, device=device, dtype=dtype)
         return GAUCache(state=z(s, e), quad_k=z(0, s), lin_k=z(0, s), v=z(0, e))

@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from bsbr.shell import CausalLM, check_positive_int, exists
+from bsbr.shell import CausalLM, check_positive_int, exists, known_all_true
 from bsbr_extras.standard import StandardAttention, allowed_keys, causal_softmax_attention, check_qkv
 
 # Queries per block in the blocked form (a CPU-tuned constant; any value gives the same result):
@@ -240,11 +240,11 @@ class SlidingWindowAttention(StandardAttention):
             new_mask = mask if exists(mask) else torch.ones(q.shape[0], q.shape[-2], dtype=torch.bool, device=q.device)
             full_mask = torch.cat([mp, new_mask], dim=1)  # (b, P + m)
             out = self.op(q, torch.cat([kp, k], dim=-2), torch.cat([vp, v], dim=-2),
-                          mask=None if bool(full_mask.all()) else full_mask)
+                          mask=None if known_all_true(full_mask) else full_mask)
             cache.write(k, v, mask)
         return self.output(out, x)  # (b, m, D)
 
-    def init_cache(self, batch_size: int, device=None, dtype=None) -> RingKVCache:
+    def init_cache(self, batch_size: int, device=None, dtype=None, max_len=None) -> RingKVCache:
         return RingKVCache(batch_size, self.window_size, device, dtype)
 
 

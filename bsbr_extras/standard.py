@@ -95,13 +95,16 @@ def causal_softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 class KVCache:
     """Keys and values of every token seen so far, for one layer.
 
-    Stored in a buffer that grows by 25% when full, so appending a token copies O(d) amortised instead
-    of re-concatenating the whole prefix, and a prefill of n tokens leaves room for n/4 decode steps
-    before the first regrowth. ``key_mask`` stays None until some token is padding.
+    With ``max_len`` the buffer holds ``max_len`` tokens from the first append on and never grows
+    (the gpt-fast pattern: one static shape, so a compiled decode step is not recompiled when the
+    buffer would grow; more tokens raise a ValueError). Without it the buffer grows by 25% when
+    full, so appending a token copies O(d) amortised instead of re-concatenating the whole prefix,
+    and a prefill of n tokens leaves room for n/4 decode steps before the first regrowth.
+    ``key_mask`` stays None until some token is padding.
     """
 
-    def __init__(self, batch_size: int, device=None, dtype=None):
-        self.batch_size, self.device, self.dtype = batch_size, device, dtype
+    def __init__(self, batch_size: int, device=None, dtype=None, max_len: Optional[int] = None):
+        self.batch_size, self.device, self.dtype, self.max_len = batch_size, device, dtype, max_len
         self.k = self.v = None          # (b, h, capacity, d)
         self.key_mask = None            # (b, capacity) bool, or None while every token is real
         self.length = 0
@@ -112,8 +115,10 @@ class KVCache:
         if b != self.batch_size:
             raise ValueError(f"cache was made for batch_size={self.batch_size}, got {b}")
         need = self.length + m
+        if exists(self.max_len) and need > self.max_len:
+            raise ValueError(f"the cache was made for max_len={self.max_len} tokens; this call reaches {need}")
         if self.k is None or need > self.k.shape[-2]:
-            cap = max(need + need // 4, 16)
+            cap = self.max_len if exists(self.max_len) else max(need + need // 4, 16)
             new_k, new_v = k.new_empty(b, h, cap, d), v.new_empty(b, h, cap, v.shape[-1])
             if self.k is not None:
                 new_k[:, :, :self.length] = self.k[:, :, :self.length]
@@ -166,8 +171,8 @@ class StandardAttention(TokenMixer):
             k, v, mask = cache.append(k, v, mask)  # (b, h, n, d), (b, n) or None
         return self.output(self.op(q, k, v, mask=mask), x)  # (b, m, D)
 
-    def init_cache(self, batch_size: int, device=None, dtype=None) -> KVCache:
-        return KVCache(batch_size, device, dtype)
+    def init_cache(self, batch_size: int, device=None, dtype=None, max_len: Optional[int] = None) -> KVCache:
+        return KVCache(batch_size, device, dtype, max_len)
 
 
 # ----------------------------------------------------------------------------- model
