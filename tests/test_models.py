@@ -188,7 +188,8 @@ STREAM = {
     "DeltaNet": ([dict(chunk_size=4)], lambda m, cache, n: cache.state[0].shape[-2:] == (m.head_dim, m.head_dim)),
     "SlidingWindow": ([dict(window_size=6)], lambda m, cache, n: cache.k.shape[-2] == m.window_size and cache.pos == n),
     "Hopfield": ([dict(update_steps=3, hopfield_beta=0.4)], lambda m, cache, n: cache.length == n),
-    "GAU": ([dict(chunk_size=4)], lambda m, cache, n: cache.v.shape[1] == n % m.chunk_size),
+    "GAU": ([dict(chunk_size=4)], lambda m, cache, n: cache.v.shape[1] == m.chunk_size and cache.length == n
+            == int(cache.pos)),
 }
 STREAM_CASES = [(name, kw) for name in MODEL_NAMES for kw in STREAM[name][0]]
 
