@@ -135,12 +135,14 @@ OutputDirOpt = Annotated[Optional[Path], typer.Option("--output-dir", help="Fold
 
 @app.command(cls=Command)
 def models() -> None:
-    """List the registry: name, the published method it follows, complexity, modes, op forms, decoding state."""
+    """List the registry: name, the published method it follows, complexity, modes, op forms, decoding state, departures."""
     table = Table(title="bsbr-eval models (names are case-insensitive)")
-    for col in ("name", "method", "complexity (per head)", "modes", "op forms", "decoding cache holds"):
+    for col in ("name", "method", "complexity (per head)", "modes", "op forms", "decoding cache holds",
+                "departures from the method"):
         table.add_column(col, overflow="fold")
     for spec in REGISTRY.values():
-        table.add_row(spec.name, spec.method, spec.complexity, " ".join(spec.modes), " ".join(spec.forms), spec.state)
+        table.add_row(spec.name, spec.method, spec.complexity, " ".join(spec.modes), " ".join(spec.forms), spec.state,
+                      spec.departures)
     Console().print(table)
 
 

@@ -14,7 +14,7 @@ before the chunk states are formed and to queries before read-out, so each chunk
 
 from __future__ import annotations
 
-import math
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .ops import BSBRPast, bsbr_attention, bsbr_open_chunk, default_gamma
-from .shell import check_dropout, check_heads, check_positive_int, merge_heads, split_heads
+from .shell import TokenMixer, check_dropout, check_heads, check_positive_int, split_heads
 
 
 @dataclass
@@ -73,14 +73,16 @@ def chunk_summaries(x: torch.Tensor, mask: Optional[torch.Tensor], chunk_size: i
     return (x * w).sum(2) / w.sum(2).clamp_min(1.0)
 
 
-class BSBRAttention(nn.Module):
+class BSBRAttention(TokenMixer):
     """Block Sparse attention with Block Retrieval (design/architectures.md s.1).
 
     Args:
         hidden_dim: model width D.
         num_heads: heads h; D must be divisible by h.
         chunk_size: tokens per chunk c (> 0).
-        dropout: dropout on the attention output (the softmax itself is exact).
+        dropout: kept in the seed's fourth positional slot and validated, but the mixer applies no
+            dropout: the residual dropout of its output belongs to the block (``BSBRLayer``,
+            ``BSBRModel``), as for every mixer here. A value > 0 raises a warning saying so.
         compression_factor: f dividing the head size d; chunk states become (d/f) x d. None = no compression.
         chunk_overlap: o in [0, chunk_size]; each chunk's local window reaches o tokens back.
         bias: biases on the q/k/v/out and meta projections (GPT-2 has them).
@@ -94,6 +96,9 @@ class BSBRAttention(nn.Module):
         d = check_heads(hidden_dim, num_heads)
         check_positive_int("chunk_size", chunk_size)
         check_dropout(dropout)
+        if dropout > 0:
+            warnings.warn("BSBRAttention applies no dropout to its output (dropout=%r is ignored); residual "
+                          "dropout belongs to the block: use BSBRLayer or BSBRModel" % (dropout,), stacklevel=2)
         check_positive_int("chunk_overlap", chunk_overlap, allow_zero=True)
         if chunk_overlap > chunk_size:
             raise ValueError(f"chunk_overlap must be in [0, chunk_size={chunk_size}], got {chunk_overlap}")
@@ -124,7 +129,6 @@ class BSBRAttention(nn.Module):
             self.compress = nn.Parameter(a)
         else:
             self.register_parameter("compress", None)
-        self.drop = nn.Dropout(dropout)
 
     # ---- the op-level interface ---------------------------------------------------------------
 
@@ -134,7 +138,8 @@ class BSBRAttention(nn.Module):
 
     def op_inputs(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, key=None, value=None,
                   prev_summary: Optional[torch.Tensor] = None):
-        """Per-head inputs of the pure op: (q, k, v, r, h, mask)."""
+        """Per-head positional inputs of the pure op: (q, k, v, r, h). The mask is not among them
+        (pass it to ``op`` as ``mask=``), but it shapes r and h: summaries average real tokens only."""
         key = x if key is None else key
         value = key if value is None else value
         # head-major contiguous copies: the op's chunk reshapes are then free views (a strided
@@ -145,9 +150,9 @@ class BSBRAttention(nn.Module):
         s = chunk_summaries(key, mask, self.chunk_size)  # (b, C, D)
         first = torch.zeros_like(s[:, :1]) if prev_summary is None else prev_summary[:, None]
         r, hk = self._meta(torch.cat([first, s[:, :-1]], dim=1), s)
-        return q, k, v, r, hk, mask
+        return q, k, v, r, hk
 
-    def op(self, q, k, v, r, hk, mask=None, **kw):
+    def op(self, q, k, v, r, hk, *, mask=None, **kw):
         return bsbr_attention(q, k, v, r, hk, chunk_size=self.chunk_size, overlap=self.chunk_overlap,
                               mask=mask, compress=self.compress, gamma=self.gamma, **kw)
 
@@ -173,14 +178,14 @@ class BSBRAttention(nn.Module):
         if cache is not None:
             if key is not None or value is not None:
                 raise ValueError("cache is supported for self-attention only (pass key=value=None)")
-            y = self._forward_cached(query, mask, cache)
+            o = self._forward_cached(query, mask, cache)
         else:
-            y = merge_heads(self.op(*self.op_inputs(query, mask, key, value)))
-        return self.drop(self.out_proj(y))
+            o = self.op(*self.op_inputs(query, mask, key, value), mask=mask)
+        return self.output(o, query)  # (b, n, D); no dropout here: the block owns it
 
     # ---- decoding -----------------------------------------------------------------------------
 
-    def init_cache(self, batch_size: int, device=None, dtype=None) -> BSBRCache:
+    def init_cache(self, batch_size: int, device=None, dtype=None, max_len=None) -> BSBRCache:
         b, h, d, e, D = batch_size, self.num_heads, self.head_dim, self.key_dim, self.hidden_dim
         z = lambda *s: torch.zeros(*s, device=device, dtype=dtype)  # noqa: E731
         nb = lambda *s: torch.zeros(*s, device=device, dtype=torch.bool)  # noqa: E731
@@ -238,7 +243,7 @@ class BSBRAttention(nn.Module):
             first = cache.last_summary[:, None] if cache.F.shape[2] else torch.zeros_like(s[:, :1])
             r, hk = self._meta(torch.cat([first, s[:, :-1]], dim=1), s)
             past = BSBRPast(cache.F, cache.hk, cache.valid, cache.tail_k, cache.tail_v, cache.tail_m)
-            out, st = self.op(q[:, :, i0:], k[:, :, i0:], v[:, :, i0:], r, hk, ms, past=past, return_states=True)
+            out, st = self.op(q[:, :, i0:], k[:, :, i0:], v[:, :, i0:], r, hk, mask=ms, past=past, return_states=True)
             outs.append(out)
             rest = n - i0
             full, rem = divmod(rest, c)
@@ -255,4 +260,4 @@ class BSBRAttention(nn.Module):
             cache.cur_k, cache.cur_v, cache.cur_m, cache.cur_x = _own(ks[:, :, full * c:], vs[:, :, full * c:],
                                                                       mm[:, full * c:], xs[:, full * c:])
             cache.S = st["S"][:, :, full].clone() if rem else None
-        return merge_heads(torch.cat(outs, dim=2))
+        return torch.cat(outs, dim=2)  # (b, h, n, d)

@@ -11,15 +11,16 @@ from .shell import Block, CausalLM
 class BSBRLayer(Block):
     """A pre-norm transformer layer: BSBR attention then a feed-forward network.
 
+    Positional order (the seed's): ``hidden_dim, num_heads, chunk_size, ff_dim, dropout``; ``dropout``
+    is the residual dropout of both branches (applied once to each, by the block).
     ``forward(x, mask=None, cache=None)`` with x (batch, seq_len, hidden_dim).
     """
 
     def __init__(self, hidden_dim: int, num_heads: int, chunk_size: int, ff_dim: int, dropout: float = 0.1,
                  compression_factor: Optional[int] = None, chunk_overlap: int = 0, bias: bool = True,
                  gamma: Optional[float] = None, norm_eps: float = 1e-5, activation: str = "gelu"):
-        mixer = BSBRAttention(hidden_dim, num_heads, chunk_size, dropout=dropout,
-                              compression_factor=compression_factor, chunk_overlap=chunk_overlap,
-                              bias=bias, gamma=gamma)
+        mixer = BSBRAttention(hidden_dim, num_heads, chunk_size, compression_factor=compression_factor,
+                              chunk_overlap=chunk_overlap, bias=bias, gamma=gamma)
         super().__init__(hidden_dim, mixer, ff_dim, dropout, norm_eps=norm_eps, activation=activation)
 
     @property
@@ -30,8 +31,15 @@ class BSBRLayer(Block):
 class BSBRModel(CausalLM):
     """Block Sparse attention with Block Retrieval language model.
 
+    Positional order: BSBRModel keeps the seed's ``vocab_size, hidden_dim, num_layers, num_heads,
+    chunk_size, ff_dim, dropout``, with ``chunk_size`` fifth and ``ff_dim`` sixth. The other six
+    models take ``ff_dim`` fifth (``vocab_size, hidden_dim, num_layers, num_heads, ff_dim, dropout``;
+    GAU has no ``num_heads``), so pass ``chunk_size=`` and ``ff_dim=`` by keyword when code builds
+    several architectures; the registry does.
+
     Args:
-        vocab_size, hidden_dim, num_layers, num_heads, chunk_size, ff_dim, dropout: as named.
+        vocab_size, hidden_dim, num_layers, num_heads, chunk_size, ff_dim: as named.
+        dropout: embedding dropout and the residual dropout of each block's two branches.
         compression_factor: divide each chunk state from d x d to (d/f) x d (None: no compression).
         chunk_overlap: tokens each chunk's local window reaches into the previous chunk.
         use_checkpointing: gradient checkpointing per layer while training.
@@ -42,6 +50,8 @@ class BSBRModel(CausalLM):
     ``model(input_ids, attention_mask=None, cache=None)`` returns logits (batch, seq_len, vocab_size).
     """
 
+    mixer_class = BSBRAttention
+
     def __init__(self, vocab_size: int, hidden_dim: int, num_layers: int, num_heads: int, chunk_size: int,
                  ff_dim: int, dropout: float = 0.1, compression_factor: Optional[int] = None,
                  chunk_overlap: int = 0, use_checkpointing: bool = False, bias: bool = True,
@@ -50,9 +60,8 @@ class BSBRModel(CausalLM):
         self.compression_factor, self.chunk_overlap = compression_factor, chunk_overlap
 
         def mixer(_):
-            return BSBRAttention(hidden_dim, num_heads, chunk_size, dropout=dropout,
-                                 compression_factor=compression_factor, chunk_overlap=chunk_overlap,
-                                 bias=bias, gamma=gamma)
+            return BSBRAttention(hidden_dim, num_heads, chunk_size, compression_factor=compression_factor,
+                                 chunk_overlap=chunk_overlap, bias=bias, gamma=gamma)
 
         super().__init__(vocab_size, hidden_dim, num_layers, ff_dim, dropout, mixer,
                          use_checkpointing=use_checkpointing, **shell_kwargs)

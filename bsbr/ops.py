@@ -185,6 +185,61 @@ def retrieval_weights(r: torch.Tensor, hk: torch.Tensor, valid: torch.Tensor, nu
     return scores.softmax(-1) * allowed.to(scores.dtype)
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_bsbr_inputs(q, k, v, r, hk, chunk_size, overlap, mask, compress, gamma) -> Optional[torch.Tensor]:
+    """Validate ``bsbr_attention``'s arguments; one ValueError naming the argument. Returns the mask
+    as bool (a 0/1 numeric mask is converted; reading its values is the one host read here)."""
+    if not _is_int(chunk_size) or chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    if not _is_int(overlap) or not 0 <= overlap <= chunk_size:
+        raise ValueError(f"overlap must be an integer in [0, chunk_size={chunk_size}], got {overlap!r}")
+    for name, t in (("q", q), ("k", k), ("v", v), ("r", r), ("hk", hk)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a 4-D tensor (batch, heads, tokens or chunks, head_dim), got {got}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must have a floating dtype, got {t.dtype}")
+        if t.dtype != q.dtype or t.device != q.device:
+            raise ValueError(f"{name} must match q's dtype and device ({q.dtype}, {q.device}), got {t.dtype}, {t.device}")
+    b, h, n, d = q.shape
+    if n == 0:
+        raise ValueError("q, k, v must hold at least one token (n >= 1)")
+    for name, t in (("k", k), ("v", v)):
+        if t.shape != q.shape:
+            raise ValueError(f"{name} shape {tuple(t.shape)} must equal q shape {tuple(q.shape)} (b, h, n, d)")
+    C = -(-n // min(chunk_size, n))
+    for name, t in (("r", r), ("hk", hk)):
+        if t.shape != (b, h, C, d):
+            raise ValueError(f"{name} must have shape (b, h, ceil(n / chunk_size), d) = {(b, h, C, d)}, "
+                             f"got {tuple(t.shape)}")
+    if compress is not None:
+        if not isinstance(compress, torch.Tensor) or compress.dim() != 3 or compress.shape[:2] != (h, d)                 or not 1 <= compress.shape[2] <= d:
+            got = tuple(compress.shape) if isinstance(compress, torch.Tensor) else type(compress).__name__
+            raise ValueError(f"compress must be None or a tensor of shape (h, d, e) = ({h}, {d}, e) with "
+                             f"1 <= e <= d, got {got}")
+        if compress.dtype != q.dtype or compress.device != q.device:
+            raise ValueError(f"compress must match q's dtype and device ({q.dtype}, {q.device}), "
+                             f"got {compress.dtype}, {compress.device}")
+    if gamma is not None and (isinstance(gamma, bool) or not isinstance(gamma, (int, float))
+                              or not math.isfinite(gamma) or gamma <= 0):
+        raise ValueError(f"gamma must be None or a finite number > 0, got {gamma!r}")
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor) or mask.shape != (b, n):
+        got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"mask must be None or a (batch, n) = {(b, n)} tensor, True/1 = real token, got {got}")
+    if mask.device != q.device:
+        raise ValueError(f"mask must be on q's device {q.device}, got {mask.device}")
+    if mask.dtype != torch.bool:
+        if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError("mask must be bool or hold only 0/1 numbers")
+        mask = mask != 0
+    return mask
+
+
 def bsbr_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r: torch.Tensor, hk: torch.Tensor, *,
                    chunk_size: int, overlap: int = 0, mask: Optional[torch.Tensor] = None,
                    compress: Optional[torch.Tensor] = None, gamma: Optional[float] = None,
@@ -195,7 +250,7 @@ def bsbr_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r: torch.T
         q, k, v: (b, h, n, d) per-head projections; any n >= 1 (padded internally to chunks).
         r: (b, h, C, d) meta query of each chunk (from the summary of the chunk before it).
         hk: (b, h, C, d) meta key of each chunk (from its own summary). C = ceil(n / chunk_size).
-        mask: (b, n) bool, True = real token; masked tokens are never attended to or stored.
+        mask: (b, n) bool (or 0/1 numbers), True = real token; masked tokens are never attended to or stored.
         compress: (h, d, e) per-head compression map A, or None.
         gamma: retrieval scale; default ``default_gamma(chunk_size, e)``.
         past: state of the chunks before position 0 (the call must start on a chunk boundary).
@@ -203,7 +258,11 @@ def bsbr_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r: torch.T
     Returns:
         (b, h, n, d) outputs; with ``return_states`` also a dict of F (b,h,C,e,d), valid (b,C),
         S (b,h,C,e,d).
+    Raises:
+        ValueError naming the argument for a wrong rank, shape, dtype or device, a chunk_size that is
+        not a positive int, an overlap outside [0, chunk_size], a bad compress, gamma or mask.
     """
+    mask = check_bsbr_inputs(q, k, v, r, hk, chunk_size, overlap, mask, compress, gamma)
     b, h, n, d = q.shape
     o = overlap
     # A call shorter than one chunk holds a single partial chunk: its blocks need only be n long

@@ -7,15 +7,22 @@ Axis legend used in shape comments:
     b  batch            n  tokens in this call        D  hidden size
     h  heads            d  head size                  V  vocabulary
 
-The mixer protocol (what ``Block`` needs from a token mixer):
+The mixer protocol (what ``Block`` and ``evals`` need from a token mixer):
 
     mixer(x, mask=None, cache=None) -> y         x, y: (b, n, D); mask: (b, n) bool, True = real
-    mixer.init_cache(batch_size, device, dtype)  -> a mutable per-layer cache object
-    mixer.op_inputs(x, mask=None)                -> tuple of per-head tensors (projections done)
-    mixer.op(*inputs)                            -> per-head output; the pure token-mixing computation
+    mixer.init_cache(batch_size, device, dtype, max_len=None) -> a mutable per-layer cache object
+                                                    (max_len: see CausalLM.init_cache)
+    mixer.op_inputs(x, mask=None)                -> the op's positional inputs (projections done;
+                                                    the mask is NOT among them)
+    mixer.op(*inputs, mask=None)                 -> the pure token-mixing computation
+    mixer.output(o, x)                           -> y from the op's output (``out_proj`` of the
+                                                    merged heads; GAU also gates by its U(x))
+    mixer.op_recurrent(*inputs, mask=None)       -> optional: the same op one token at a time
 
-``forward`` without a cache must equal ``out_proj(op(*op_inputs(x, mask)))``. With a cache the
-mixer continues the sequence held in it and updates it in place.
+``forward`` without a cache equals ``output(op(*op_inputs(x, mask), mask=mask), x)``. With a cache
+the mixer continues the sequence held in it and updates it in place. No mixer applies dropout to
+its own output: ``Block`` owns the residual dropout of both branches, so every architecture's
+mixer branch is dropped exactly once.
 """
 
 from __future__ import annotations
@@ -58,9 +65,15 @@ def check_heads(hidden_dim: int, num_heads: int) -> int:
     return hidden_dim // num_heads
 
 
-def check_dropout(dropout) -> None:
-    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
+def check_dropout(dropout, name: str = "dropout") -> None:
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"{name} must be a float in [0, 1), got {dropout!r}")
+
+
+def check_positive_float(name: str, value) -> None:
+    """Raise a one-line ValueError naming ``name`` unless ``value`` is a finite number > 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
 def normalize_mask(attention_mask: Optional[torch.Tensor], input_ids: torch.Tensor) -> Optional[torch.Tensor]:
@@ -78,7 +91,16 @@ def normalize_mask(attention_mask: Optional[torch.Tensor], input_ids: torch.Tens
             f"attention_mask shape {tuple(attention_mask.shape)} must match input_ids shape {tuple(input_ids.shape)}"
         )
     mask = attention_mask.to(device=input_ids.device) != 0
-    return None if bool(mask.all()) else mask
+    return None if known_all_true(mask) else mask
+
+
+def known_all_true(mask: torch.Tensor) -> bool:
+    """True when ``mask`` is all True and that can be read for free: on a CPU tensor outside
+    ``torch.compile``. Elsewhere reading it would synchronise with the device or break the graph, so
+    the answer is False and callers keep the (equivalent) masked path."""
+    if mask.device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    return bool(mask.all())
 
 
 def check_input_ids(input_ids, vocab_size: int) -> None:
@@ -88,9 +110,16 @@ def check_input_ids(input_ids, vocab_size: int) -> None:
         raise ValueError(f"input_ids must have an integer dtype (e.g. torch.long), got {input_ids.dtype}")
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must have rank 2 (batch, seq_len), got shape {tuple(input_ids.shape)}")
+    if input_ids.shape[0] == 0:
+        raise ValueError("input_ids must hold at least one sequence (batch >= 1), got batch 0")
     if input_ids.shape[1] == 0:
         raise ValueError("input_ids must hold at least one token per sequence (seq_len >= 1)")
-    if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size):
+    if input_ids.device.type != "cpu" or torch.compiler.is_compiling():
+        # reading the range would synchronise with the device (or break a compiled graph): check it
+        # asynchronously instead; a bad id then fails the next synchronising call
+        torch._assert_async(((input_ids >= 0) & (input_ids < vocab_size)).all(),
+                            f"input_ids must lie in [0, vocab_size={vocab_size})")
+    elif int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size:
         raise ValueError(f"input_ids must lie in [0, vocab_size={vocab_size}), got range [{int(input_ids.min())}, {int(input_ids.max())}]")
 
 
@@ -134,11 +163,17 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm block: ``x + drop(mixer(norm(x)))`` then ``x + ffn(norm(x))``."""
+    """Pre-norm block: ``x + drop(mixer(norm(x)))`` then ``x + drop(ffn(norm(x)))``.
+
+    The block owns the residual dropout of both branches (the FFN's is ``self.ffn.drop``, its last
+    step); the mixer's output is never dropped inside the mixer.
+    """
 
     def __init__(self, hidden_dim: int, mixer: nn.Module, ff_dim: int, dropout: float,
                  norm_eps: float = 1e-5, activation: str = "gelu"):
         super().__init__()
+        check_dropout(dropout)
+        check_positive_float("norm_eps", norm_eps)
         self.norm1 = nn.LayerNorm(hidden_dim, eps=norm_eps)
         self.mixer = mixer
         self.drop = nn.Dropout(dropout)
@@ -148,6 +183,59 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, cache=None) -> torch.Tensor:
         x = x + self.drop(self.mixer(self.norm1(x), mask=mask, cache=cache))
         return x + self.ffn(self.norm2(x))
+
+
+# ----------------------------------------------------------------------------- mixer bases
+
+
+class TokenMixer(nn.Module):
+    """Base of every token mixer: the parts of the protocol written once.
+
+    Subclasses define ``op_inputs``, ``op``, ``init_cache`` and ``forward``; ``output`` maps the
+    op's per-head output to the layer's (``out_proj`` of the merged heads, unless overridden).
+    """
+
+    @classmethod
+    def forms(cls) -> tuple:
+        """The op's forms: "parallel" always, "recurrent" when the mixer has ``op_recurrent``."""
+        return ("parallel", "recurrent") if hasattr(cls, "op_recurrent") else ("parallel",)
+
+    def output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.out_proj(merge_heads(o))  # (b, h, n, d) -> (b, n, D)
+
+
+@dataclass
+class RecurrentStateCache:
+    """Decoding state of a recurrent-state mixer: its fixed-size state tensors, updated in place."""
+
+    state: tuple
+
+
+class RecurrentStateMixer(TokenMixer):
+    """A mixer whose whole past is a fixed-size state (Linear, DeltaNet); the cache dispatch, once:
+
+    - no cache: the chunkwise-parallel ``op``;
+    - one token with a cache: ``step`` (the recurrence, O(state) per token);
+    - a longer piece with a cache (a prompt): ``chunk`` continuing from the cached state.
+
+    Subclasses define ``op_inputs``, ``op``, ``op_recurrent``, ``init_state(batch, device, dtype)``
+    and ``step(*inputs, mask, state)`` / ``chunk(*inputs, mask, state)``, each returning
+    ``(o, new_state)`` with ``new_state`` a tuple shaped like ``state``.
+    """
+
+    def init_cache(self, batch_size: int, device=None, dtype=None, max_len=None) -> RecurrentStateCache:
+        return RecurrentStateCache(self.init_state(batch_size, device, dtype))
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                cache: Optional[RecurrentStateCache] = None) -> torch.Tensor:
+        inputs = self.op_inputs(x, mask)
+        if cache is None:
+            o = self.op(*inputs, mask=mask)
+        else:
+            o, new = (self.step if x.shape[1] == 1 else self.chunk)(*inputs, mask=mask, state=cache.state)
+            for held, value in zip(cache.state, new):
+                held.copy_(value)  # in place: the cache keeps its tensors
+        return self.output(o, x)
 
 
 # ----------------------------------------------------------------------------- cache
@@ -212,6 +300,7 @@ class CausalLM(nn.Module):
         check_positive_int("num_layers", num_layers)
         check_positive_int("ff_dim", ff_dim)
         check_dropout(dropout)
+        check_positive_float("norm_eps", norm_eps)
         if position not in ("sinusoidal", "learned"):
             raise ValueError(f"position must be 'sinusoidal' or 'learned', got {position!r}")
         if position == "learned":
@@ -297,34 +386,51 @@ class CausalLM(nn.Module):
             cache.pos += n
         return self.lm_head(self.norm(x))  # (b, n, V)
 
-    def init_cache(self, batch_size: int, device=None, dtype=None) -> ModelCache:
-        """An empty decoding cache; pass it to ``forward`` to stream a sequence in pieces."""
+    def init_cache(self, batch_size: int, device=None, dtype=None, max_len: Optional[int] = None) -> ModelCache:
+        """An empty decoding cache; pass it to ``forward`` to stream a sequence in pieces.
+
+        ``max_len``: the most tokens the cache will hold. The key/value caches (Standard, Hopfield)
+        then allocate it once and never grow, so a compiled decode step keeps one shape; a longer
+        sequence raises a ValueError. The fixed-size caches (Linear, DeltaNet, SlidingWindow) do not
+        need it; BSBR's and GAU's caches do not use it yet (they grow per chunk).
+        """
         check_positive_int("batch_size", batch_size)
+        if max_len is not None:
+            check_positive_int("max_len", max_len)
         p = self.embed.weight
         device, dtype = default(device, p.device), default(dtype, p.dtype)
-        return ModelCache(batch_size, [blk.mixer.init_cache(batch_size, device, dtype) for blk in self.layers])
+        kw = {} if max_len is None else {"max_len": max_len}  # a mixer need not know max_len to be used without it
+        return ModelCache(batch_size, [blk.mixer.init_cache(batch_size, device, dtype, **kw) for blk in self.layers])
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
-                 top_k: Optional[int] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                 top_k: Optional[int] = None, top_p: Optional[float] = None,
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Continue ``input_ids`` by ``max_new_tokens`` tokens using the cache.
 
-        Greedy (``temperature=0``, the default) or sampled. The prompt is prefilled once; each
-        further step feeds one token, so no step recomputes the prefix.
+        Greedy (``temperature=0``, the default) or sampled from ``softmax(logits / temperature)``,
+        restricted to the ``top_k`` most likely tokens and/or the smallest set whose probability
+        reaches ``top_p`` (nucleus sampling; Holtzman et al., 2020). ``top_k``/``top_p`` are
+        validated but have no effect when greedy. The prompt is prefilled once; each further step
+        feeds one token, so no step recomputes the prefix.
         Returns ``(batch, prompt_len + max_new_tokens)`` token ids.
         """
         check_positive_int("max_new_tokens", max_new_tokens, allow_zero=True)
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+                or not math.isfinite(temperature) or temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+        if top_k is not None:
+            check_positive_int("top_k", top_k)
+        if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
+                                  or not 0.0 < top_p <= 1.0):
+            raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
         check_input_ids(input_ids, self.vocab_size)
-        cache = self.init_cache(input_ids.shape[0])
+        cache = self.init_cache(input_ids.shape[0], max_len=input_ids.shape[1] + max(max_new_tokens, 1))
         out = input_ids
         logits = self(input_ids, cache=cache)[:, -1]
         for step in range(max_new_tokens):
-            if temperature and temperature > 0:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator)
+            if temperature > 0:
+                nxt = sample_token(logits / temperature, top_k, top_p, generator)
             else:
                 nxt = logits.argmax(-1, keepdim=True)
             out = torch.cat([out, nxt], dim=1)
@@ -335,6 +441,29 @@ class CausalLM(nn.Module):
     def num_parameters(self) -> int:
         """Unique parameters (a tied head counts once)."""
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def sample_token(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Optional[float] = None,
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """One token per row from ``softmax(logits)`` (b, V) -> (b, 1), after top-k / top-p filtering.
+
+    Sampled by an exponential race: ``argmax(p / E)`` with ``E ~ Exp(1)`` i.i.d. picks index i with
+    probability ``p_i`` (the Gumbel-max trick in another guise), with no host synchronisation.
+    """
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[:, -1:]  # (b, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.float().softmax(-1)  # (b, V)
+    if top_p is not None and top_p < 1.0:
+        sp, idx = probs.sort(-1, descending=True)
+        # drop a token when the tokens more likely than it already reach top_p (the first always stays)
+        drop = (sp.cumsum(-1) - sp) >= top_p
+        probs = probs.masked_fill(torch.zeros_like(drop).scatter(-1, idx, drop), 0.0)
+    race = torch.empty_like(probs).exponential_(generator=generator)
+    return (probs / race).argmax(-1, keepdim=True)
 
 
 # ----------------------------------------------------------------------------- head helpers

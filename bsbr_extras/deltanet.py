@@ -1,8 +1,16 @@
 """DeltaNet: linear attention with the delta rule.
 
-Schlag, Irie & Schmidhuber (2021), "Linear Transformers Are Secretly Fast Weight Programmers";
-chunkwise-parallel training form from Yang, Wang, Zhang, Shen & Kim (2024), "Parallelizing Linear
-Transformers with the Delta Rule over Sequence Length" (NeurIPS).
+Which published layer this is: the delta rule of Schlag, Irie & Schmidhuber (2021), "Linear
+Transformers Are Secretly Fast Weight Programmers" (ICML), with the L2-normalised queries and keys
+of Yang, Wang, Zhang, Shen & Kim (2024), "Parallelizing Linear Transformers with the Delta Rule over
+Sequence Length" (NeurIPS), computed with Yang et al.'s chunkwise WY/UT algorithm. It is NOT Yang
+et al.'s full DeltaNet layer. Every departure:
+
+- from Yang et al.'s layer: no short causal convolution on q, k, v; no SiLU on q, k, v; no
+  per-head output normalisation before ``out_proj`` (their layer has an RMSNorm there);
+- from Schlag et al.'s layer: q and k are L2-normalised instead of passed through a feature map
+  (e.g. their DPFP) and sum-normalised;
+- shared with both: ``beta_t = sigmoid(w_beta . x_t)`` per head; no decay, clamp or noise.
 
 Per head, with L2-normalised ``q_t, k_t`` and a write strength ``beta_t = sigmoid(w_beta . x_t)``:
 
@@ -35,14 +43,13 @@ Axis legend:  b batch   h heads   n tokens   C chunks   c chunk size   d head si
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bsbr.shell import CausalLM, check_heads, check_positive_int, exists, merge_heads, split_heads
+from bsbr.shell import CausalLM, RecurrentStateMixer, check_heads, check_positive_int, exists, split_heads
 
 
 def _check_inputs(q, k, v, beta, mask):
@@ -211,15 +218,13 @@ def delta_rule_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta
 # ----------------------------------------------------------------------------- mixer
 
 
-@dataclass
-class DeltaNetCache:
-    """Decoding state of one layer: the fast-weight matrix ``S`` (b, h, d, d)."""
+class DeltaNetAttention(RecurrentStateMixer):
+    """Multi-head DeltaNet mixer: q, k, v and per-head beta projections -> delta rule -> out_proj.
 
-    S: torch.Tensor
-
-
-class DeltaNetAttention(nn.Module):
-    """Multi-head DeltaNet mixer: q, k, v and per-head beta projections -> delta rule -> out_proj."""
+    ``q, k`` are L2-normalised per head and ``beta_t = sigmoid(w_beta . x_t)`` (no bias); there is
+    no short convolution, no SiLU and no output norm (see the module docstring for every
+    departure from the published layers). Decoding state: ``(S,)``, (b, h, d, d).
+    """
 
     def __init__(self, hidden_dim: int, num_heads: int, chunk_size: int = 64):
         super().__init__()
@@ -236,51 +241,47 @@ class DeltaNetAttention(nn.Module):
         # unit-norm keys keep every (I - beta k k^T) a contraction for beta in (0, 1)
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         beta = torch.sigmoid(self.beta_proj(x)).transpose(1, 2)       # (b, h, n)
-        return (q, k, v, beta) if mask is None else (q, k, v, beta, mask)
+        return q, k, v, beta
 
-    def op(self, q, k, v, beta, mask=None) -> torch.Tensor:
-        return delta_rule_chunkwise(q, k, v, beta, self.chunk_size, mask)
+    def op(self, q, k, v, beta, *, mask=None) -> torch.Tensor:
+        return delta_rule_chunkwise(q, k, v, beta, self.chunk_size, mask=mask)
 
-    def op_recurrent(self, q, k, v, beta, mask=None) -> torch.Tensor:
+    def op_recurrent(self, q, k, v, beta, *, mask=None) -> torch.Tensor:
         """The same op one token at a time (the form ``op`` replaces for training and prefill)."""
-        return delta_rule_recurrent(q, k, v, beta, mask)
+        return delta_rule_recurrent(q, k, v, beta, mask=mask)
 
-    def init_cache(self, batch_size: int, device=None, dtype=None) -> DeltaNetCache:
+    def init_state(self, batch_size: int, device=None, dtype=None) -> tuple:
         d = self.head_dim
-        return DeltaNetCache(S=torch.zeros(batch_size, self.num_heads, d, d, device=device, dtype=dtype))
+        return (torch.zeros(batch_size, self.num_heads, d, d, device=device, dtype=dtype),)
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
-                cache: Optional[DeltaNetCache] = None) -> torch.Tensor:
-        inputs = self.op_inputs(x, mask)
-        if cache is None:
-            o = self.op(*inputs)
-        else:
-            # one token: the recurrence; a longer piece (a prompt): the chunkwise form from the cached S
-            if x.shape[1] == 1:
-                o, S = delta_rule_recurrent(*inputs[:4], mask, initial_state=cache.S, output_final_state=True)
-            else:
-                o, S = delta_rule_chunkwise(*inputs[:4], self.chunk_size, mask, initial_state=cache.S,
-                                            output_final_state=True)
-            cache.S.copy_(S)
-        return self.out_proj(merge_heads(o))                           # (b, n, D)
+    def step(self, q, k, v, beta, *, mask, state):
+        o, S = delta_rule_recurrent(q, k, v, beta, mask=mask, initial_state=state[0], output_final_state=True)
+        return o, (S,)
+
+    def chunk(self, q, k, v, beta, *, mask, state):
+        o, S = delta_rule_chunkwise(q, k, v, beta, self.chunk_size, mask=mask, initial_state=state[0],
+                                    output_final_state=True)
+        return o, (S,)
 
 
 # ----------------------------------------------------------------------------- model
 
 
 class DeltaNetModel(CausalLM):
-    """Causal LM with a DeltaNet token mixer (Schlag et al., 2021; Yang et al., 2024).
+    """Causal LM with a DeltaNet token mixer: Schlag et al. (2021)'s delta rule with L2-normalised
+    q, k, computed by Yang et al. (2024)'s chunkwise algorithm (departures: the module docstring).
 
     Args:
+        vocab_size, hidden_dim, num_layers, num_heads, ff_dim, dropout: as in every model here.
         chunk_size: chunk length of the chunkwise-parallel form (a speed knob only: the output
             does not depend on it beyond round-off). Positive int.
         **shell_kwargs: passed to :class:`bsbr.shell.CausalLM`.
     """
 
+    mixer_class = DeltaNetAttention
+
     def __init__(self, vocab_size: int, hidden_dim: int, num_layers: int, num_heads: int, ff_dim: int,
                  dropout: float = 0.1, chunk_size: int = 64, **shell_kwargs):
-        check_heads(hidden_dim, num_heads)
-        check_positive_int("chunk_size", chunk_size)
         super().__init__(vocab_size, hidden_dim, num_layers, ff_dim, dropout,
                          mixer_factory=lambda i: DeltaNetAttention(hidden_dim, num_heads, chunk_size),
                          **shell_kwargs)

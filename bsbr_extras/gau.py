@@ -2,8 +2,7 @@
 
 Hua, Dai, Liu & Le (2022), "Transformer Quality in Linear Time" (ICML), s.2 (GAU) and s.3 (FLASH).
 
-A single-head unit (there are no heads: ``num_heads`` is accepted by :class:`GAUModel` for the
-registry's common signature and ignored):
+A single-head unit (there are no heads, so :class:`GAUModel` takes no ``num_heads``):
 
     U = silu(W_u x),  V = silu(W_v x)            width e = expansion_factor * hidden_dim
     Z = silu(W_z x)                              width s = qk_dim (shared by all four below)
@@ -25,8 +24,9 @@ scales start small (``gamma ~ N(0, 0.02^2)``) and the offsets at ``beta = 0``. T
 unit in its standard pre-norm block, so a feed-forward layer follows it (the paper stacks GAUs
 *instead of* attention + FFN; here GAU is only the token mixer, like every other architecture).
 
-Decoding keeps the open chunk's ``K_quad, K_lin, V`` (fewer than ``c`` rows) and ``S``: a step
-costs ``O(c (s + e) + s e)``.
+Decoding keeps the open chunk's ``K_quad`` and ``V`` in fixed ``c``-row buffers, its linear-term sum
+``K_lin^T V / c`` (``pending``) and ``S``: a step costs ``O(c (s + e) + s e)`` and has no Python
+branch on the position, so a compiled decode step is one graph.
 
 Axis legend:  b batch   n tokens   C chunks   c chunk size   s qk_dim   e expansion width   D hidden
 """
@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bsbr.shell import CausalLM, check_positive_int, exists
+from bsbr.shell import CausalLM, TokenMixer, check_positive_int, exists
 
 
 _BLOCK_STATE_BYTES = 4 << 20  # default block of chunks: about this much cross-chunk state at a time
@@ -168,12 +168,19 @@ def gau_continue_chunk(quad_q: torch.Tensor, quad_k: torch.Tensor, lin_q: torch.
 
 @dataclass
 class GAUCache:
-    """Decoding state of one layer: cross-chunk ``state`` (b, s, e) and the open chunk's rows."""
+    """Decoding state of one layer, in buffers of fixed shape (a compiled decode step keeps one graph).
 
-    state: torch.Tensor   # (b, s, e)   sum over completed chunks of K_lin^T V / c
-    quad_k: torch.Tensor  # (b, r, s)   open chunk, r < c
-    lin_k: torch.Tensor   # (b, r, s)
-    v: torch.Tensor       # (b, r, e)
+    The open chunk holds ``r = length % c`` tokens: rows ``[0, r)`` of ``quad_k`` and ``v`` (later
+    rows are stale and never read), and their linear-term contribution in ``pending``, which joins
+    ``state`` when the chunk completes.
+    """
+
+    state: torch.Tensor    # (b, s, e)  sum over completed chunks of K_lin^T V / c
+    pending: torch.Tensor  # (b, s, e)  the same sum over the open chunk's tokens
+    quad_k: torch.Tensor   # (b, c, s)  open chunk's quadratic keys (rows [0, r))
+    v: torch.Tensor        # (b, c, e)  open chunk's values (rows [0, r))
+    pos: torch.Tensor      # ()  long: tokens seen, as a tensor (the one-token step reads only this)
+    length: int = 0        # tokens seen, as an int (pieces of several tokens slice with it)
 
 
 class ScaleOffset(nn.Module):
@@ -189,7 +196,7 @@ class ScaleOffset(nn.Module):
         return out.unbind(dim=-2)
 
 
-class GatedAttentionUnit(nn.Module):
+class GatedAttentionUnit(TokenMixer):
     """Single-head gated attention unit with FLASH mixed-chunk attention (Hua et al., 2022)."""
 
     def __init__(self, hidden_dim: int, chunk_size: int = 128, expansion_factor: int = 2, qk_dim: int = 128):
@@ -212,47 +219,79 @@ class GatedAttentionUnit(nn.Module):
 
     def op_inputs(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> tuple:
         _, inputs = self._project(x)
-        return inputs if mask is None else (*inputs, mask)
+        return inputs
 
-    def op(self, quad_q, quad_k, lin_q, lin_k, v, mask=None) -> torch.Tensor:
-        return gau_mixed_chunk(quad_q, quad_k, lin_q, lin_k, v, self.chunk_size, mask)
+    def op(self, quad_q, quad_k, lin_q, lin_k, v, *, mask=None) -> torch.Tensor:
+        return gau_mixed_chunk(quad_q, quad_k, lin_q, lin_k, v, self.chunk_size, mask=mask)
 
-    def init_cache(self, batch_size: int, device=None, dtype=None) -> GAUCache:
-        s, e = self.qk_dim, self.expansion_dim
-        z = lambda *shape: torch.zeros(batch_size, *shape, device=device, dtype=dtype)
-        return GAUCache(state=z(s, e), quad_k=z(0, s), lin_k=z(0, s), v=z(0, e))
+    def output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``W_o (U * A V)``: the op's ``A V`` (b, n, e) gated by ``U = silu(W_u x)``."""
+        u = F.silu(self.uv(x)).chunk(2, dim=-1)[0]                     # (b, n, e), as in _project
+        return self.out_proj(u * o)
+
+    def init_cache(self, batch_size: int, device=None, dtype=None, max_len=None) -> GAUCache:
+        s, e, c = self.qk_dim, self.expansion_dim, self.chunk_size
+        z = lambda *shape: torch.zeros(batch_size, *shape, device=device, dtype=dtype)  # noqa: E731
+        return GAUCache(state=z(s, e), pending=z(s, e), quad_k=z(c, s), v=z(c, e),
+                        pos=torch.zeros((), dtype=torch.long, device=device))
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
                 cache: Optional[GAUCache] = None) -> torch.Tensor:
-        u, inputs = self._project(x)
-        o = self.op(*inputs, mask) if cache is None else self._continue(cache, *inputs, mask)
+        u, inputs = self._project(x)  # U computed once here; ``output`` recomputes it for op-level callers
+        o = self.op(*inputs, mask=mask) if cache is None else self._continue(cache, *inputs, mask)
         return self.out_proj(u * o)                                   # (b, n, D)
 
     def _continue(self, cache: GAUCache, quad_q, quad_k, lin_q, lin_k, v, mask) -> torch.Tensor:
-        """Continue the cached sequence: first fill the open chunk, then whole chunks from a boundary."""
-        c, r, m = self.chunk_size, cache.v.shape[1], v.shape[1]
+        """Continue the cached sequence; a single token takes the branch-free step."""
         quad_k, lin_k = _mask_keys(quad_k, lin_k, mask)
-        # tokens that land in the open chunk (at a boundary: the chunk they open). Routing them
-        # through the step form keeps a one-token step O(c (s + e) + s e): the mixed-chunk op
-        # would pad it to a whole chunk and pay O(c s e).
+        o = self._step(cache, quad_q, quad_k, lin_q, lin_k, v) if v.shape[1] == 1 else \
+            self._piece(cache, quad_q, quad_k, lin_q, lin_k, v)
+        cache.length += v.shape[1]
+        cache.pos += v.shape[1]
+        return o
+
+    def _step(self, cache: GAUCache, quad_q, quad_k, lin_q, lin_k, v) -> torch.Tensor:
+        """One token, with no Python branch on the position: write its row at ``r = pos % c``,
+        attend to rows ``<= r``, add its K_lin^T V / c to ``pending``, and fold ``pending`` into
+        ``state`` when the chunk is then complete (a ``where``, not an ``if``). O(c (s + e) + s e)."""
+        c = self.chunk_size
+        r = cache.pos.remainder(c).view(1)                                  # (1,) long
+        cache.quad_k.index_copy_(1, r, quad_k)                             # (b, c, s)
+        cache.v.index_copy_(1, r, v)                                       # (b, c, e)
+        seen = (torch.arange(c, device=v.device) <= r).to(v.dtype)        # (c,) rows [0, r]
+        kernel = F.relu((quad_q @ cache.quad_k.transpose(-1, -2)) / c).square() * seen  # (b, 1, c)
+        o = kernel @ cache.v + lin_q @ cache.state                         # (b, 1, e)
+        cache.pending.add_(lin_k.transpose(-1, -2) @ v / c)               # (b, s, e)
+        full = r == c - 1                                                  # (1,) bool: the chunk is complete
+        cache.state.copy_(torch.where(full, cache.state + cache.pending, cache.state))
+        cache.pending.masked_fill_(full, 0.0)
+        return o
+
+    def _piece(self, cache: GAUCache, quad_q, quad_k, lin_q, lin_k, v) -> torch.Tensor:
+        """Several tokens: first fill the open chunk, then whole chunks from a boundary."""
+        c, r, m = self.chunk_size, cache.length % self.chunk_size, v.shape[1]
+        # tokens that land in the open chunk (at a boundary: the chunk they open), through the step
+        # form: the mixed-chunk op would pad them to a whole chunk
         head = min(m, c - r)
-        outs = []
-        if head:
-            o, keys, vals = gau_continue_chunk(quad_q[:, :head], quad_k[:, :head], lin_q[:, :head], v[:, :head],
-                                               c, cache.quad_k, cache.v, cache.state)
-            outs.append(o)
-            lin_keys = torch.cat([cache.lin_k, lin_k[:, :head]], dim=1)  # (b, r+head, s)
-            if keys.shape[1] == c:  # the chunk is complete: fold it into the cross-chunk state
-                cache.state = cache.state + (lin_keys.transpose(-1, -2) @ vals) / c
-                keys, lin_keys, vals = keys[:, :0], lin_keys[:, :0], vals[:, :0]
-            cache.quad_k, cache.lin_k, cache.v = keys, lin_keys, vals
+        o, keys, vals = gau_continue_chunk(quad_q[:, :head], quad_k[:, :head], lin_q[:, :head], v[:, :head],
+                                           c, cache.quad_k[:, :r], cache.v[:, :r], cache.state)
+        outs = [o]
+        cache.quad_k[:, r:r + head] = quad_k[:, :head]
+        cache.v[:, r:r + head] = v[:, :head]
+        cache.pending.add_(lin_k[:, :head].transpose(-1, -2) @ v[:, :head] / c)
+        if r + head == c:  # the chunk is complete: fold it into the cross-chunk state
+            cache.state.add_(cache.pending)
+            cache.pending.zero_()
         if m > head:
             rest = slice(head, m)
-            o, cache.state = gau_mixed_chunk(quad_q[:, rest], quad_k[:, rest], lin_q[:, rest], lin_k[:, rest],
-                                             v[:, rest], c, initial_state=cache.state, output_final_state=True)
+            o, state = gau_mixed_chunk(quad_q[:, rest], quad_k[:, rest], lin_q[:, rest], lin_k[:, rest],
+                                       v[:, rest], c, initial_state=cache.state, output_final_state=True)
             outs.append(o)
+            cache.state.copy_(state)
             tail = (m - head) % c  # a trailing partial chunk stays open in the cache
-            cache.quad_k, cache.lin_k, cache.v = (t[:, m - tail:] for t in (quad_k, lin_k, v))
+            cache.quad_k[:, :tail] = quad_k[:, m - tail:]
+            cache.v[:, :tail] = v[:, m - tail:]
+            cache.pending.copy_(lin_k[:, m - tail:].transpose(-1, -2) @ v[:, m - tail:] / c)
         return torch.cat(outs, dim=1)                                 # (b, m, e)
 
 
@@ -262,8 +301,11 @@ class GatedAttentionUnit(nn.Module):
 class GAUModel(CausalLM):
     """Causal LM whose token mixer is a gated attention unit (FLASH mixed-chunk; Hua et al., 2022).
 
+    GAU is single-head, so unlike the other six models it takes no ``num_heads``: its fourth
+    positional argument is ``ff_dim``.
+
     Args:
-        num_heads: accepted for the common model signature and ignored: GAU is single-head.
+        vocab_size, hidden_dim, num_layers, ff_dim, dropout: as in every model here.
         chunk_size: FLASH chunk length ``c`` (positive int; also scales ``relu(q k / c)^2``).
         expansion_factor: ``e = expansion_factor * hidden_dim``, the width of ``U`` and ``V`` (positive int).
         qk_dim: ``s``, the width of the shared ``Z`` behind the queries and keys (positive int).
@@ -272,11 +314,10 @@ class GAUModel(CausalLM):
     The shared shell's pre-norm block adds its feed-forward layer after the unit.
     """
 
-    def __init__(self, vocab_size: int, hidden_dim: int, num_layers: int, num_heads: int, ff_dim: int,
-                 dropout: float = 0.1, chunk_size: int = 128, expansion_factor: int = 2, qk_dim: int = 128,
-                 **shell_kwargs):
-        for name, val in (("chunk_size", chunk_size), ("expansion_factor", expansion_factor), ("qk_dim", qk_dim)):
-            check_positive_int(name, val)
+    mixer_class = GatedAttentionUnit
+
+    def __init__(self, vocab_size: int, hidden_dim: int, num_layers: int, ff_dim: int, dropout: float = 0.1,
+                 chunk_size: int = 128, expansion_factor: int = 2, qk_dim: int = 128, **shell_kwargs):
         super().__init__(vocab_size, hidden_dim, num_layers, ff_dim, dropout,
                          mixer_factory=lambda i: GatedAttentionUnit(hidden_dim, chunk_size, expansion_factor, qk_dim),
                          **shell_kwargs)

@@ -1,24 +1,29 @@
 """Modern (continuous) Hopfield retrieval as a causal token mixer, after Ramsauer et al. (2021),
-"Hopfield Networks is All You Need".
+"Hopfield Networks is All You Need" (ICLR).
 
-The paper's update rule retrieves from stored patterns (keys K, values V) with a state pattern xi:
+The paper's update rule (its eq. 3) moves a state pattern xi towards the stored patterns Y:
 
-    xi_new = softmax(beta * xi K^T) V
+    xi_new = Y^T softmax(beta Y xi)
 
-Here the stored patterns are the causal context: token t retrieves from the keys and values of
-positions s <= t (real tokens only). The variant implemented, and its defaults:
+and its Hopfield layer (eq. 10) reads, after the update, the values of the retrieved association:
+``Z = softmax(beta R W_Q W_K^T Y^T) Y W_K W_V``. With keys ``K = Y W_K`` and values ``V = K W_V``
+(here: a separate projection ``V = Y W_V``, as in attention), iterating the update in key space and
+reading the values once at the end gives, per token:
 
-- state: xi_0 = q_t, the token's projected query ("Hopfield" layer with R = q, Y = K, V);
-- inverse temperature ``beta``: a fixed hyperparameter; default ``None`` -> 1/sqrt(head_dim), which
-  makes one step exactly standard causal softmax attention (the paper's observation);
-- ``update_steps`` (default 1): each further step re-queries with the retrieved pattern mapped back
-  to query space by a learned per-head matrix W_xi (d x d, initialised to the identity, so the
-  second step starts as the paper's iteration xi <- softmax(beta xi K^T) V fed back as the state):
+    xi_0     = q_t                                          (the token's projected query)
+    xi_{j+1} = softmax(beta xi_j K_{<=t}^T) K_{<=t}           j = 0 .. update_steps - 2   (key space)
+    o_t      = softmax(beta xi_{S-1} K_{<=t}^T) V_{<=t}       S = update_steps            (values, once)
 
-      r_1 = softmax(beta q K^T) V,    r_{j+1} = softmax(beta (r_j W_xi) K^T) V,    output r_steps;
+``update_steps`` counts the retrievals (softmax reads): 1 is one read, exactly standard causal
+softmax attention when ``beta = 1/sqrt(d)`` (the paper's observation); each further step is one more
+update of the state pattern in key space before the values are read. The stored patterns are the
+causal context, the keys/values of positions s <= t (real tokens only), so the layer is causal and
+decodes with a KV cache like Standard (each update needs only the cached past K).
 
-- no learned static pattern set: every pattern is a context token, so the layer stays causal and
-  decodes with a KV cache exactly like Standard (each re-query needs only the cached past K, V).
+Defaults and choices: ``beta`` is a fixed hyperparameter, default ``None`` -> 1/sqrt(head_dim);
+``update_steps=1``; no learned static pattern set; no layer norms on the patterns (the paper's
+layer has optional ones; the shell's pre-norm is applied to the block input); attention dropout
+(training only) is applied to the final read's probabilities only.
 
 Cost: O(update_steps * n^2 d) per head.
 
@@ -33,9 +38,8 @@ import math
 from typing import Optional
 
 import torch
-from torch import nn
 
-from bsbr.shell import CausalLM, check_dropout, check_heads, check_positive_int, default, exists
+from bsbr.shell import CausalLM, check_positive_int, default
 from bsbr_extras.standard import StandardAttention, causal_softmax_attention
 
 
@@ -49,36 +53,29 @@ def check_beta(beta) -> None:
 # ----------------------------------------------------------------------------- the op
 
 
-def hopfield_retrieval(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: Optional[float] = None, update_steps: int = 1,
-                       requery: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
+def hopfield_retrieval(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: Optional[float] = None,
+                       update_steps: int = 1, *, mask: Optional[torch.Tensor] = None,
                        dropout_p: float = 0.0) -> torch.Tensor:
-    """``update_steps`` causal Hopfield updates xi <- softmax(beta xi K^T) V (Ramsauer et al., 2021).
+    """Causal Hopfield retrieval with ``update_steps`` softmax reads (Ramsauer et al., 2021).
 
     Args:
         q: (b, h, m, d) initial state patterns for the last ``m`` of the ``n`` positions.
-        k, v: (b, h, n, d) stored patterns: the context's keys and values.
+        k: (b, h, n, d) stored patterns (keys); v: (b, h, n, d_v) their values.
         beta: inverse temperature > 0; None -> 1/sqrt(d).
-        update_steps: >= 1 retrieval steps.
-        requery: (h, d_v, d) per-head map from a retrieved pattern back to query space; required
-            when ``update_steps > 1``.
+        update_steps: >= 1 retrievals: ``update_steps - 1`` updates ``xi <- softmax(beta xi K^T) K``
+            in key space, then one read of the values ``softmax(beta xi K^T) V``.
         mask: (b, n) bool, True = real token, or None; masked patterns are never retrieved.
+        dropout_p: dropout on the final read's probabilities.
 
-    Returns (b, h, m, d_v), the last retrieved pattern.
+    Returns (b, h, m, d_v).
     """
     check_beta(beta)
-    beta = default(beta, 1.0 / math.sqrt(q.shape[-1]))
+    beta = float(default(beta, 1.0 / math.sqrt(q.shape[-1])))
     check_positive_int("update_steps", update_steps)
-    if update_steps > 1:
-        want = (q.shape[1], v.shape[-1], q.shape[-1])
-        if not exists(requery) or tuple(requery.shape) != want:
-            got = None if requery is None else tuple(requery.shape)
-            raise ValueError(f"requery must be a tensor of shape (heads, d_v, d)={want} when update_steps > 1, got {got}")
     xi = q  # (b, h, m, d)
-    for step in range(update_steps):
-        if step:
-            xi = torch.matmul(r, requery)  # (b, h, m, d_v) @ (h, d_v, d) -> (b, h, m, d)
-        r = causal_softmax_attention(xi, k, v, mask, scale=float(beta), dropout_p=dropout_p)  # (b, h, m, d_v)
-    return r
+    for _ in range(update_steps - 1):
+        xi = causal_softmax_attention(xi, k, k, mask=mask, scale=beta)  # (b, h, m, d): stays in key space
+    return causal_softmax_attention(xi, k, v, mask=mask, scale=beta, dropout_p=dropout_p)  # (b, h, m, d_v)
 
 
 # ----------------------------------------------------------------------------- mixer
@@ -87,8 +84,8 @@ def hopfield_retrieval(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: 
 class HopfieldAttention(StandardAttention):
     """Multi-head causal Hopfield retrieval: Standard's projections and KV cache, the Hopfield op.
 
-    ``requery`` (the per-head W_xi) exists only when ``update_steps > 1``; with one step the layer has
-    no parameter that would receive no gradient.
+    With ``update_steps > 1`` the layer has no parameter beyond Standard's: the extra updates reuse
+    the keys.
     """
 
     def __init__(self, hidden_dim: int, num_heads: int, beta: Optional[float] = None, update_steps: int = 1,
@@ -98,14 +95,9 @@ class HopfieldAttention(StandardAttention):
         super().__init__(hidden_dim, num_heads, dropout, bias)
         self.beta = float(beta) if beta is not None else 1.0 / math.sqrt(self.head_dim)
         self.update_steps = update_steps
-        if update_steps > 1:
-            eye = torch.eye(self.head_dim).expand(num_heads, self.head_dim, self.head_dim)
-            self.requery = nn.Parameter(eye.clone())  # (h, d, d)
-        else:
-            self.register_parameter("requery", None)
 
-    def op(self, q, k, v, mask=None):
-        return hopfield_retrieval(q, k, v, self.beta, self.update_steps, self.requery, mask,
+    def op(self, q, k, v, *, mask=None):
+        return hopfield_retrieval(q, k, v, self.beta, self.update_steps, mask=mask,
                                   dropout_p=self.dropout if self.training else 0.0)
 
 
@@ -115,15 +107,17 @@ class HopfieldAttention(StandardAttention):
 class HopfieldNetworkModel(CausalLM):
     """Decoder-only transformer whose token mixer is causal modern-Hopfield retrieval.
 
-    ``_init_weights`` (GPT-2 style) touches only Linear/Embedding, so ``requery`` keeps its identity init.
+    Args:
+        vocab_size, hidden_dim, num_layers, num_heads, ff_dim, dropout: as in every model here
+            (``dropout`` also on the final read's attention probabilities).
+        beta: inverse temperature (None -> 1/sqrt(head size)).
+        update_steps: softmax reads per token (1 = Standard attention at the default beta).
     """
+
+    mixer_class = HopfieldAttention
 
     def __init__(self, vocab_size: int, hidden_dim: int, num_layers: int, num_heads: int, ff_dim: int,
                  dropout: float = 0.1, beta: Optional[float] = None, update_steps: int = 1, **shell_kwargs):
-        check_heads(hidden_dim, num_heads)
-        check_dropout(dropout)
-        check_beta(beta)
-        check_positive_int("update_steps", update_steps)
         super().__init__(vocab_size, hidden_dim, num_layers, ff_dim, dropout,
                          mixer_factory=lambda i: HopfieldAttention(hidden_dim, num_heads, beta, update_steps, dropout),
                          **shell_kwargs)

@@ -25,14 +25,13 @@ Axis legend:  b batch   h heads   n tokens   C chunks   c chunk size   d head si
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bsbr.shell import CausalLM, check_heads, check_positive_int, exists, merge_heads, split_heads
+from bsbr.shell import CausalLM, RecurrentStateMixer, check_heads, check_positive_int, exists, split_heads
 
 EPS = 1e-6
 _BLOCK_STATE_BYTES = 2 << 20  # default block of chunks: about this much state at a time
@@ -190,16 +189,11 @@ def linear_attention_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 # ----------------------------------------------------------------------------- mixer
 
 
-@dataclass
-class LinearAttentionCache:
-    """Decoding state of one layer: ``S`` (b, h, d, d) and ``z`` (b, h, d); O(d^2) per head."""
+class LinearAttention(RecurrentStateMixer):
+    """Multi-head causal linear attention: q, k, v projections -> ``linear_attention`` -> out_proj.
 
-    S: torch.Tensor
-    z: torch.Tensor
-
-
-class LinearAttention(nn.Module):
-    """Multi-head causal linear attention: q, k, v projections -> ``linear_attention`` -> out_proj."""
+    Decoding state: ``(S, z)``, (b, h, d, d) and (b, h, d); O(d^2) per head, whatever the length.
+    """
 
     def __init__(self, hidden_dim: int, num_heads: int, chunk_size: int = 64):
         super().__init__()
@@ -211,35 +205,26 @@ class LinearAttention(nn.Module):
 
     def op_inputs(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> tuple:
         q, k, v = self.qkv(x).chunk(3, dim=-1)                        # 3 x (b, n, D)
-        q, k, v = (split_heads(t, self.num_heads) for t in (q, k, v))  # 3 x (b, h, n, d)
-        return (q, k, v) if mask is None else (q, k, v, mask)
+        return tuple(split_heads(t, self.num_heads) for t in (q, k, v))  # 3 x (b, h, n, d)
 
-    def op(self, q, k, v, mask=None) -> torch.Tensor:
-        return linear_attention(q, k, v, self.chunk_size, mask)
+    def op(self, q, k, v, *, mask=None) -> torch.Tensor:
+        return linear_attention(q, k, v, self.chunk_size, mask=mask)
 
-    def op_recurrent(self, q, k, v, mask=None) -> torch.Tensor:
+    def op_recurrent(self, q, k, v, *, mask=None) -> torch.Tensor:
         """The same op one token at a time (the form ``op`` replaces for training and prefill)."""
-        return linear_attention_recurrent(q, k, v, mask)
+        return linear_attention_recurrent(q, k, v, mask=mask)
 
-    def init_cache(self, batch_size: int, device=None, dtype=None) -> LinearAttentionCache:
+    def init_state(self, batch_size: int, device=None, dtype=None) -> tuple:
         h, d = self.num_heads, self.head_dim
-        return LinearAttentionCache(S=torch.zeros(batch_size, h, d, d, device=device, dtype=dtype),
-                                    z=torch.zeros(batch_size, h, d, device=device, dtype=dtype))
+        return (torch.zeros(batch_size, h, d, d, device=device, dtype=dtype),
+                torch.zeros(batch_size, h, d, device=device, dtype=dtype))
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
-                cache: Optional[LinearAttentionCache] = None) -> torch.Tensor:
-        inputs = self.op_inputs(x, mask)
-        if cache is None:
-            o = self.op(*inputs)
-        elif x.shape[1] == 1:
-            o = linear_attention_step(*inputs[:3], cache.S, cache.z, mask)
-        else:
-            # a longer piece (e.g. the prompt): chunkwise form continuing from the cached sums
-            o, (S, z) = linear_attention(*inputs[:3], self.chunk_size, mask,
-                                         initial_state=(cache.S, cache.z), output_final_state=True)
-            cache.S.copy_(S)
-            cache.z.copy_(z)
-        return self.out_proj(merge_heads(o))                           # (b, n, D)
+    def step(self, q, k, v, *, mask, state):
+        S, z = state  # linear_attention_step adds this token into them in place
+        return linear_attention_step(q, k, v, S, z, mask=mask), (S, z)
+
+    def chunk(self, q, k, v, *, mask, state):
+        return linear_attention(q, k, v, self.chunk_size, mask=mask, initial_state=state, output_final_state=True)
 
 
 # ----------------------------------------------------------------------------- model
@@ -249,15 +234,16 @@ class LinearTransformerModel(CausalLM):
     """Causal LM with linear attention (Katharopoulos et al., 2020) as the token mixer.
 
     Args:
+        vocab_size, hidden_dim, num_layers, num_heads, ff_dim, dropout: as in every model here.
         chunk_size: chunk length of the chunkwise-parallel form (a speed knob only: the output
             does not depend on it beyond round-off). Positive int.
         **shell_kwargs: passed to :class:`bsbr.shell.CausalLM` (position, tie_embeddings, ...).
     """
 
+    mixer_class = LinearAttention
+
     def __init__(self, vocab_size: int, hidden_dim: int, num_layers: int, num_heads: int, ff_dim: int,
                  dropout: float = 0.1, chunk_size: int = 64, **shell_kwargs):
-        check_heads(hidden_dim, num_heads)
-        check_positive_int("chunk_size", chunk_size)
         super().__init__(vocab_size, hidden_dim, num_layers, ff_dim, dropout,
                          mixer_factory=lambda i: LinearAttention(hidden_dim, num_heads, chunk_size),
                          **shell_kwargs)

@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from bsbr.shell import CausalLM, check_dropout, check_heads, check_positive_int, exists, merge_heads
+from bsbr.shell import CausalLM, check_positive_int, exists, known_all_true
 from bsbr_extras.standard import StandardAttention, allowed_keys, causal_softmax_attention, check_qkv
 
 # Queries per block in the blocked form (a CPU-tuned constant; any value gives the same result):
@@ -219,14 +219,14 @@ class SlidingWindowAttention(StandardAttention):
         super().__init__(hidden_dim, num_heads, dropout, bias)
         self.window_size = window_size
 
-    def op(self, q, k, v, mask=None):
-        return sliding_window_attention(q, k, v, self.window_size, mask,
+    def op(self, q, k, v, *, mask=None):
+        return sliding_window_attention(q, k, v, self.window_size, mask=mask,
                                         dropout_p=self.dropout if self.training else 0.0)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, cache: Optional[RingKVCache] = None):
-        q, k, v, mask = self.op_inputs(x, mask)  # (b, h, m, d) each
+        q, k, v = self.op_inputs(x, mask)  # (b, h, m, d) each
         if not exists(cache):
-            out = self.op(q, k, v, mask)
+            out = self.op(q, k, v, mask=mask)
         elif q.shape[-2] == 1:
             # decode step: write the token into its slot, then attend over the ring as it stands
             cache.allocate(k, v)
@@ -240,11 +240,11 @@ class SlidingWindowAttention(StandardAttention):
             new_mask = mask if exists(mask) else torch.ones(q.shape[0], q.shape[-2], dtype=torch.bool, device=q.device)
             full_mask = torch.cat([mp, new_mask], dim=1)  # (b, P + m)
             out = self.op(q, torch.cat([kp, k], dim=-2), torch.cat([vp, v], dim=-2),
-                          None if bool(full_mask.all()) else full_mask)
+                          mask=None if known_all_true(full_mask) else full_mask)
             cache.write(k, v, mask)
-        return self.out_proj(merge_heads(out))  # (b, m, D)
+        return self.output(out, x)  # (b, m, D)
 
-    def init_cache(self, batch_size: int, device=None, dtype=None) -> RingKVCache:
+    def init_cache(self, batch_size: int, device=None, dtype=None, max_len=None) -> RingKVCache:
         return RingKVCache(batch_size, self.window_size, device, dtype)
 
 
@@ -254,11 +254,10 @@ class SlidingWindowAttention(StandardAttention):
 class SlidingWindowTransformerModel(CausalLM):
     """Decoder-only transformer whose attention sees the last ``window_size`` tokens (O(n w) cost)."""
 
+    mixer_class = SlidingWindowAttention
+
     def __init__(self, vocab_size: int, hidden_dim: int, num_layers: int, num_heads: int, ff_dim: int,
                  dropout: float = 0.1, window_size: int = 512, **shell_kwargs):
-        check_heads(hidden_dim, num_heads)
-        check_dropout(dropout)
-        check_positive_int("window_size", window_size)
         super().__init__(vocab_size, hidden_dim, num_layers, ff_dim, dropout,
                          mixer_factory=lambda i: SlidingWindowAttention(hidden_dim, num_heads, window_size, dropout),
                          **shell_kwargs)

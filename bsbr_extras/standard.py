@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bsbr.shell import CausalLM, check_dropout, check_heads, exists, merge_heads, split_heads
+from bsbr.shell import CausalLM, TokenMixer, check_dropout, check_heads, exists, split_heads
 
 # ----------------------------------------------------------------------------- checks
 
@@ -95,13 +95,16 @@ def causal_softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 class KVCache:
     """Keys and values of every token seen so far, for one layer.
 
-    Stored in a buffer that grows by 25% when full, so appending a token copies O(d) amortised instead
-    of re-concatenating the whole prefix, and a prefill of n tokens leaves room for n/4 decode steps
-    before the first regrowth. ``key_mask`` stays None until some token is padding.
+    With ``max_len`` the buffer holds ``max_len`` tokens from the first append on and never grows
+    (the gpt-fast pattern: one static shape, so a compiled decode step is not recompiled when the
+    buffer would grow; more tokens raise a ValueError). Without it the buffer grows by 25% when
+    full, so appending a token copies O(d) amortised instead of re-concatenating the whole prefix,
+    and a prefill of n tokens leaves room for n/4 decode steps before the first regrowth.
+    ``key_mask`` stays None until some token is padding.
     """
 
-    def __init__(self, batch_size: int, device=None, dtype=None):
-        self.batch_size, self.device, self.dtype = batch_size, device, dtype
+    def __init__(self, batch_size: int, device=None, dtype=None, max_len: Optional[int] = None):
+        self.batch_size, self.device, self.dtype, self.max_len = batch_size, device, dtype, max_len
         self.k = self.v = None          # (b, h, capacity, d)
         self.key_mask = None            # (b, capacity) bool, or None while every token is real
         self.length = 0
@@ -112,8 +115,10 @@ class KVCache:
         if b != self.batch_size:
             raise ValueError(f"cache was made for batch_size={self.batch_size}, got {b}")
         need = self.length + m
+        if exists(self.max_len) and need > self.max_len:
+            raise ValueError(f"the cache was made for max_len={self.max_len} tokens; this call reaches {need}")
         if self.k is None or need > self.k.shape[-2]:
-            cap = max(need + need // 4, 16)
+            cap = self.max_len if exists(self.max_len) else max(need + need // 4, 16)
             new_k, new_v = k.new_empty(b, h, cap, d), v.new_empty(b, h, cap, v.shape[-1])
             if self.k is not None:
                 new_k[:, :, :self.length] = self.k[:, :, :self.length]
@@ -137,8 +142,12 @@ class KVCache:
 # ----------------------------------------------------------------------------- mixer
 
 
-class StandardAttention(nn.Module):
-    """Multi-head causal softmax attention with fused QKV and output projections (nanoGPT layout)."""
+class StandardAttention(TokenMixer):
+    """Multi-head causal softmax attention with fused QKV and output projections (nanoGPT layout).
+
+    ``dropout`` is on the attention probabilities (training only); the residual dropout of the
+    mixer's output belongs to the shell's block.
+    """
 
     def __init__(self, hidden_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True):
         super().__init__()
@@ -148,22 +157,22 @@ class StandardAttention(nn.Module):
         self.qkv = nn.Linear(hidden_dim, 3 * hidden_dim, bias=bias)
         self.out_proj = nn.Linear(hidden_dim, hidden_dim, bias=bias)
 
-    def op_inputs(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None):
+    def op_inputs(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> tuple:
         q, k, v = self.qkv(x).chunk(3, dim=-1)  # 3 x (b, n, D)
-        return split_heads(q, self.num_heads), split_heads(k, self.num_heads), split_heads(v, self.num_heads), mask
+        return tuple(split_heads(t, self.num_heads) for t in (q, k, v))  # 3 x (b, h, n, d)
 
-    def op(self, q, k, v, mask=None):
-        return causal_softmax_attention(q, k, v, mask, dropout_p=self.dropout if self.training else 0.0)
+    def op(self, q, k, v, *, mask=None):
+        return causal_softmax_attention(q, k, v, mask=mask, dropout_p=self.dropout if self.training else 0.0)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None):
-        q, k, v, mask = self.op_inputs(x, mask)  # (b, h, m, d) each
+        q, k, v = self.op_inputs(x, mask)  # (b, h, m, d) each
         if exists(cache):
             # the new queries attend to the whole cached prefix plus themselves; nothing is recomputed
             k, v, mask = cache.append(k, v, mask)  # (b, h, n, d), (b, n) or None
-        return self.out_proj(merge_heads(self.op(q, k, v, mask)))  # (b, m, D)
+        return self.output(self.op(q, k, v, mask=mask), x)  # (b, m, D)
 
-    def init_cache(self, batch_size: int, device=None, dtype=None) -> KVCache:
-        return KVCache(batch_size, device, dtype)
+    def init_cache(self, batch_size: int, device=None, dtype=None, max_len: Optional[int] = None) -> KVCache:
+        return KVCache(batch_size, device, dtype, max_len)
 
 
 # ----------------------------------------------------------------------------- model
@@ -175,10 +184,10 @@ class StandardTransformerModel(CausalLM):
     ``dropout`` is used by the shell (embeddings, residual, FFN) and on the attention probabilities.
     """
 
+    mixer_class = StandardAttention
+
     def __init__(self, vocab_size: int, hidden_dim: int, num_layers: int, num_heads: int, ff_dim: int,
                  dropout: float = 0.1, **shell_kwargs):
-        check_heads(hidden_dim, num_heads)
-        check_dropout(dropout)
         super().__init__(vocab_size, hidden_dim, num_layers, ff_dim, dropout,
                          mixer_factory=lambda i: StandardAttention(hidden_dim, num_heads, dropout),
                          **shell_kwargs)

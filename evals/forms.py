@@ -7,8 +7,8 @@ inputs (op level: the projections are made beforehand and not timed), in ``forwa
 ``train`` (forward plus backward of the sum of the outputs) mode, and reports how much faster the
 parallel form is. Tests pin that the two forms give the same numbers.
 
-Which models have a recurrent op is stated in the registry (``ModelSpec.forms``); their mixers
-expose it as ``op_recurrent(*op_inputs)``.
+Which models have a recurrent op is derived from their mixers (``ModelSpec.forms``: a mixer with
+``op_recurrent(*op_inputs, mask=None)`` has one).
 
 The CSV (``evals.results.FORMS_COLUMNS``) has one row per (model, mode, length, form) with the
 timing columns of ``compare``. The output is claimed, locked and appended to one whole row at a

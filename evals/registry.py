@@ -42,26 +42,33 @@ class ModelConfig:
         return asdict(self)
 
 
-def _common(c: ModelConfig) -> dict:
-    return dict(vocab_size=c.vocab_size, hidden_dim=c.hidden_dim, num_layers=c.num_layers,
-                num_heads=c.num_heads, ff_dim=c.ff_dim, dropout=c.dropout)
+def _common(c: ModelConfig, heads: bool = True) -> dict:
+    """The arguments every model takes (GAU, single-head, takes no num_heads)."""
+    d = dict(vocab_size=c.vocab_size, hidden_dim=c.hidden_dim, num_layers=c.num_layers, ff_dim=c.ff_dim,
+             dropout=c.dropout)
+    return dict(d, num_heads=c.num_heads) if heads else d
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
-    method: str                      # the published method it follows
+    method: str                      # the published method it follows (with citation)
     complexity: str                  # parallel-form cost, per head
     time_class: str                  # expected growth in n of the parallel form: "n" or "n^2"
     modes: tuple                     # which of MODES it supports
     target: str                      # "module:ClassName" of the model class
-    kwargs: Callable[[ModelConfig], dict]
+    kwargs: Callable[[ModelConfig], dict]  # only the arguments the model class takes
     state: str = ""                  # what its decoding cache holds
-    forms: tuple = ("parallel",)     # op forms: "recurrent" too if the mixer has ``op_recurrent``
+    departures: str = ""             # every way the code departs from the published method
 
     def model_class(self):
         mod, cls = self.target.split(":")
         return getattr(importlib.import_module(mod), cls)
+
+    @property
+    def forms(self) -> tuple:
+        """The op's forms, read from the mixer class: "parallel", plus "recurrent" if it has ``op_recurrent``."""
+        return self.model_class().mixer_class.forms()
 
     def build(self, cfg: ModelConfig) -> nn.Module:
         """The whole model (embedding, layers, head) for ``cfg``."""
@@ -72,6 +79,9 @@ class ModelSpec:
         return self.build(cfg.with_(num_layers=1)).layers[0].mixer
 
 
+# Shared by every entry, so not repeated in each ``departures``: the shared shell (pre-norm blocks,
+# a GELU feed-forward layer after every mixer, sinusoidal positions, tied LM head, dropout once on
+# each residual branch), not each paper's own block.
 REGISTRY: dict[str, ModelSpec] = {
     s.name: s
     for s in [
@@ -80,36 +90,47 @@ REGISTRY: dict[str, ModelSpec] = {
             "O(n(c+o)d + n d^2/f + C^2 d^2/f)", "n", MODES, "bsbr.model:BSBRModel",
             lambda c: dict(_common(c), chunk_size=c.chunk_size, compression_factor=c.compression_factor,
                            chunk_overlap=c.chunk_overlap),
-            state="current chunk K,V + one d x d/f state per completed chunk"),
+            state="current chunk K,V + one d x d/f state per completed chunk",
+            departures="none, the method is this project's; its choices: chunk summary = mean of the layer input over real tokens; "
+                       "gamma = 1/(c sqrt(d/f)); compression = learned per-head map d -> d/f"),
         ModelSpec(
             "Standard", "Causal softmax attention (Vaswani et al., 2017)",
             "O(n^2 d)", "n^2", MODES, "bsbr_extras.standard:StandardTransformerModel",
-            lambda c: _common(c), state="K,V of every token"),
+            lambda c: _common(c), state="K,V of every token",
+            departures="none beyond the shared shell"),
         ModelSpec(
             "Linear", "Linear attention, phi=elu+1 (Katharopoulos et al., 2020)",
             "O(n c d + n d^2)", "n", MODES, "bsbr_extras.linear:LinearTransformerModel",
             lambda c: dict(_common(c), chunk_size=c.chunk_size), state="d x d state + d normaliser",
-            forms=("parallel", "recurrent")),
+            departures="none beyond the shared shell (eps = 1e-6 in the normaliser)"),
         ModelSpec(
-            "DeltaNet", "Delta rule, chunkwise WY form (Schlag et al., 2021; Yang et al., 2024)",
+            "DeltaNet", "Delta rule of Schlag et al. (2021) with L2-normalised q, k, computed by the chunkwise "
+                        "WY/UT algorithm of Yang et al. (2024)",
             "O(n c d + n d^2)", "n", MODES, "bsbr_extras.deltanet:DeltaNetModel",
             lambda c: dict(_common(c), chunk_size=c.chunk_size), state="d x d state",
-            forms=("parallel", "recurrent")),
+            departures="not Yang et al.'s full layer: no short convolution, no SiLU on q/k/v, no output "
+                       "RMSNorm; L2 norm on q, k instead of Schlag et al.'s feature map + sum norm"),
         ModelSpec(
-            "SlidingWindow", "Causal sliding-window softmax attention (e.g. Beltagy et al., 2020)",
+            "SlidingWindow", "Causal sliding-window softmax attention (the local attention of Beltagy et al., "
+                             "2020; as in Jiang et al., 2023)",
             "O(n w d)", "n", MODES, "bsbr_extras.sliding_window:SlidingWindowTransformerModel",
-            lambda c: dict(_common(c), window_size=c.window_size), state="ring buffer of w keys and values"),
+            lambda c: dict(_common(c), window_size=c.window_size), state="ring buffer of w keys and values",
+            departures="no global tokens and no dilation (Longformer has both)"),
         ModelSpec(
             "Hopfield", "Modern Hopfield retrieval (Ramsauer et al., 2021)",
             "O(update_steps * n^2 d)", "n^2", MODES, "bsbr_extras.hopfield:HopfieldNetworkModel",
             lambda c: dict(_common(c), beta=c.hopfield_beta, update_steps=c.update_steps),
-            state="K,V of every token"),
+            state="K,V of every token",
+            departures="stored patterns = the causal context (no static pattern set); V its own projection "
+                       "(the paper's layer derives V from K); no pattern layer norms"),
         ModelSpec(
             "GAU", "Gated attention unit, FLASH mixed-chunk form (Hua et al., 2022)",
             "O(n c e + n e^2)", "n", MODES, "bsbr_extras.gau:GAUModel",
-            lambda c: dict(_common(c), chunk_size=c.chunk_size, expansion_factor=c.expansion_factor,
+            lambda c: dict(_common(c, heads=False), chunk_size=c.chunk_size, expansion_factor=c.expansion_factor,
                            qk_dim=c.qk_dim),
-            state="current chunk + s x e cross-chunk state"),
+            state="current chunk + s x e cross-chunk state",
+            departures="no relative-position bias (sinusoidal positions instead); linear term scaled by 1/c; "
+                       "a feed-forward layer follows the unit (the paper stacks GAUs instead)"),
     ]
 }
 

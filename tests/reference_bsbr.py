@@ -73,3 +73,35 @@ def bsbr_layer_reference(attn, x, mask=None):
     y = bsbr_reference(q, k, v, r, h, chunk_size=c, overlap=attn.chunk_overlap, mask=mask,
                        compress=attn.compress, gamma=attn.gamma)
     return attn.out_proj(y.transpose(1, 2).reshape(b, n, D))
+
+
+def bsbr_last_chunk_reference(q, k, v, r, h, *, chunk_size, overlap=0, compress=None, gamma=None):
+    """The outputs of the last chunk only, for long sequences where ``bsbr_reference`` is too slow.
+
+    Straight from the formulas, with no mask: a loop over chunks for the states F_j (one small
+    product each), the retrieval softmax over every earlier chunk, and a loop over the last chunk's
+    tokens for the local softmax. q, k, v: (b, H, n, d); r, h: (b, H, C, d). Returns (b, H, L, d)
+    for the L tokens of the last chunk.
+    """
+    b, H, n, d = q.shape
+    c, o = chunk_size, overlap
+    C = -(-n // c)
+    i = C - 1
+    e = d if compress is None else compress.shape[-1]
+    gamma = 1.0 / (c * math.sqrt(e)) if gamma is None else gamma
+    out = torch.zeros(b, H, n - i * c, d, dtype=q.dtype)
+    for hi in range(H):
+        A = torch.eye(d, dtype=q.dtype) if compress is None else compress[hi]
+        for bi in range(b):
+            S = torch.zeros(e, d, dtype=q.dtype)
+            if i > 0:
+                Fs = [(k[bi, hi, j * c:(j + 1) * c] @ A).T @ v[bi, hi, j * c:(j + 1) * c] for j in range(i)]
+                sc = torch.stack([r[bi, hi, i] @ h[bi, hi, j] for j in range(i)]) / math.sqrt(d)
+                P = torch.softmax(sc, 0)
+                S = sum(P[j] * Fs[j] for j in range(i))
+            for t in range(i * c, n):
+                lo = max(i * c - o, 0)
+                logits = k[bi, hi, lo:t + 1] @ q[bi, hi, t] / math.sqrt(d)
+                local = torch.softmax(logits, 0) @ v[bi, hi, lo:t + 1]
+                out[bi, hi, t - i * c] = local + gamma * ((A.T @ q[bi, hi, t]) @ S)
+    return out

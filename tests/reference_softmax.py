@@ -33,11 +33,22 @@ def softmax_attention_loop(q, k, v, scale=None, window=None, mask=None):
     return out
 
 
-def hopfield_loop(q, k, v, beta, update_steps, requery=None, mask=None):
-    """Ramsauer et al. (2021) update per token: xi <- softmax(beta xi K_{<=t}^T) V_{<=t}, repeated,
-    with xi re-projected to query space by requery[h] (d_v, d) between steps."""
+def hopfield_loop(q, k, v, beta, update_steps, mask=None):
+    """Ramsauer et al. (2021), written from the paper per token t and head, with the stored patterns
+    Y = the real context positions s <= t, keys K = rows k_s, values V = rows v_s:
+
+        eq. (3), the update, in key space:  xi <- K^T softmax(beta K xi)      (update_steps - 1 times)
+        eq. (10), the layer's read-out:     o_t = V^T softmax(beta K xi)       (once, at the end)
+
+    starting from xi = q_t. Explicit exp / sum, one column vector at a time.
+    """
     b, h, n, d = q.shape
     out = torch.zeros(b, h, n, v.shape[-1], dtype=q.dtype)
+
+    def softmax(z):  # z: (|S|,)
+        e = torch.exp(z - z.max())
+        return e / e.sum()
+
     for bi in range(b):
         for t in range(n):
             if mask is not None and not mask[bi, t]:
@@ -45,12 +56,10 @@ def hopfield_loop(q, k, v, beta, update_steps, requery=None, mask=None):
             s = torch.arange(0, t + 1)
             if mask is not None:
                 s = s[mask[bi, :t + 1]]
-            xi = q[bi, :, t]  # (h, d)
-            for step in range(update_steps):
-                if step:
-                    xi = torch.einsum("hv,hvd->hd", r, requery)
-                scores = beta * torch.einsum("hd,hsd->hs", xi, k[bi, :, s])
-                p = torch.exp(scores - scores.max(dim=-1, keepdim=True).values)
-                r = torch.einsum("hs,hsd->hd", p / p.sum(dim=-1, keepdim=True), v[bi, :, s])
-            out[bi, :, t] = r
+            for hi in range(h):
+                K, V = k[bi, hi, s], v[bi, hi, s]  # (|S|, d), (|S|, d_v): one stored pattern per row
+                xi = q[bi, hi, t]                  # (d,)
+                for _ in range(update_steps - 1):
+                    xi = K.T @ softmax(beta * (K @ xi))
+                out[bi, hi, t] = V.T @ softmax(beta * (K @ xi))
     return out

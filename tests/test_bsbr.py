@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bsbr import BSBRAttention, BSBRLayer, BSBRModel, bsbr_attention, bsbr_attention_flops
 from tests.conftest import rel_err
-from tests.reference_bsbr import bsbr_layer_reference, bsbr_reference
+from tests.reference_bsbr import bsbr_last_chunk_reference, bsbr_layer_reference, bsbr_reference
 
 VARIANTS = [
     dict(overlap=0, f=None),
@@ -130,24 +130,6 @@ def test_causality_with_options(p):
     assert jac.triu(diagonal=1).max() == 0
 
 
-@pytest.mark.parametrize("p", VARIANTS[1:], ids=VID)
-def test_streaming_with_options_and_padding(p):
-    model = _model(chunk_overlap=p["overlap"], compression_factor=p["f"])
-    x = torch.randint(0, 41, (2, 43))
-    mask = torch.ones(2, 43, dtype=torch.long)
-    mask[1, 37:] = 0
-    full = model(x, attention_mask=mask)
-    for cuts in ([1, 2, 3, 9, 10, 24, 25, 40], list(range(1, 43))):
-        cache = model.init_cache(2)
-        pieces, prev = [], 0
-        for cut in cuts + [43]:
-            pieces.append(model(x[:, prev:cut], attention_mask=mask[:, prev:cut], cache=cache))
-            prev = cut
-        got = torch.cat(pieces, 1)
-        real = mask.bool()
-        assert torch.allclose(got[real], full[real], atol=1e-9, rtol=1e-9)
-
-
 def test_cache_grows_per_chunk_not_per_token():
     model = _model(compression_factor=2)
     D, H, c, layers = 16, 2, 8, 2
@@ -211,13 +193,17 @@ def test_checkpointing_gives_identical_gradients():
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
 
-def test_long_sequence_runs():
-    torch.manual_seed(0)
-    model = BSBRModel(vocab_size=64, hidden_dim=32, num_layers=1, num_heads=2, chunk_size=128, ff_dim=32,
-                      dropout=0.0).eval()
+def test_long_sequence_last_chunk_matches_chunk_loop_reference():
+    # 65k tokens (511 full chunks of 128 and a partial one): the last chunk, which retrieves over
+    # every earlier chunk, against a loop over chunks written from the formulas
+    n, c = 65500, 128
+    q, k, v, r, h, A = _inputs(b=1, H=2, n=n, d=16, c=c, f=2, seed=3)
     with torch.no_grad():
-        out = model(torch.randint(0, 64, (1, 65536)))
-    assert out.shape == (1, 65536, 64) and torch.isfinite(out).all()
+        out = bsbr_attention(q, k, v, r, h, chunk_size=c, overlap=16, compress=A)
+    last = (n // c) * c
+    ref = bsbr_last_chunk_reference(*(t.double() for t in (q, k, v, r, h)), chunk_size=c, overlap=16,
+                                    compress=A.double())
+    assert rel_err(out[:, :, last:], ref) <= 1e-5
 
 
 def test_seed_quick_start_runs_as_written():
@@ -229,30 +215,64 @@ def test_seed_quick_start_runs_as_written():
     assert outputs.shape == (2, 256, 10000) and torch.isfinite(outputs).all()
 
 
-def test_layer_and_attention_signatures():
-    layer = BSBRLayer(16, 2, 8, 32, 0.0, compression_factor=2)
+def test_seed_signatures_and_positional_orders():
+    # BSBRModel keeps the seed's order (chunk_size fifth, ff_dim sixth); the other models take ff_dim fifth
+    m = BSBRModel(41, 16, 1, 2, 8, 32, 0.0)
+    assert (m.chunk_size, m.layers[0].ffn.fc_in.out_features) == (8, 32)
+    assert m.layers[0].mixer.chunk_size == 8
+    from bsbr_extras import StandardTransformerModel
+    assert StandardTransformerModel(41, 16, 1, 2, 32, 0.0).layers[0].ffn.fc_in.out_features == 32
+    layer = BSBRLayer(16, 2, 8, 32, 0.0, compression_factor=2)  # (hidden, heads, chunk_size, ff_dim, dropout)
+    assert (layer.attention.chunk_size, layer.ffn.fc_in.out_features) == (8, 32)
+    # seed signature forward(query, key, value, mask): separate keys/values are really used, causally
+    torch.manual_seed(0)
+    attn = BSBRAttention(16, 2, 8, 0.0).double()
+    x, y = torch.randn(2, 20, 16, dtype=torch.float64), torch.randn(2, 20, 16, dtype=torch.float64)
+    cross = attn(x, y, y)
+    assert not torch.allclose(cross, attn(x))
+    y2 = y.clone()
+    y2[:, 13] += 1.0
+    assert torch.equal(attn(x, y2, y2)[:, :13], cross[:, :13])
+
+
+def test_attention_applies_no_dropout_and_warns_when_given_one():
+    with pytest.warns(UserWarning, match="no dropout"):
+        attn = BSBRAttention(16, 2, 8, 0.5).train()
     x = torch.randn(2, 20, 16)
-    assert layer(x, mask=torch.ones(2, 20)).shape == x.shape
-    attn = BSBRAttention(16, 2, 8, 0.0)
-    ref = attn(x)
-    assert torch.equal(attn(x, x, x), ref)  # seed signature forward(query, key, value, mask)
+    assert torch.equal(attn(x), attn.eval()(x))
 
 
-@pytest.mark.parametrize("kwargs, needle", [
-    (dict(hidden_dim=30, num_heads=4), "hidden_dim"),
-    (dict(chunk_size=0), "chunk_size"),
-    (dict(chunk_size=-4), "chunk_size"),
-    (dict(compression_factor=3), "compression_factor"),
-    (dict(compression_factor=0), "compression_factor"),
-    (dict(chunk_overlap=-1), "chunk_overlap"),
-    (dict(chunk_overlap=9), "chunk_overlap"),
-    (dict(dropout=1.5), "dropout"),
+def _bad(**over):
+    q, k, v, r, h, A = _inputs(b=2, H=2, n=20, d=8, c=8, f=2)
+    args = dict(q=q, k=k, v=v, r=r, hk=h, chunk_size=8, overlap=0, compress=A, mask=None, gamma=None) | over
+    return args
+
+
+@pytest.mark.parametrize("over, word", [
+    (dict(chunk_size=0), "chunk_size"), (dict(chunk_size=-3), "chunk_size"), (dict(chunk_size=2.0), "chunk_size"),
+    (dict(overlap=-1), "overlap"), (dict(overlap=9), "overlap"), (dict(overlap=1.5), "overlap"),
+    (dict(q=torch.randn(2, 20, 8)), "q must be a 4-D"), (dict(k=torch.randn(2, 2, 19, 8)), "k shape"),
+    (dict(v=torch.randn(2, 2, 20, 4)), "v shape"), (dict(r=torch.randn(2, 2, 2, 8)), "r must have shape"),
+    (dict(hk=torch.randn(2, 2, 3, 4)), "hk must have shape"), (dict(q=torch.randint(0, 3, (2, 2, 20, 8))), "q must have a floating"),
+    (dict(v=torch.randn(2, 2, 20, 8, dtype=torch.float64)), "v must match q's dtype"),
+    (dict(q=torch.randn(2, 2, 0, 8), k=torch.randn(2, 2, 0, 8), v=torch.randn(2, 2, 0, 8)), "at least one token"),
+    (dict(compress=torch.randn(2, 8, 16)), "compress"), (dict(compress=torch.randn(3, 8, 4)), "compress"),
+    (dict(compress=torch.randn(2, 8, 4, dtype=torch.float64)), "compress must match"),
+    (dict(mask=torch.ones(2, 19, dtype=torch.bool)), "mask"), (dict(mask=torch.full((2, 20), 2)), "0/1"),
+    (dict(mask=[[1] * 20] * 2), "mask"), (dict(gamma=0.0), "gamma"), (dict(gamma=float("nan")), "gamma"),
 ])
-def test_bad_constructor_arguments(kwargs, needle):
-    cfg = dict(vocab_size=41, hidden_dim=16, num_layers=1, num_heads=2, chunk_size=8, ff_dim=32)
-    cfg.update(kwargs)
-    with pytest.raises(ValueError, match=needle):
-        BSBRModel(**cfg)
+def test_op_rejects_bad_arguments_naming_them(over, word):
+    a = _bad(**over)
+    with pytest.raises(ValueError, match=word):
+        bsbr_attention(a.pop("q"), a.pop("k"), a.pop("v"), a.pop("r"), a.pop("hk"), **a)
+
+
+def test_op_takes_a_numeric_0_1_mask_as_the_bool_mask():
+    q, k, v, r, h, A = _inputs(n=45, f=2)
+    mask = _masks(2, 45)["holes"]
+    want = bsbr_attention(q, k, v, r, h, chunk_size=8, overlap=3, mask=mask, compress=A)
+    for m in (mask.long(), mask.float()):
+        assert torch.equal(bsbr_attention(q, k, v, r, h, chunk_size=8, overlap=3, mask=m, compress=A), want)
 
 
 @pytest.mark.parametrize("make, needle", [

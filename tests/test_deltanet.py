@@ -1,12 +1,12 @@
-"""DeltaNet (Schlag et al., 2021; Yang et al., 2024): the chunkwise WY/UT form and the recurrence
-against the token-loop oracle, the delta rule's exact-recall property, masking, the mixer protocol,
-bad hyperparameters."""
+"""DeltaNet (Schlag et al.'s 2021 delta rule, Yang et al.'s 2024 chunkwise form): the WY/UT form and
+the recurrence against the token-loop oracle, the delta rule's exact-recall property, masking, the
+mixer's q/k normalisation and beta. Bad hyperparameters and streaming: tests/test_models.py."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from bsbr_extras.deltanet import (SEGMENT_BYTES, DeltaNetAttention, DeltaNetModel, delta_rule_chunkwise,
+from bsbr_extras.deltanet import (SEGMENT_BYTES, DeltaNetAttention, delta_rule_chunkwise,
                                   delta_rule_recurrent, unit_lower_inverse)
 from tests.conftest import rel_err
 from tests.reference_linear import delta_rule_ref
@@ -147,28 +147,6 @@ def test_mixer_normalises_q_k_and_bounds_beta():
     assert beta.shape == (2, 3, 13) and ((beta > 0) & (beta < 1)).all()
     # beta_t = sigmoid(w_beta . x_t) per head
     assert torch.allclose(beta, torch.sigmoid(x @ mixer.beta_proj.weight.T).transpose(1, 2))
-
-
-def test_cache_is_constant_size_and_continues():
-    torch.manual_seed(0)
-    mixer = DeltaNetAttention(16, 2, chunk_size=4).double()
-    x = torch.randn(1, 19, 16, dtype=torch.float64)
-    cache = mixer.init_cache(1, dtype=torch.float64)
-    pieces = []
-    with torch.no_grad():
-        for lo, hi in [(0, 6), (6, 7), (7, 8), (8, 19)]:
-            pieces.append(mixer(x[:, lo:hi], cache=cache))
-            assert cache.S.shape == (1, 2, 8, 8)
-        full = mixer(x)
-    assert rel_err(torch.cat(pieces, dim=1), full) <= 1e-12
-
-
-@pytest.mark.parametrize("kw,name", [(dict(chunk_size=0), "chunk_size"), (dict(chunk_size=-1), "chunk_size"),
-                                     (dict(chunk_size=None), "chunk_size"), (dict(num_heads=3), "num_heads")])
-def test_bad_hyperparameters_raise(kw, name):
-    args = dict(vocab_size=11, hidden_dim=16, num_layers=1, num_heads=2, ff_dim=8) | kw
-    with pytest.raises(ValueError, match=name):
-        DeltaNetModel(**args)
 
 
 def test_op_rejects_bad_arguments():

@@ -34,7 +34,7 @@ def test_recurrent_form_equals_parallel_form(name, masked):
     x = torch.randn(2, 29, SMALL.hidden_dim)  # 29: three chunks of 8 and a ragged tail
     mask = (torch.arange(29)[None] < torch.tensor([[29], [20]])) if masked else None
     inputs = mixer.op_inputs(x, mask)
-    par, rec = mixer.op(*inputs), mixer.op_recurrent(*inputs)
+    par, rec = mixer.op(*inputs, mask=mask), mixer.op_recurrent(*inputs, mask=mask)
     keep = mask[:, None, :, None] if masked else torch.ones(1, dtype=torch.bool)
     assert rel_err(par * keep, rec * keep) <= 1e-5
 

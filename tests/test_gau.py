@@ -1,11 +1,11 @@
 """GAU / FLASH mixed-chunk attention (Hua et al., 2022): the op against the full-matrix oracle,
-the step form, the two terms separately, the unit against its weights, num_heads ignored,
-bad hyperparameters."""
+the step form, the two terms separately, the unit against its weights, bad op arguments. Bad
+hyperparameters, streaming through the cache and GAU taking no num_heads: tests/test_models.py."""
 
 import pytest
 import torch
 
-from bsbr_extras.gau import GatedAttentionUnit, GAUModel, gau_continue_chunk, gau_mixed_chunk
+from bsbr_extras.gau import GatedAttentionUnit, gau_continue_chunk, gau_mixed_chunk
 from tests.conftest import rel_err
 from tests.reference_linear import gau_attention_ref, gau_unit_ref
 
@@ -101,26 +101,7 @@ def test_unit_matches_reference_from_weights():
         ref = gau_unit_ref(unit, x, m)
         rows = slice(None) if m is None else m
         assert rel_err(out[rows], ref[rows]) <= 1e-12
-        u = torch.nn.functional.silu(unit.uv(x))[..., :32]
-        assert torch.equal(out, unit.out_proj(u * unit.op(*unit.op_inputs(x, m))))
-
-
-def test_cache_streams_any_split():
-    torch.manual_seed(0)
-    unit = GatedAttentionUnit(16, chunk_size=4, expansion_factor=2, qk_dim=8).double()
-    with torch.no_grad():
-        unit.scale_offset.gamma.normal_(0, 1.0)
-    x = torch.randn(1, 23, 16, dtype=torch.float64)
-    with torch.no_grad():
-        full = unit(x)
-        for cuts in ([1, 2, 3, 5, 6, 11, 12, 13], [3, 9, 10, 16], list(range(1, 23))):
-            cache = unit.init_cache(1, dtype=torch.float64)
-            pieces, prev = [], 0
-            for c in cuts + [23]:
-                pieces.append(unit(x[:, prev:c], cache=cache))
-                prev = c
-                assert cache.v.shape[1] == c % 4 and cache.state.shape == (1, 8, 32)  # open chunk only
-            assert rel_err(torch.cat(pieces, dim=1), full) <= 1e-12
+        assert torch.equal(out, unit.output(unit.op(*unit.op_inputs(x, m), mask=m), x))
 
 
 def test_decode_step_at_a_chunk_boundary_is_not_a_whole_chunk():
@@ -139,27 +120,6 @@ def test_decode_step_at_a_chunk_boundary_is_not_a_whole_chunk():
         return fc.get_total_flops()
 
     assert step_flops(32) <= step_flops(40)  # boundary (open chunk empty) vs 8 tokens into a chunk
-
-
-def test_num_heads_is_ignored():
-    outs = []
-    for h in (1, 3, 7):  # 3 and 7 do not even divide hidden_dim: GAU is single-head
-        torch.manual_seed(0)
-        model = GAUModel(vocab_size=11, hidden_dim=16, num_layers=1, num_heads=h, ff_dim=8, dropout=0.0,
-                         chunk_size=4, qk_dim=8).eval()
-        outs.append(model(torch.arange(10)[None] % 11))
-    assert all(torch.equal(o, outs[0]) for o in outs)
-
-
-@pytest.mark.parametrize("kw,name", [(dict(chunk_size=0), "chunk_size"), (dict(chunk_size=-4), "chunk_size"),
-                                     (dict(expansion_factor=0), "expansion_factor"),
-                                     (dict(expansion_factor=-1), "expansion_factor"),
-                                     (dict(expansion_factor=1.5), "expansion_factor"),
-                                     (dict(qk_dim=0), "qk_dim"), (dict(qk_dim=-8), "qk_dim")])
-def test_bad_hyperparameters_raise(kw, name):
-    args = dict(vocab_size=11, hidden_dim=16, num_layers=1, num_heads=2, ff_dim=8) | kw
-    with pytest.raises(ValueError, match=name):
-        GAUModel(**args)
 
 
 def test_op_rejects_bad_arguments():

@@ -1,4 +1,6 @@
-"""Causal modern-Hopfield retrieval: op vs the token-loop oracle, one step == Standard, KV-cache decoding."""
+"""Causal modern-Hopfield retrieval (Ramsauer et al., 2021): the op against an oracle written from
+the paper's equations (update in key space, values read once), one step == Standard, KV-cache
+decoding with several steps. Bad hyperparameters and streaming with a mask: tests/test_models.py."""
 
 import math
 
@@ -12,56 +14,55 @@ from tests.reference_softmax import hopfield_loop
 from tests.test_standard import at_real, pad_mask, qkv
 
 
-def requery_map(h=3, d=8, seed=7):
-    g = torch.Generator().manual_seed(seed)
-    return torch.eye(d) + 0.3 * torch.randn(h, d, d, generator=g)
-
-
 @pytest.mark.parametrize("steps, beta", [(1, None), (1, 0.7), (2, 0.5), (3, 1.3)], ids=lambda x: str(x))
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "padmask"])
-def test_retrieval_matches_oracle(steps, beta, masked):
+def test_retrieval_matches_oracle_fp32(steps, beta, masked):
     n = 29
     q, k, v = qkv(n=n)
     mask = pad_mask(2, n, [n, 18]) if masked else None
     if masked:
         mask[0, 1:4] = False
-    W = requery_map() if steps > 1 else None
-    out = hopfield_retrieval(q, k, v, beta, steps, W, mask)
-    ref = hopfield_loop(q, k, v, beta if beta is not None else 1 / math.sqrt(8), steps, W, mask)
+    out = hopfield_retrieval(q, k, v, beta, steps, mask=mask)
+    ref = hopfield_loop(*(t.double() for t in (q, k, v)), beta if beta is not None else 1 / math.sqrt(8), steps, mask)
     assert rel_err(at_real(out, mask), ref) <= 1e-5
 
 
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "padmask"])
-def test_gradients_match_oracle(masked):
+def test_three_steps_with_values_unlike_keys_match_the_paper_to_fp64_rounding(masked):
+    # V != K (independent draws) and beta large enough that each update really moves xi
+    q, k, v = qkv(n=23, dtype=torch.float64)
+    mask = pad_mask(2, 23, [23, 15]) if masked else None
+    out = hopfield_retrieval(q, k, v, 0.9, 3, mask=mask)
+    ref = hopfield_loop(q, k, v, 0.9, 3, mask)
+    assert rel_err(at_real(out, mask), ref) <= 1e-12
+    # the updates matter: three retrievals are not one, and not three reads through V
+    one = hopfield_retrieval(q, k, v, 0.9, 1, mask=mask)
+    assert rel_err(at_real(one, mask), ref) > 1e-2
+
+
+def test_gradients_match_oracle():
     n = 19
-    q, k, v = qkv(n=n)
-    mask = pad_mask(2, n, [n, 12]) if masked else None
-    wt = torch.randn(2, 3, n, 8, generator=torch.Generator().manual_seed(5))
+    q, k, v = qkv(n=n, dtype=torch.float64)
+    mask = pad_mask(2, n, [n, 12])
+    wt = torch.randn(2, 3, n, 8, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     grads = []
-    for fn in (lambda q, k, v, W: at_real(hopfield_retrieval(q, k, v, 0.6, 3, W, mask), mask),
-               lambda q, k, v, W: hopfield_loop(q, k, v, 0.6, 3, W, mask)):
-        leaves = [t.clone().requires_grad_() for t in (q, k, v, requery_map())]
+    for fn in (lambda q, k, v: at_real(hopfield_retrieval(q, k, v, 0.6, 3, mask=mask), mask),
+               lambda q, k, v: hopfield_loop(q, k, v, 0.6, 3, mask)):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
         (fn(*leaves) * wt).sum().backward()
         grads.append([t.grad for t in leaves])
-    for name, a, b in zip(["q", "k", "v", "requery"], *grads):
-        assert rel_err(a, b) <= 1e-5, f"d/d{name}"
+    for name, a, b in zip("qkv", *grads):
+        assert rel_err(a, b) <= 1e-10, f"d/d{name}"
 
 
-def test_further_steps_change_the_retrieval():
+def test_one_step_default_beta_equals_standard():
     q, k, v = qkv(n=20)
-    one = hopfield_retrieval(q, k, v, None, 1)
-    two = hopfield_retrieval(q, k, v, None, 2, requery_map())
-    assert rel_err(two, one) > 1e-2
-    # with beta = 1/sqrt(d) one step is exactly standard causal attention
-    assert rel_err(one, causal_softmax_attention(q, k, v)) <= 1e-6
-
-
-def test_one_step_default_beta_equals_standard_model():
+    assert rel_err(hopfield_retrieval(q, k, v), causal_softmax_attention(q, k, v)) <= 1e-6
     torch.manual_seed(0)
     std = StandardTransformerModel(50, 32, 2, 4, 64, dropout=0.0).eval()
     hop = HopfieldNetworkModel(50, 32, 2, 4, 64, dropout=0.0).eval()
     assert hop.layers[0].mixer.beta == pytest.approx(1 / math.sqrt(8))
-    hop.load_state_dict(std.state_dict())  # same projections
+    hop.load_state_dict(std.state_dict())  # same projections, and no extra parameter
     x = torch.randint(0, 50, (2, 27))
     mask = torch.ones(2, 27, dtype=torch.long)
     mask[1, 20:] = 0
@@ -77,39 +78,11 @@ def test_one_step_default_beta_equals_standard_model():
         assert rel_err(mix_hop(h), mix_std(h)) > 1e-2
 
 
-def test_requery_parameter_only_with_several_steps():
-    assert HopfieldAttention(32, 4).requery is None
-    m = HopfieldAttention(32, 4, update_steps=3)
-    assert m.requery.shape == (4, 8, 8)
-    model = HopfieldNetworkModel(50, 32, 1, 4, 64, update_steps=2)
-    assert torch.equal(model.layers[0].mixer.requery.detach(), torch.eye(8).expand(4, 8, 8))  # shell init keeps it
-
-
-@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "padmask"])
-def test_kv_cache_streaming_with_several_steps_matches_parallel(masked):
+def test_several_steps_add_no_parameters_and_stay_causal():
     torch.manual_seed(0)
-    mixer = HopfieldAttention(24, 3, beta=0.4, update_steps=3).double().eval()
-    with torch.no_grad():
-        mixer.requery.add_(0.2 * torch.randn_like(mixer.requery))
-    n = 30
-    x = torch.randn(2, n, 24, dtype=torch.float64)
-    mask = pad_mask(2, n, [n, 21]) if masked else None
-    with torch.no_grad():
-        full = mixer(x, mask)
-        for cuts in ([*range(1, n)], [4, 5, 19]):
-            cache = mixer.init_cache(2)
-            pieces, prev = [], 0
-            for c in cuts + [n]:
-                pieces.append(mixer(x[:, prev:c], None if mask is None else mask[:, prev:c], cache=cache))
-                prev = c
-            out = torch.cat(pieces, dim=1)
-            real = torch.ones(2, n, dtype=torch.bool) if mask is None else mask
-            assert torch.allclose(out[real], full[real], atol=1e-12, rtol=1e-10), cuts
-
-
-def test_model_with_several_steps_is_causal():
-    torch.manual_seed(0)
+    one = HopfieldNetworkModel(50, 32, 2, 4, 64, dropout=0.0)
     model = HopfieldNetworkModel(50, 32, 2, 4, 64, dropout=0.0, update_steps=3).double().eval()
+    assert model.num_parameters() == one.num_parameters()
     x = torch.randint(0, 50, (1, 20))
     y = x.clone()
     y[0, 11] = (y[0, 11] + 1) % 50
@@ -120,25 +93,16 @@ def test_model_with_several_steps_is_causal():
 
 
 @pytest.mark.parametrize("beta", [0, -0.5, float("nan"), float("inf"), "1", True])
-def test_bad_beta_raises(beta):
-    with pytest.raises(ValueError, match="beta"):
-        HopfieldNetworkModel(50, 32, 1, 4, 64, beta=beta)
+def test_op_rejects_bad_beta(beta):
     q, k, v = qkv(n=4)
     with pytest.raises(ValueError, match="beta"):
         hopfield_retrieval(q, k, v, beta)
 
 
 @pytest.mark.parametrize("steps", [0, -1, 1.5, None])
-def test_bad_update_steps_raises(steps):
+def test_op_and_mixer_reject_bad_update_steps(steps):
+    q, k, v = qkv(n=4)
     with pytest.raises(ValueError, match="update_steps"):
-        HopfieldNetworkModel(50, 32, 1, 4, 64, update_steps=steps)
+        hopfield_retrieval(q, k, v, 0.5, steps)
     with pytest.raises(ValueError, match="update_steps"):
         HopfieldAttention(32, 4, update_steps=steps)
-
-
-def test_missing_requery_raises():
-    q, k, v = qkv(n=4)
-    with pytest.raises(ValueError, match="requery"):
-        hopfield_retrieval(q, k, v, 0.5, 2)
-    with pytest.raises(ValueError, match="requery"):
-        hopfield_retrieval(q, k, v, 0.5, 2, torch.eye(5).expand(3, 5, 5))

@@ -7,7 +7,6 @@ in each architecture's own test module.
 import pytest
 import torch
 
-from bsbr.shell import merge_heads
 from evals.registry import MODEL_NAMES, REGISTRY
 from tests.conftest import TINY
 
@@ -52,18 +51,20 @@ def test_causal_jacobian(name):
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
-def test_forward_is_out_proj_of_op(name):
+def test_forward_is_output_of_op(name):
     # the mixer protocol: the layer is its projections around the public op, so benchmarking the op
-    # measures what the layer computes (GAU's op is single-head and gated: test_gau checks its analogue)
+    # measures what the layer computes: forward(x, mask) == output(op(*op_inputs(x, mask), mask=mask), x)
     mixer = REGISTRY[name].build_mixer(TINY).double().eval()
     x = torch.randn(2, 13, TINY.hidden_dim, dtype=torch.float64)
     mask = torch.ones(2, 13, dtype=torch.bool)
     mask[1, 9:] = False
+    mask[0, 3] = False
+    outs = []
     for m in (None, mask):
-        y = mixer.op(*mixer.op_inputs(x, m))
-        if y.dim() != 4:
-            pytest.skip(f"{name}'s op output is not per-head (b, h, n, d)")
-        assert torch.equal(mixer(x, mask=m), mixer.out_proj(merge_heads(y)))
+        y = mixer(x, mask=m)
+        assert torch.equal(y, mixer.output(mixer.op(*mixer.op_inputs(x, m), mask=m), x))
+        outs.append(y)
+    assert not torch.equal(outs[0][0, 4:], outs[1][0, 4:])  # the mask reaches the op
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)

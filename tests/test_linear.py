@@ -1,11 +1,11 @@
 """Linear attention (Katharopoulos et al., 2020): the chunkwise op and the step form against the
-full-matrix oracle, masking, the head-dimension guard, the mixer protocol, bad hyperparameters."""
+full-matrix oracle, masking, the head-dimension guard, bad op arguments. Bad hyperparameters and
+streaming through the cache: tests/test_models.py."""
 
 import pytest
 import torch
 
-from bsbr_extras.linear import (LinearAttention, LinearTransformerModel, linear_attention,
-                                linear_attention_step)
+from bsbr_extras.linear import linear_attention, linear_attention_step
 from tests.conftest import rel_err
 from tests.reference_linear import linear_attention_ref
 
@@ -97,30 +97,6 @@ def test_output_varies_across_head_dim():
     o = linear_attention(q, k, v, 8)
     spread = o.std(dim=-1) / o.abs().mean(dim=-1)                     # (b, h, n)
     assert spread[:, :, 1:].min() > 0.05
-
-
-def test_cache_is_constant_size_and_continues():
-    torch.manual_seed(0)
-    mixer = LinearAttention(16, 2, chunk_size=4).double()
-    x = torch.randn(1, 19, 16, dtype=torch.float64)
-    cache = mixer.init_cache(1, dtype=torch.float64)
-    sizes, pieces = [], []
-    with torch.no_grad():
-        for lo, hi in [(0, 6), (6, 7), (7, 8), (8, 19)]:
-            pieces.append(mixer(x[:, lo:hi], cache=cache))
-            sizes.append((cache.S.shape, cache.z.shape))
-        full = mixer(x)
-    assert len(set(sizes)) == 1 and sizes[0] == (torch.Size([1, 2, 8, 8]), torch.Size([1, 2, 8]))
-    assert rel_err(torch.cat(pieces, dim=1), full) <= 1e-12
-
-
-@pytest.mark.parametrize("kw,name", [(dict(chunk_size=0), "chunk_size"), (dict(chunk_size=-3), "chunk_size"),
-                                     (dict(chunk_size=2.5), "chunk_size"), (dict(num_heads=5), "num_heads"),
-                                     (dict(num_heads=0), "num_heads")])
-def test_bad_hyperparameters_raise(kw, name):
-    args = dict(vocab_size=11, hidden_dim=16, num_layers=1, num_heads=2, ff_dim=8) | kw
-    with pytest.raises(ValueError, match=name):
-        LinearTransformerModel(**args)
 
 
 def test_op_rejects_bad_arguments():

@@ -1,9 +1,10 @@
-"""Standard causal softmax attention: parallel op vs the token-loop oracle, KV-cache decoding, masks."""
+"""Standard causal softmax attention: parallel op vs the token-loop oracle, KV-cache decoding, masks.
+Bad hyperparameters and streaming through the cache with a mask: tests/test_models.py."""
 
 import pytest
 import torch
 
-from bsbr_extras.standard import StandardAttention, StandardTransformerModel, causal_softmax_attention
+from bsbr_extras.standard import StandardTransformerModel, causal_softmax_attention
 from tests.conftest import rel_err
 from tests.reference_softmax import softmax_attention_loop
 
@@ -79,29 +80,6 @@ def test_masked_keys_never_attended_and_masked_outputs_finite():
     assert torch.equal(at_real(out, mask), at_real(out2, mask))
 
 
-@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "padmask"])
-def test_kv_cache_steps_match_parallel(masked):
-    torch.manual_seed(0)
-    mixer = StandardAttention(24, 3).double().eval()
-    n = 40  # > 16, so the buffer has to grow several times while streaming
-    x = torch.randn(2, n, 24, dtype=torch.float64)
-    mask = pad_mask(2, n, [n, 27]) if masked else None
-    if masked:
-        mask[0, 5] = False
-    with torch.no_grad():
-        full = mixer(x, mask)
-        for cuts in ([*range(1, n)], [3, 4, 20, 21, 39]):
-            cache = mixer.init_cache(2)
-            pieces, prev = [], 0
-            for c in cuts + [n]:
-                pieces.append(mixer(x[:, prev:c], None if mask is None else mask[:, prev:c], cache=cache))
-                prev = c
-            out = torch.cat(pieces, dim=1)
-            real = torch.ones(2, n, dtype=torch.bool) if mask is None else mask
-            assert torch.allclose(out[real], full[real], atol=1e-12, rtol=1e-10), cuts
-            assert cache.length == n
-
-
 def test_decode_step_projects_only_the_new_token():
     # the cache holds past K, V: a step must not push the prefix through the projections again
     torch.manual_seed(0)
@@ -116,16 +94,6 @@ def test_decode_step_projects_only_the_new_token():
     hook.remove()
     assert rows == [20, 1, 1, 1]
     assert cache.layers[0].length == 23
-
-
-@pytest.mark.parametrize("kwargs, word", [
-    (dict(num_heads=5), "num_heads"), (dict(num_heads=0), "num_heads"), (dict(dropout=1.5), "dropout"),
-    (dict(hidden_dim=-4), "hidden_dim"),
-])
-def test_bad_hyperparameters_raise(kwargs, word):
-    args = dict(vocab_size=50, hidden_dim=32, num_layers=1, num_heads=4, ff_dim=64) | kwargs
-    with pytest.raises(ValueError, match=word):
-        StandardTransformerModel(**args)
 
 
 def test_bad_op_inputs_raise():
