@@ -22,6 +22,8 @@ Both policies give the same numbers up to round-off, and the tests run both on t
 
 Precedence: ``use(...)`` (innermost wins), then ``BSBR_SIZING``, then the device type (anything that
 is not ``cuda`` gets the CPU policy).
+``torch.compile`` guards on ``use`` (a graph traced under one policy is retraced under the other)
+but reads ``BSBR_SIZING`` once, when it traces: set the variable before the process starts.
 
 The accumulation rule lives here too (:func:`acc_dtype`): states, normalisers and DeltaNet's UT
 inverse are carried in fp32 whatever the input dtype, and outputs are cast back (as
@@ -86,11 +88,18 @@ def per_block(device: torch.device, total: int, item_bytes: int, cpu_budget: int
     return max(1, cpu_budget // max(1, item_bytes))
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype states and normalisers accumulate in: fp32 for half-precision inputs, else the input's."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    return torch.float32 if dtype in _HALF else dtype
 
 
 def upcast(*tensors: Optional[torch.Tensor]) -> tuple:
-    """Each tensor in its accumulation dtype (a no-op, no copy, for fp32/fp64; None stays None)."""
-    return tuple(t if t is None else t.to(acc_dtype(t.dtype)) for t in tensors)
+    """Each tensor in its accumulation dtype (fp32/fp64 tensors are returned as they are; None stays None).
+
+    A dtype check rather than ``.to``: decode steps call this every token, so the fp32 path stays
+    a few attribute reads.
+    """
+    return tuple(t.float() if t is not None and t.dtype in _HALF else t for t in tensors)
