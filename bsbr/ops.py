@@ -24,6 +24,15 @@ magnitude as the local term's softmax average of values while logits are O(1).
 Everything is batched over chunks: the local term is one batched (b h C) attention over
 ``c x (c + o)`` blocks, the retrieval is one (C x (P + C)) softmax and one matmul that mixes the
 chunk states. No tensor of size n x n is built, and there is no Python loop over tokens or chunks.
+How the local term runs is the sizing policy's choice (``bsbr.sizing``): under the cpu policy,
+cache-sized tiles of fused baddbmm / softmax / bmm; under the cuda policy, one
+``scaled_dot_product_attention`` call over all (b, h, C) blocks (``is_causal`` without a mask or
+overlap, so the flash kernel can take it).
+
+Numerics: the chunk states F, the retrieval scores and weights and the mixed states S are formed
+in fp32 for half-precision inputs (``sizing.acc_dtype``); the read-out and the local term run in
+the input dtype (SDPA and the matmuls accumulate in fp32 internally) and the output has the
+input's dtype. ``return_states`` gives F and S in the accumulation dtype.
 """
 
 from __future__ import annotations
@@ -34,6 +43,8 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+from . import sizing
 
 _NEG_INF = float("-inf")
 
@@ -126,6 +137,8 @@ def local_attention(q, k, v, *, chunk_size: int, overlap: int = 0, mask: Optiona
     b, h, n, d = q.shape
     c, o = chunk_size, overlap
     C = n // c
+    if sizing.whole(q.device):
+        return _local_attention_sdpa(q, k, v, c, o, mask, tail_k, tail_v, tail_m, readout)
     if o and tail_k is None:
         tail_k = q.new_zeros(b, h, o, d)
         tail_v = q.new_zeros(b, h, o, d)
@@ -151,12 +164,48 @@ def local_attention(q, k, v, *, chunk_size: int, overlap: int = 0, mask: Optiona
     return out.view(b, h, n, d)
 
 
+def _local_attention_sdpa(q, k, v, c, o, mask, tail_k, tail_v, tail_m, readout) -> torch.Tensor:
+    """``local_attention`` under the cuda policy: every (b, h, C) block in one SDPA call.
+
+    The blocks are laid out (b, h C, c, .) so queries are a free view of (b, h, n, d). Without a
+    mask or overlap the pattern is the plain causal square (``is_causal``: eligible for the flash
+    kernel); otherwise a (b, h C, c, L) bool mask, the same rule as the cpu path's bias.
+    """
+    b, h, n, d = q.shape
+    C, L = n // c, o + c
+    if o and tail_k is None:  # nothing before position 0: a masked-out zero tail
+        tail_k, tail_v = q.new_zeros(b, h, o, d), v.new_zeros(b, h, o, d)
+        tail_m = torch.zeros(b, o, dtype=torch.bool, device=q.device)
+    qb = q.reshape(b, h * C, c, d)                                    # (b, hC, c, d), a view
+    kw = _local_keys(k, tail_k, o, c, C).reshape(b, h * C, L, d)      # (b, hC, L, d)
+    vw = _local_keys(v, tail_v, o, c, C).reshape(b, h * C, L, d)
+    if mask is None and o == 0:
+        out = F.scaled_dot_product_attention(qb, kw, vw, is_causal=True)
+    else:
+        m = mask if mask is not None else torch.ones(b, n, dtype=torch.bool, device=q.device)
+        causal = torch.ones(c, L, dtype=torch.bool, device=q.device).tril(diagonal=o)  # slot j - o <= i
+        diag = torch.arange(c, device=q.device)[:, None] + o == torch.arange(L, device=q.device)  # (c, L)
+        allowed = (causal & _local_mask(m, tail_m, o, c, C)[:, :, None, :]) | diag  # (b, C, c, L)
+        allowed = allowed[:, None].expand(b, h, C, c, L).reshape(b, h * C, c, L)
+        out = F.scaled_dot_product_attention(qb, kw, vw, attn_mask=allowed)
+    out = out.reshape(b * h * C, c, d)
+    if readout is not None:
+        qe, S, g = readout
+        out = torch.baddbmm(out, qe.reshape(b * h * C, c, qe.shape[-1]), S.reshape(b * h * C, S.shape[-2], d),
+                            alpha=g)
+    return out.view(b, h, n, d)
+
+
 # ----------------------------------------------------------------------------- retrieval term
 
 
 def chunk_states(k: torch.Tensor, v: torch.Tensor, chunk_size: int, mask: Optional[torch.Tensor] = None,
                  compress: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """F_j = sum_{s in chunk j, real} (A^T k_s) v_s^T.  k, v: (b, h, C*c, d) -> (b, h, C, e, d)."""
+    """F_j = sum_{s in chunk j, real} (A^T k_s) v_s^T.  k, v: (b, h, C*c, d) -> (b, h, C, e, d).
+
+    Summed in ``sizing.acc_dtype`` (fp32 for half-precision inputs): a state adds c products.
+    """
+    k, v, compress = sizing.upcast(k, v, compress)
     if compress is not None:
         k = torch.einsum("bhnd,hde->bhne", k, compress)
     if mask is not None:
@@ -175,6 +224,7 @@ def retrieval_weights(r: torch.Tensor, hk: torch.Tensor, valid: torch.Tensor, nu
     Returns (b, h, C, P + C).
     """
     C, T, d = r.shape[2], hk.shape[2], r.shape[-1]
+    r, hk = sizing.upcast(r, hk)  # the chunk-level softmax in fp32 for half-precision inputs
     scores = (r @ hk.transpose(-1, -2)) / math.sqrt(d)  # (b, h, C, P+C)
     earlier = torch.ones(C, T, dtype=torch.bool, device=r.device).tril(diagonal=num_past - 1)  # j < P + i
     allowed = earlier & valid[:, None, None, :]  # (b, 1, C, T)
@@ -282,20 +332,20 @@ def bsbr_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r: torch.T
     e = F_new.shape[3]
     valid_new = m.view(b, C, c).any(-1) if m is not None else torch.ones(b, C, dtype=torch.bool, device=q.device)
     if past is not None and past.F.shape[2]:
-        F_all = torch.cat([past.F, F_new], dim=2)
+        F_all = torch.cat([past.F.to(F_new.dtype), F_new], dim=2)
         hk_all = torch.cat([past.hk, hk], dim=2)
         valid_all = torch.cat([past.valid, valid_new], dim=1)
         P = past.F.shape[2]
     else:
         F_all, hk_all, valid_all, P = F_new, hk, valid_new, 0
     weights = retrieval_weights(r, hk_all, valid_all, P)  # (b, h, C, P + C)
-    S = (weights @ F_all.flatten(-2)).view(b, h, C, e, d)  # (b, h, C, e, d)
+    S = (weights @ F_all.flatten(-2)).view(b, h, C, e, d)  # (b, h, C, e, d), in the accumulation dtype
     qe = torch.einsum("bhnd,hde->bhne", q, compress) if compress is not None else q
     g = default_gamma(chunk_size, e) if gamma is None else gamma
 
     tail = (past.tail_k, past.tail_v, past.tail_m) if past is not None and past.tail_k.shape[2] == o else (None,) * 3
     out = local_attention(q, k, v, chunk_size=c, overlap=o, mask=m, tail_k=tail[0], tail_v=tail[1],
-                          tail_m=tail[2], readout=(qe, S, g))[:, :, :n]  # (b, h, n, d)
+                          tail_m=tail[2], readout=(qe, S.to(q.dtype), g))[:, :, :n]  # (b, h, n, d)
     if return_states:
         return out, dict(F=F_new, valid=valid_new, S=S)
     return out
@@ -317,7 +367,7 @@ def bsbr_open_chunk(q, k_ctx, v_ctx, m_ctx, start: int, S: Optional[torch.Tensor
     out = F.scaled_dot_product_attention(q, k_ctx, v_ctx, attn_mask=bias[:, None])
     if S is not None:
         qe = torch.einsum("bhnd,hde->bhne", q, compress) if compress is not None else q
-        out = out + gamma * (qe @ S)
+        out = (out + gamma * (qe.to(S.dtype) @ S)).to(q.dtype)  # S may be an fp32 state
     return out
 
 

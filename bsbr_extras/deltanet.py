@@ -34,9 +34,15 @@ so, with ``U~ = U - W S`` (the "pseudo values" corrected for what ``S`` already 
 ``T`` needs one small unit-lower-triangular inversion per chunk, done for many chunks at once by
 block doubling (``unit_lower_inverse``; batched products only). Only the ``S -> S_next`` pass is
 sequential across chunks, as in the paper's algorithm: two ``c x d x d_v`` products per chunk,
-batched over batch and heads. The sequence is processed in segments of a few chunks (all of a
-segment's chunks batched) so that no temporary outgrows the allocator's reused heap; see
-``SEGMENT_BYTES``. Cost per head ``O(n c d + n d^2)``.
+batched over batch and heads. How many chunks a segment batches is the sizing policy's
+(``bsbr.sizing``): on a CPU, segments of a few chunks so that no temporary outgrows the
+allocator's reused heap (see ``SEGMENT_BYTES``); on a GPU, one segment, so the UT transform of
+every chunk is one batched pass (as flash-linear-attention's naive chunk reference does) and only
+the chunk recurrence loops. Cost per head ``O(n c d + n d^2)``.
+
+Numerics: for half-precision inputs everything (the UT inverse, ``W``, ``U``, the state) runs in
+fp32 and the output is cast back; the final state stays fp32. A bf16 state fails on correlated
+keys (``tests/test_dtypes.py``).
 
 Axis legend:  b batch   h heads   n tokens   C chunks   c chunk size   d head size   D hidden
 """
@@ -49,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bsbr import sizing
 from bsbr.shell import CausalLM, RecurrentStateMixer, check_heads, check_positive_int, exists, split_heads
 
 
@@ -110,7 +117,7 @@ def unit_lower_inverse(A: torch.Tensor) -> torch.Tensor:
 # the arithmetic: at n = 16k, 8 heads of 64, chunk 64, 2 threads, the whole-sequence form (every
 # temporary 32-64 MB) took 215 ms, of which about 100 ms were page faults. Segments of ~2 MB are
 # served from reused heap memory and cache: 108 ms. Any value gives the same result.
-SEGMENT_BYTES = 2 << 20
+SEGMENT_BYTES = 2 << 20  # the cpu policy's budget (``bsbr.sizing``); the cuda policy takes every chunk
 
 
 def _segment(q, k, v, beta, S):
@@ -160,7 +167,8 @@ def delta_rule_chunkwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta
         initial_state: optional (b, h, d, d_v) state ``S`` before the first token.
         output_final_state: also return the state after the last token.
         segment_chunks: chunks per segment (a memory-locality knob that does not change the
-            result); None sizes segments so their largest temporary is about ``SEGMENT_BYTES``.
+            result); None asks the sizing policy: on a CPU segments whose largest temporary is
+            about ``SEGMENT_BYTES``, on a GPU one segment of all chunks.
 
     Returns:
         o (b, h, n, d_v), and the final state (b, h, d, d_v) if ``output_final_state``.
@@ -169,6 +177,8 @@ def delta_rule_chunkwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta
     if segment_chunks is not None:
         check_positive_int("segment_chunks", segment_chunks)
     _check_inputs(q, k, v, beta, mask)
+    dtype = v.dtype
+    q, k, v, beta, initial_state = sizing.upcast(q, k, v, beta, initial_state)  # fp32 for half precision
     k, beta = _apply_mask(k, beta, mask)
     b, h, n, d = q.shape
     dv = v.shape[-1]
@@ -181,15 +191,15 @@ def delta_rule_chunkwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta
     B = b * h
     q, k, v = q.reshape(B, C, c, d), k.reshape(B, C, c, d), v.reshape(B, C, c, dv)
     beta = beta.reshape(B, C, c, 1)
-    g = segment_chunks or max(1, SEGMENT_BYTES // (B * c * (d + dv) * q.element_size()))
-    S = initial_state.reshape(B, d, dv) if exists(initial_state) else q.new_zeros(B, d, dv)
+    g = segment_chunks or sizing.per_block(q.device, C, B * c * (d + dv) * q.element_size(), SEGMENT_BYTES)
+    S = initial_state.reshape(B, d, dv).to(q.dtype) if exists(initial_state) else q.new_zeros(B, d, dv)
     outs = []
     # split, not slice: autograd then assembles each input's gradient once, instead of one
     # input-sized zero tensor per segment
     for parts in zip(*(t.split(g, dim=1) for t in (q, k, v, beta))):
         o, S = _segment(*parts, S)
         outs.append(o)
-    o = torch.cat(outs, dim=1).view(b, h, C * c, dv)[:, :, :n]
+    o = torch.cat(outs, dim=1).view(b, h, C * c, dv)[:, :, :n].to(dtype)
     S = S.view(b, h, d, dv)
     return (o, S) if output_final_state else o
 
@@ -202,16 +212,18 @@ def delta_rule_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta
     Same arguments and results as :func:`delta_rule_chunkwise`, without ``chunk_size``.
     """
     _check_inputs(q, k, v, beta, mask)
+    dtype = v.dtype
+    q, k, v, beta, initial_state = sizing.upcast(q, k, v, beta, initial_state)  # fp32 state for half precision
     k, beta = _apply_mask(k, beta, mask)
     b, h, n, d = q.shape
-    S = initial_state if exists(initial_state) else q.new_zeros(b, h, d, v.shape[-1])
+    S = initial_state.to(q.dtype) if exists(initial_state) else q.new_zeros(b, h, d, v.shape[-1])
     out = []
     for t in range(n):
         kt = k[:, :, t:t + 1]                                         # (b, h, 1, d)
         err = v[:, :, t:t + 1] - kt @ S                               # (b, h, 1, dv): v_t - S^T k_t
         S = S + beta[:, :, t, None, None] * kt.transpose(-1, -2) @ err  # (b, h, d, dv)
         out.append(q[:, :, t:t + 1] @ S)                              # (b, h, 1, dv): S^T q_t
-    o = torch.cat(out, dim=2)                                         # (b, h, n, dv)
+    o = torch.cat(out, dim=2).to(dtype)                               # (b, h, n, dv)
     return (o, S) if output_final_state else o
 
 

@@ -15,7 +15,10 @@ Mixed-chunk attention (FLASH, s.3.2), chunks of ``c`` tokens at absolute positio
 * linear across chunks: every token of chunk ``i`` reads ``Q_lin S_i`` with
   ``S_i = sum_{j < i} K_lin_j^T V_j / c``, an exclusive prefix sum of one ``s x e`` state per
   chunk; never recomputed per pair. ``gau_mixed_chunk`` forms these sums a block of chunks at a
-  time, carrying ``S`` across blocks, so only a block's states are held at once.
+  time, carrying ``S`` across blocks, so only a block's states are held at once. The block size is
+  the sizing policy's (``bsbr.sizing``): cache-sized on a CPU, all chunks on a GPU (prefix sums by
+  ``cumsum``). For half-precision inputs the unit runs in fp32 (states included) and the output is
+  cast back; the returned state is fp32.
 
 Cost ``O(n c (s + e) + n s e)``. Departures and choices, stated here: the linear term is scaled by
 ``1/c`` like the quadratic one (so the state does not depend on ``n``); the paper's relative-position
@@ -40,10 +43,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bsbr import sizing
 from bsbr.shell import CausalLM, TokenMixer, check_positive_int, exists
 
 
-_BLOCK_STATE_BYTES = 4 << 20  # default block of chunks: about this much cross-chunk state at a time
+_BLOCK_STATE_BYTES = 4 << 20  # cpu policy: a block of chunks holds about this much cross-chunk state
 
 
 def _mask_keys(quad_k, lin_k, mask):
@@ -81,7 +85,8 @@ def gau_mixed_chunk(quad_q: torch.Tensor, quad_k: torch.Tensor, lin_q: torch.Ten
         output_final_state: also return the state after the last *complete* chunk (a trailing
             partial chunk is the caller's to keep, as the decoding cache does).
         block_chunks: ``G``, chunks per block (a speed knob: the output does not depend on it
-            beyond round-off). Default: as many as keep a block's states near 4 MiB.
+            beyond round-off). Default: the sizing policy's, i.e. as many as keep a block's
+            states near 4 MiB on a CPU, all chunks on a GPU.
 
     Returns:
         (b, n, e), and the state (b, s, e) if ``output_final_state``.
@@ -103,16 +108,19 @@ def gau_mixed_chunk(quad_q: torch.Tensor, quad_k: torch.Tensor, lin_q: torch.Ten
     if exists(block_chunks):
         check_positive_int("block_chunks", block_chunks)
     _check_inputs(quad_q, quad_k, lin_q, lin_k, v, mask)
+    dtype = v.dtype
+    quad_q, quad_k, lin_q, lin_k, v, initial_state = sizing.upcast(quad_q, quad_k, lin_q, lin_k, v, initial_state)
     quad_k, lin_k = _mask_keys(quad_k, lin_k, mask)
     b, n, s = quad_q.shape
     e = v.shape[-1]
     c = chunk_size
     C = -(-n // c)
     pad = C * c - n
-    G = block_chunks or max(1, _BLOCK_STATE_BYTES // (s * e * v.element_size()))
+    whole = sizing.whole(v.device)
+    G = block_chunks or sizing.per_block(v.device, C, s * e * v.element_size(), _BLOCK_STATE_BYTES)
     if pad:  # zero keys are never read; padded query rows are dropped
         quad_q, quad_k, lin_q, lin_k, v = (F.pad(t, (0, 0, 0, pad)) for t in (quad_q, quad_k, lin_q, lin_k, v))
-    state = initial_state if exists(initial_state) else v.new_zeros(b, s, e)
+    state = initial_state.to(v.dtype) if exists(initial_state) else v.new_zeros(b, s, e)
     # split, not slice, into blocks: autograd then assembles each input's gradient in one piece
     blocks = zip(*(t.reshape(b, C, c, t.shape[-1]).split(G, dim=1) for t in (quad_q, quad_k, lin_q, lin_k, v)))
     tracked = torch.is_grad_enabled() and any(t.requires_grad for t in (quad_q, quad_k, lin_q, lin_k, v, state))
@@ -121,18 +129,21 @@ def gau_mixed_chunk(quad_q: torch.Tensor, quad_k: torch.Tensor, lin_q: torch.Ten
     outs, prefix = [], {}
     for i, (qq, qk, lq, lk, vc) in enumerate(blocks):  # (b, g, c, s) x 4, (b, g, c, e); g = G but the last
         g = qq.shape[1]
-        if g not in prefix:  # row j, for j = 0..g: (1/c) x (sum of the first j chunk states)
-            prefix[g] = torch.ones(g + 1, g, dtype=v.dtype, device=v.device).tril_(-1).div_(c)
         kv = lk.transpose(-1, -2) @ vc                                # (b, g, s, e) chunk states, unscaled
-        states = torch.baddbmm(state.reshape(b, 1, s * e), prefix[g].expand(b, g + 1, g),
-                               kv.view(b, g, s * e)).view(b, g + 1, s, e)  # S before chunk 0..g of the block
+        if whole:  # all chunks in one block: an O(C s e) cumsum, not an O(C^2 s e) product
+            states = state[:, None] + F.pad(kv.cumsum(1) / c, (0, 0, 0, 0, 1, 0))  # (b, g+1, s, e)
+        else:
+            if g not in prefix:  # row j, for j = 0..g: (1/c) x (sum of the first j chunk states)
+                prefix[g] = torch.ones(g + 1, g, dtype=v.dtype, device=v.device).tril_(-1).div_(c)
+            states = torch.baddbmm(state.reshape(b, 1, s * e), prefix[g].expand(b, g + 1, g),
+                                   kv.view(b, g, s * e)).view(b, g + 1, s, e)  # S before chunk 0..g of the block
         kernel = F.relu((qq @ qk.transpose(-1, -2)).div_(c)).square().tril_()  # (b, g, c, c), diagonal kept
         linear = (lq @ states[:, :g]).view(b * g, c, e)               # Q_lin S_i
         o = torch.baddbmm(linear, kernel.view(b * g, c, c), vc.reshape(b * g, c, e),
                           out=None if dest is None else dest[i].view(b * g, c, e))  # (bg, c, e)
         outs.append(o.view(b, g, c, e))
         last, state = states, states[:, g]
-    o = (out if exists(out) else torch.cat(outs, dim=1)).view(b, C * c, e)[:, :n]  # (b, n, e)
+    o = (out if exists(out) else torch.cat(outs, dim=1)).view(b, C * c, e)[:, :n].to(dtype)  # (b, n, e)
     if not output_final_state:
         return o
     # a trailing partial chunk (the last of the last block) is not folded in
@@ -157,10 +168,11 @@ def gau_continue_chunk(quad_q: torch.Tensor, quad_k: torch.Tensor, lin_q: torch.
         raise ValueError(f"the open chunk holds {r} tokens; {m} more exceed chunk_size={chunk_size}")
     keys = torch.cat([past_quad_k, quad_k], dim=1)                    # (b, r+m, s)
     vals = torch.cat([past_v, v], dim=1)                              # (b, r+m, e)
-    kernel = F.relu((quad_q @ keys.transpose(-1, -2)) / chunk_size).square()  # (b, m, r+m)
+    qq, kk, lq, vv = sizing.upcast(quad_q, keys, lin_q, vals)         # the step in fp32 for half precision
+    kernel = F.relu((qq @ kk.transpose(-1, -2)) / chunk_size).square()  # (b, m, r+m)
     causal = torch.ones(m, r + m, dtype=torch.bool, device=v.device).tril(diagonal=r)  # new token j sees keys <= r+j
-    o = (kernel * causal.to(kernel.dtype)) @ vals + lin_q @ state     # (b, m, e)
-    return o, keys, vals
+    o = (kernel * causal.to(kernel.dtype)) @ vv + lq @ state.to(lq.dtype)  # (b, m, e)
+    return o.to(v.dtype), keys, vals
 
 
 # ----------------------------------------------------------------------------- mixer

@@ -16,7 +16,11 @@ Two forms that give the same numbers:
 * ``linear_attention``: chunkwise parallel. Inside a chunk, a causally masked ``c x c`` product;
   across chunks, an exclusive prefix sum over per-chunk states, formed a block of chunks at a
   time with the state carried across blocks (a Python loop over blocks, about a thousand tokens
-  each at 8 heads of 64; none over chunks or tokens). Cost per head ``O(n c d + n d^2)``.
+  each at 8 heads of 64; none over chunks or tokens). Cost per head ``O(n c d + n d^2)``. The
+  block size is the sizing policy's (``bsbr.sizing``): cache-sized on a CPU, every chunk in one
+  block on a GPU (the prefix sums then by ``cumsum``, not a ``C x C`` product).
+  States and the normaliser are summed in fp32 for half-precision inputs; the output has the
+  input's dtype, the final state fp32.
 * ``linear_attention_step``: the recurrence for one token, ``O(d^2)``; the decoding cache keeps
   ``(S, z)``.
 
@@ -31,10 +35,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bsbr import sizing
 from bsbr.shell import CausalLM, RecurrentStateMixer, check_heads, check_positive_int, exists, split_heads
 
 EPS = 1e-6
-_BLOCK_STATE_BYTES = 2 << 20  # default block of chunks: about this much state at a time
+_BLOCK_STATE_BYTES = 2 << 20  # cpu policy: a block of chunks holds about this much state at a time
 
 
 def feature_map(x: torch.Tensor) -> torch.Tensor:
@@ -68,7 +73,8 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_si
         output_final_state: also return ``(S_n, z_n)``.
         eps: added to the normaliser.
         block_chunks: ``G``, chunks per block (a speed knob: the output does not depend on it
-            beyond round-off). Default: as many as keep a block's states near 2 MiB.
+            beyond round-off). Default: the sizing policy's, i.e. as many as keep a block's
+            states near 2 MiB on a CPU, all chunks on a GPU.
 
     Returns:
         o (b, h, n, d_v), and ``(S, z)`` if ``output_final_state``.
@@ -88,15 +94,18 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_si
     if exists(block_chunks):
         check_positive_int("block_chunks", block_chunks)
     _check_qkv(q, k, v, mask)
+    dtype = v.dtype
+    q, k, v = sizing.upcast(q, k, v)                                  # fp32 for half-precision inputs
     b, h, n, d = q.shape
     dv = v.shape[-1]
     B, N = b * h, d * (dv + 1)                                        # N: one state [S | z], flattened
     c = min(chunk_size, n)
-    G = block_chunks or max(1, _BLOCK_STATE_BYTES // (B * N * v.element_size()))
-    state = (torch.cat([initial_state[0], initial_state[1][..., None]], dim=-1).reshape(B, 1, N)
+    whole = sizing.whole(v.device)
+    G = block_chunks or sizing.per_block(v.device, -(-n // c), B * N * v.element_size(), _BLOCK_STATE_BYTES)
+    state = (torch.cat([initial_state[0], initial_state[1][..., None]], dim=-1).reshape(B, 1, N).to(v.dtype)
              if exists(initial_state) else v.new_zeros(B, 1, N))     # (bh, 1, d*(dv+1))
     tracked = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, state))
-    out = None if tracked else v.new_empty(b, h, n, dv)
+    out = None if tracked else v.new_empty(b, h, n, dv, dtype=dtype)
     # split, not slice, into blocks: autograd then assembles each input's gradient in one piece
     blocks = zip(*(t.split(G * c, dim=2) for t in (q, k, v)))
     outs, prefix = [], {}
@@ -116,10 +125,13 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_si
 
         # per-chunk states, then their exclusive prefix sums seeded with the carry: what chunk j
         # of the block sees of every chunk before it
-        if g not in prefix:
-            prefix[g] = torch.ones(g, g, dtype=v.dtype, device=v.device).tril_(-1)
         kv = (fk.transpose(-1, -2) @ v1).view(B, g, N)                  # (bh, g, N)
-        states = torch.baddbmm(state, prefix[g].expand(B, g, g), kv)    # (bh, g, N)
+        if whole:  # one block of all C chunks: O(C N) cumsum instead of an O(C^2 N) product
+            states = state + F.pad(kv[:, :-1].cumsum(1), (0, 0, 1, 0))  # (bh, g, N): state + sum_{i<j} kv_i
+        else:
+            if g not in prefix:
+                prefix[g] = torch.ones(g, g, dtype=v.dtype, device=v.device).tril_(-1)
+            states = torch.baddbmm(state, prefix[g].expand(B, g, g), kv)  # (bh, g, N)
         state = (states[:, -1] + kv[:, -1])[:, None]                  # (bh, 1, N) carry-out
 
         # intra-chunk causal (c, c) scores, diagonal kept; then inter + intra in one fused product
@@ -131,7 +143,7 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_si
         else:
             outs.append(nd[..., :dv] / (nd[..., dv:] + eps))          # (b, h, L, dv)
 
-    o = out if exists(out) else torch.cat(outs, dim=2)                # (b, h, n, dv)
+    o = out if exists(out) else torch.cat(outs, dim=2).to(dtype)      # (b, h, n, dv)
     if not output_final_state:
         return o
     final = state.view(b, h, d, dv + 1)
@@ -148,16 +160,19 @@ def linear_attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, S: 
         mask: (b, 1) bool; a masked token does not enter the state.
 
     Returns:
-        o (b, h, 1, d_v).
+        o (b, h, 1, d_v) in the input's dtype; the step itself runs in fp32 for half-precision
+        inputs (``S``, ``z`` keep their own dtype: give them an fp32 cache to accumulate in fp32).
     """
+    dtype = v.dtype
+    q, k, v = sizing.upcast(q, k, v)
     fq, fk = feature_map(q), feature_map(k)                           # (b, h, 1, d)
     if exists(mask):
         fk = fk * mask[:, None, :, None].to(fk.dtype)
     S += fk.transpose(-1, -2) @ v                                     # (b, h, d, dv)
     z += fk[:, :, 0]                                                  # (b, h, d)
-    num = fq @ S                                                      # (b, h, 1, dv)
-    den = fq @ z[..., None]                                           # (b, h, 1, 1)
-    return num / (den + eps)
+    num = fq @ S.to(fq.dtype)                                         # (b, h, 1, dv)
+    den = fq @ z[..., None].to(fq.dtype)                              # (b, h, 1, 1)
+    return (num / (den + eps)).to(dtype)
 
 
 def linear_attention_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -170,6 +185,8 @@ def linear_attention_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     without ``chunk_size``; returns (b, h, n, d_v).
     """
     _check_qkv(q, k, v, mask)
+    dtype = v.dtype
+    q, k, v = sizing.upcast(q, k, v)                                  # the sums in fp32 for half precision
     fq, fk = feature_map(q), feature_map(k)                           # (b, h, n, d)
     if exists(mask):
         fk = fk * mask[:, None, :, None].to(fk.dtype)
@@ -183,7 +200,7 @@ def linear_attention_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         num = (fq[:, :, t, None] @ S)[:, :, 0]                        # (b, h, dv)
         den = (fq[:, :, t] * z).sum(-1, keepdim=True)                 # (b, h, 1)
         out.append(num / (den + eps))
-    return torch.stack(out, dim=2)                                    # (b, h, n, dv)
+    return torch.stack(out, dim=2).to(dtype)                          # (b, h, n, dv)
 
 
 # ----------------------------------------------------------------------------- mixer

@@ -9,6 +9,12 @@ mask. Here the blocks hold B = min(w, 64) queries and attend to the w + B keys e
 query (B = w is exactly the block-and-previous-block form; smaller B scores fewer keys that the band
 then discards). Cost O(n (w + B) d) per head; no n x n tensor or mask is ever built.
 
+How the blocks are run is the sizing policy's (``bsbr.sizing``): on a CPU in segments of a few
+hundred queries (``SEGMENT_BYTES``), with a padding mask one call per sequence; on a GPU all blocks
+of all sequences in one ``scaled_dot_product_attention`` call (after the plain causal call for
+the first w queries). Softmax statistics are SDPA's
+(fp32 accumulation for half-precision inputs); there is no carried state.
+
 Decoding form: a ring buffer holding the last ``w`` keys and values; one step costs O(w d) and the
 cache never grows.
 
@@ -28,6 +34,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from bsbr import sizing
 from bsbr.shell import CausalLM, check_positive_int, exists, known_all_true
 from bsbr_extras.standard import StandardAttention, allowed_keys, causal_softmax_attention, check_qkv
 
@@ -60,7 +67,7 @@ def _banded_dense(q, k, v, window_size, mask, scale, dropout_p):
 # same result). The whole-sequence form made (b, h, n, d) contiguous copies that, at n = 16k and 8
 # heads of 64, are 32 MB each: glibc maps those fresh and page-faults them on every call (about 7 ms
 # each here). Segments of ~2 MB are served from reused heap memory and stay in cache.
-SEGMENT_BYTES = 2 << 20
+SEGMENT_BYTES = 2 << 20  # the cpu policy's budget (``bsbr.sizing``); the cuda policy takes one segment
 
 
 def _banded_blocked(q, k, v, window_size, mask, scale, dropout_p):
@@ -93,7 +100,8 @@ def _banded_blocked(q, k, v, window_size, mask, scale, dropout_p):
     # an input-sized zero tensor per segment). A segment is at least w positions long, so the w
     # keys before it lie in the part just before it.
     per_block = b * h * B * d * q.element_size()
-    rows = B * max(1, SEGMENT_BYTES // per_block, -(-w // B))  # positions per segment, >= w
+    whole = sizing.whole(q.device)  # one segment of all J blocks, and one call even with a mask
+    rows = B * max(sizing.per_block(q.device, J, per_block, SEGMENT_BYTES), -(-w // B))  # positions per segment, >= w
     (q0, q_rest), (k0, k_rest), (v0, v_rest) = (t.split([w, J * B], dim=2) for t in (q, k, v))
     out[:, :w] = causal_softmax_attention(q0, k0, v0, mask[:, :w] if exists(mask) else None,
                                           scale, dropout_p).transpose(1, 2)
@@ -115,6 +123,15 @@ def _banded_blocked(q, k, v, window_size, mask, scale, dropout_p):
             # 4-D (b*h, Js, ...) views keep PyTorch's fused attention kernel; the band broadcasts over blocks
             rest = F.scaled_dot_product_attention(qq.flatten(0, 1), kk.flatten(0, 1), vv.flatten(0, 1),
                                                   attn_mask=band, scale=scale, dropout_p=dropout_p)
+        elif whole:
+            km = mask[:, p0: p0 + Js * B + w].unfold(1, w + B, B)  # (b, Js, w+B)
+            allowed = band & (km[:, :, None, :] | diag)  # (b, Js, B, w+B): see allowed_keys for the diagonal
+            # one call for every sequence: blocks laid out (b, h Js, ., .), the mask repeated over heads
+            Ls = w + B
+            rest = F.scaled_dot_product_attention(
+                qq.flatten(1, 2), kk.reshape(b, h * Js, Ls, d), vv.reshape(b, h * Js, Ls, vv.shape[-1]),
+                attn_mask=allowed[:, None].expand(b, h, Js, B, Ls).reshape(b, h * Js, B, Ls),
+                scale=scale, dropout_p=dropout_p)  # (b, h Js, B, d)
         else:
             km = mask[:, p0: p0 + Js * B + w].unfold(1, w + B, B)  # (b, Js, w+B)
             allowed = band & (km[:, :, None, :] | diag)  # (b, Js, B, w+B): see allowed_keys for the diagonal
