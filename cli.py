@@ -28,7 +28,7 @@ from evals import forms as fm
 from evals import recall as rc
 from evals import regress as rg
 from evals import report, results
-from evals.grid import DTYPES
+from evals.grid import DTYPES, SDPA_BACKENDS
 from evals.options import check_positive, choose, positive_ints
 from evals.registry import LEVELS, REGISTRY
 from evals.results import OutputError, ResultsError
@@ -41,6 +41,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 Level = enum.Enum("Level", {v: v for v in LEVELS}, type=str)
 Dtype = enum.Enum("Dtype", {v: v for v in DTYPES}, type=str)
 Device = enum.Enum("Device", {v: v for v in ("cpu", "cuda")}, type=str)
+SdpaBackend = enum.Enum("SdpaBackend", {v: v for v in SDPA_BACKENDS}, type=str)
 
 # Flags that take several values, space- or comma-separated (``--seq-lengths 64 128`` or ``64,128``).
 LIST_FLAGS = ("--models", "--seq-lengths", "--devices", "--modes", "--num-pairs", "--hidden-dims", "--sizes",
@@ -124,6 +125,8 @@ SeedOpt = Annotated[int, typer.Option(help="Seed for weights and inputs (recorde
 BatchOpt = Annotated[int, typer.Option(help="Batch size.")]
 MinRunTimeOpt = Annotated[float, typer.Option(help="Minimum seconds of timed work per configuration (more "
                                                    "samples, up to 200, if --repeats finish sooner).")]
+WarmupOpt = Annotated[int, typer.Option(help="Untimed calls before the timed samples (after the compiling "
+                                             "call with --compile).")]
 OutputCsvOpt = Annotated[Optional[Path], typer.Option(
     help="CSV to write (must end in .csv; its .json sidecar goes beside it; locked while the run "
          "writes it). Default: results/<command>_<UTC time>.csv.", show_default=False)]
@@ -169,6 +172,13 @@ def compare(
     repeats: Annotated[int, typer.Option(help="Minimum timed samples per configuration (time_ms is "
                                               "their median).")] = 10,
     min_run_time: MinRunTimeOpt = 0.2,
+    warmup: WarmupOpt = 1,
+    compile: Annotated[bool, typer.Option("--compile", help="Time torch.compile(...) of each model, layer or "
+                       "op: the first call (compilation) is timed on its own (compile_ms) and --warmup "
+                       "calls follow before any sample. FLOPs are counted eagerly.")] = False,
+    sdpa_backend: Annotated[SdpaBackend, typer.Option(case_sensitive=False, help="Restrict torch's scaled "
+                            "dot-product attention to one backend (flash, efficient, cudnn, math) in every "
+                            "model; auto lets torch choose.")] = SdpaBackend.auto,
     decode_tokens: Annotated[int, typer.Option(help="Decode mode: one-token steps timed per sample "
                              "(time_ms is per token); at op level a sample is 1 cached step.")] = 16,
     output: OutputCsvOpt = None,
@@ -189,6 +199,7 @@ def compare(
         rows, code, summary = sweep.run_compare(
             models=models, seq_lengths=seq_lengths, devices=devices, modes=modes, level=level.value,
             dtype=dtype.value, batch_size=batch_size, repeats=repeats, min_run_time=min_run_time,
+            warmup=warmup, compile=compile, sdpa_backend=sdpa_backend.value,
             decode_tokens=decode_tokens, output=output, resume=resume, shard=shard, threads=threads, seed=seed,
             hidden_dim=hidden_dim, num_layers=num_layers, num_heads=num_heads, ff_dim=ff_dim,
             vocab_size=vocab_size, chunk_size=chunk_size, window_size=window_size,
@@ -211,9 +222,11 @@ def forms(
     min_run_time: MinRunTimeOpt = 0.0,
     threads: ThreadsOpt = 1,
     seed: SeedOpt = 0,
+    device: Annotated[Device, typer.Option(case_sensitive=False, help="Where to run the ops.")] = Device.cpu,
+    dtype: Annotated[Dtype, typer.Option(case_sensitive=False, help="Floating-point type.")] = Dtype.float32,
     output: OutputCsvOpt = None,
 ) -> None:
-    """Time an op's chunkwise-parallel form against its token-by-token recurrence (op level, CPU).
+    """Time an op's chunkwise-parallel form against its token-by-token recurrence (op level).
 
     Both forms compute the same outputs (the tests pin it); the table shows how much faster the
     parallel form is. The recurrence is slow by nature: keep lengths modest.
@@ -223,7 +236,7 @@ def forms(
         rows, _, code, summary = fm.run_forms(
             models=models, seq_lengths=seq_lengths, modes=modes, hidden_dim=hidden_dim, num_heads=num_heads,
             chunk_size=chunk_size, batch_size=batch_size, repeats=repeats, min_run_time=min_run_time,
-            threads=threads, seed=seed, output=output,
+            threads=threads, seed=seed, output=output, device=device.value, dtype=dtype.value,
             progress=lambda m, mode, n, form: console.print(f"[dim]{m} {mode} n={n} {form}[/dim]"))
     console.print(fm.speedup_table(rows))
     for r in rows:
@@ -378,6 +391,10 @@ def convert(
     experiment: Annotated[bool, typer.Option(
         "--experiment", help="Train a small byte-level GPT-2 on pydoc_data.topics (~10 CPU minutes), "
                              "then convert, compare and fine-tune; ignores --chunk-sizes and --seq-len.")] = False,
+    device: Annotated[Device, typer.Option(case_sensitive=False, help="Where the forward-time rows are "
+                      "measured (the comparison itself runs on the CPU).")] = Device.cpu,
+    dtype: Annotated[Dtype, typer.Option(case_sensitive=False, help="Floating-point type of the "
+                     "forward-time rows.")] = Dtype.float32,
 ) -> None:
     """GPT-2 -> BSBR: convert at several chunk sizes and compare with the original on held-out text.
 
@@ -390,7 +407,7 @@ def convert(
         sizes = positive_ints("--chunk-sizes", chunk_sizes, default=(128,), example="512,128,32")
         result = conv.run_convert(model_name=model_name, chunk_sizes=sizes, compression_factor=compression_factor,
                                   seq_len=seq_len, output_dir=output_dir, save_model=save_model,
-                                  experiment=experiment)
+                                  experiment=experiment, device=device.value, dtype=dtype.value)
     conv.print_summary(result)
     if output_dir is not None:
         typer.echo(f"wrote results to {output_dir}/")

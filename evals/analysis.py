@@ -56,10 +56,12 @@ REFERENCE_MODEL = "Standard"
 
 # A fit is made over seq_len with everything else in the configuration held fixed.
 FIT_KEYS: tuple = ("model", "device", "mode", "level", "dtype", "batch_size", "hidden_dim", "num_layers",
-                   "num_heads", "chunk_size")
+                   "num_heads", "chunk_size", "compile", "sdpa_backend")
 # A model is compared with Standard at the same shape; chunk_size is BSBR's knob, not Standard's.
 MATCH_KEYS: tuple = ("device", "mode", "level", "dtype", "batch_size", "hidden_dim", "num_layers", "num_heads",
-                     "seq_len")
+                     "compile", "sdpa_backend", "seq_len")
+# Columns added to the CSV after runs were committed, with the value those older runs had.
+LATER_COLUMNS = {"compile": False, "sdpa_backend": "auto"}
 
 MIN_LENGTHS = 5      # distinct lengths a fit needs ...
 MIN_SPAN = 8.0       # ... and the factor max/min they must span
@@ -76,16 +78,22 @@ class AnalysisInputError(ResultsError):
 
 # ---- loading ----
 
-def calibration_gflops(meta: dict, device: str) -> float:
-    """The run's matmul calibration for ``device`` in GFLOP/s, NaN if the sidecar has none.
+def calibration_gflops(meta: dict, device: str, dtype: str = "float32") -> float:
+    """The run's matmul calibration for ``device`` and ``dtype`` in GFLOP/s, NaN if the sidecar has none.
 
     Accepts ``matmul_gflops`` or ``calibration_matmul_gflops`` (what ``compare`` writes), each either
-    one number or a mapping per device ("cpu", "cuda"); "cuda:1" falls back to "cuda".
+    one number or a mapping with keys "cpu", "cuda" (fp32) and "cuda/bfloat16" etc.; "cuda:1" falls
+    back to "cuda". Another dtype never falls back to the fp32 rate: a bf16 row's fraction of an
+    fp32 product would mean nothing.
     """
     for key in ("matmul_gflops", "calibration_matmul_gflops"):
         v = meta.get(key)
         if isinstance(v, dict):
-            v = v.get(device, v.get(device.split(":")[0]))
+            devs = (device, device.split(":")[0])
+            names = devs if dtype == "float32" else tuple(f"{d}/{dtype}" for d in devs)
+            v = next((v[n] for n in names if n in v), None)
+        elif dtype != "float32":
+            v = None
         if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0:
             return float(v)
     return np.nan
@@ -110,14 +118,15 @@ def load(paths: Sequence[Path | str]) -> tuple[pd.DataFrame, pd.DataFrame, dict]
             table = read_table(p, strict=False)
         except ResultsError as e:
             raise AnalysisInputError(str(e)) from None
-        df = table.rows
+        df = with_later_columns(table.rows)
         df["_line"] = table.lines
         dropped += table.dropped
         try:
             meta = sidecars[str(p)] = read_sidecar(p)
         except ResultsError as e:
             meta, sidecars[str(p)] = None, e
-        df["matmul_gflops"] = [calibration_gflops(meta or {}, d) for d in df["device"].astype(str)]
+        df["matmul_gflops"] = [calibration_gflops(meta or {}, d, t)
+                               for d, t in zip(df["device"].astype(str), df["dtype"].astype(str))]
         df["source"] = str(p)
         frames.append(df)
     out = pd.concat(frames, ignore_index=True)
@@ -172,8 +181,15 @@ def model_order(names: Iterable[str]) -> list:
     return [m for m in MODEL_NAMES if m in names] + sorted(m for m in names if m not in MODEL_NAMES)
 
 
+def with_later_columns(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with every ``LATER_COLUMNS`` column, filled with what runs before it meant."""
+    missing = {c: v for c, v in LATER_COLUMNS.items() if c not in df.columns}
+    return df.assign(**missing) if missing else df
+
+
 def ok_rows(df: pd.DataFrame, metric: str) -> pd.DataFrame:
     """Rows that measured ``metric``: status ok and a finite positive value (logs need y > 0)."""
+    df = with_later_columns(df)
     y = df[metric]
     return df[(df["status"] == "ok") & np.isfinite(y) & (y > 0)]
 

@@ -23,8 +23,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from evals.grid import DEVICES, DTYPES, Case, expand_grid, parse_shard, shard as take_shard
-from evals.measure import calibrate_matmul, empty_row, measure, parse_inject
+from evals.grid import DEVICES, DTYPES, SDPA_BACKENDS, Case, expand_grid, parse_shard, shard as take_shard
+from evals.measure import calibrate, empty_row, measure, parse_inject
 from evals.options import check_fraction, check_positive, choose, positive_ints
 from evals.registry import LEVELS, MODES, REGISTRY, ModelConfig
 from evals.results import (KEY_COLUMNS, ResultsError, append_row, case_key, claim_output, completed_keys,
@@ -89,9 +89,7 @@ def _sweep(cases, output: Path, kept: list[dict], *, repeats, warmup, min_run_ti
     session = {"command": env["command"], "git_sha": env["git_sha"], "git_dirty": env["git_dirty"],
                "started_utc": utc_now(), "ended_utc": None,
                "threads": threads, "inject_slowdown": inject,
-               "calibration_matmul_gflops": {"cpu": calibrate_matmul("cpu", threads=threads)}}
-    if any(c.device.startswith("cuda") for c in cases) and torch.cuda.is_available():
-        session["calibration_matmul_gflops"]["cuda"] = calibrate_matmul("cuda")
+               "warmup": warmup, "calibration_matmul_gflops": calibrate(cases, threads=threads)}
     info.update(run_id=run_id, settings=settings or {}, cases=len(cases), inject_slowdown=inject,
                 calibration_matmul_gflops=session["calibration_matmul_gflops"], threads=threads)
     info.setdefault("started_utc", session["started_utc"])
@@ -128,7 +126,7 @@ def _sweep(cases, output: Path, kept: list[dict], *, repeats, warmup, min_run_ti
             progress.advance(task)
 
     # measured again at the end: a drift between the two says the machine's load changed mid-sweep
-    session["calibration_matmul_gflops_end"] = {"cpu": calibrate_matmul("cpu", threads=threads)}
+    session["calibration_matmul_gflops_end"] = calibrate(cases, threads=threads)
     info["calibration_matmul_gflops_end"] = session["calibration_matmul_gflops_end"]
     session["ended_utc"] = info["ended_utc"] = utc_now()
     write_sidecar(output, info)
@@ -137,6 +135,7 @@ def _sweep(cases, output: Path, kept: list[dict], *, repeats, warmup, min_run_ti
 
 def run_compare(*, models=None, seq_lengths=None, devices=None, modes=None, level: str = "model",
                 dtype: str = "float32", batch_size: int = 1, repeats: int = 10, min_run_time: float = 0.2,
+                warmup: int = 1, compile: bool = False, sdpa_backend: str = "auto",
                 decode_tokens: int = 16, output: Optional[Path] = None, resume: bool = False,
                 shard: Optional[str] = None, threads: int = 1, seed: int = 0, console: Optional[Console] = None,
                 **config) -> tuple[Rows, int, str]:
@@ -150,11 +149,14 @@ def run_compare(*, models=None, seq_lengths=None, devices=None, modes=None, leve
     devs = choose("--devices", devices, DEVICES, default=("cpu",))
     mode_list = choose("--modes", modes, MODES, default=("forward",))
     level, dtype = choose("--level", [level], LEVELS)[0], choose("--dtype", [dtype], DTYPES)[0]
+    sdpa_backend = choose("--sdpa-backend", [sdpa_backend], SDPA_BACKENDS)[0]
     if "cuda" in devs and "cpu" not in devs and not torch.cuda.is_available():
         raise ResultsError("--devices: CUDA is not available on this machine; valid: cpu "
                            "(give 'cpu cuda' to record the cuda rows as skipped)")
     check_positive(batch_size=batch_size, repeats=repeats, decode_tokens=decode_tokens, threads=threads, **config)
     check_fraction("--min-run-time", min_run_time)
+    if not (isinstance(warmup, int) and warmup >= 0):
+        raise ResultsError(f"--warmup must be a non-negative integer, got {warmup!r}")
     cfg = ModelConfig().with_(**{k: v for k, v in config.items() if v is not None})
     from bsbr.shell import check_heads
 
@@ -168,14 +170,17 @@ def run_compare(*, models=None, seq_lengths=None, devices=None, modes=None, leve
         raise ResultsError("--resume needs --output naming the CSV to continue")
     output = Path(output) if output else Path("results") / f"compare_{utc_stamp()}.csv"
     cases = expand_grid(names, lengths, devs, mode_list, level=level, config=cfg, batch_size=batch_size,
-                        dtype=dtype, decode_tokens=decode_tokens, seed=seed)
+                        dtype=dtype, decode_tokens=decode_tokens, seed=seed, compile=compile,
+                        sdpa_backend=sdpa_backend)
     if slice_:
         cases = take_shard(cases, *slice_)
     settings = dict(models=names, seq_lengths=lengths, devices=devs, modes=mode_list, level=level, dtype=dtype,
                     batch_size=batch_size, config=cfg.as_dict(), repeats=repeats, min_run_time=min_run_time,
-                    decode_tokens=decode_tokens, threads=threads, seed=seed, shard=shard)
+                    decode_tokens=decode_tokens, threads=threads, seed=seed, shard=shard, warmup=warmup,
+                    compile=compile, sdpa_backend=sdpa_backend)
     torch.manual_seed(seed)
     rows = run_sweep(cases, output, resume=resume, repeats=repeats, min_run_time=min_run_time, threads=threads,
+                     warmup=warmup,
                      inject=inject, settings=settings, console=console)
     code, words = outcome(rows.new)
     summary = f"wrote {len(rows)} rows to {output} (+ {sidecar_path(output).name})"

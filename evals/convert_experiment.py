@@ -163,26 +163,32 @@ def compare_logits(reference, models: dict, data: torch.Tensor, *, batch_size: i
 
 
 def speed_rows(models: dict, lengths: Sequence[int], vocab_size: int, *, batch_size: int = 1,
-               repeats: int = 5, min_run_time: float = 0.2, seed: int = 0, threads: int = 1) -> list[dict]:
+               repeats: int = 5, min_run_time: float = 0.2, seed: int = 0, threads: int = 1,
+               device: str = "cpu", dtype: str = "float32") -> list[dict]:
     """Forward (no grad) time and peak memory of each model at each length, through the harness.
 
-    Threads are pinned (default 1, as ``bsbr-eval compare``) and recorded in each row.
+    Threads are pinned (default 1, as ``bsbr-eval compare``) and recorded in each row. The models
+    are timed as copies on ``device`` in ``dtype`` (the originals, which may be saved, stay as they are).
     """
+    from evals.measure import DTYPES
+
+    placed = {label: copy.deepcopy(m).to(device=device, dtype=DTYPES[dtype]).eval() for label, m in models.items()}
     rows = []
     for n in lengths:
-        ids = torch.randint(0, vocab_size, (batch_size, n), generator=torch.Generator().manual_seed(seed))
-        for label, model in models.items():
-            model.eval()
+        ids = torch.randint(0, vocab_size, (batch_size, n), generator=torch.Generator().manual_seed(seed)).to(device)
+        for label, model in placed.items():
 
             def fn(model=model):
                 with torch.no_grad():
                     return logits_of(model, ids)
 
-            mem, method = peak_memory(fn)
-            stats = sample_stats(time_fn(fn, repeats=repeats, warmup=1, min_run_time=min_run_time, threads=threads))
+            mem, method = peak_memory(fn, device=device)
+            stats = sample_stats(time_fn(fn, device=device, repeats=repeats, warmup=1, min_run_time=min_run_time,
+                                         threads=threads))
             stats.pop("samples_ms")
-            rows.append(dict(variant=label, seq_len=n, batch_size=batch_size, **stats, timer="cpu_wall",
-                             peak_memory_mb=mem, memory_method=method, threads=threads))
+            rows.append(dict(variant=label, seq_len=n, batch_size=batch_size, **stats,
+                             timer="cuda_event" if device.startswith("cuda") else "cpu_wall", device=device,
+                             dtype=dtype, peak_memory_mb=mem, memory_method=method, threads=threads))
             log.info("speed %s n=%d: %.1f ms, %.1f MB", label, n, rows[-1]["time_ms"], mem)
     return rows
 
@@ -208,7 +214,7 @@ def variant_label(chunk_size: int, compression_factor: Optional[int] = None, fin
 
 def run_comparison(model_name: str, chunk_sizes: Sequence[int] = (128,), *, compression_factor: Optional[int] = None,
                    seq_len: Optional[int] = None, max_windows: Optional[int] = 32, batch_size: int = 4,
-                   speed_lengths: Optional[Sequence[int]] = None) -> dict:
+                   speed_lengths: Optional[Sequence[int]] = None, device: str = "cpu", dtype: str = "float32") -> dict:
     """Load a GPT-2, convert it at each chunk size, compare on the held-out text.
 
     ``seq_len`` (evaluation window) defaults to ``min(512, n_positions)``.
@@ -233,7 +239,8 @@ def run_comparison(model_name: str, chunk_sizes: Sequence[int] = (128,), *, comp
         r.update(chunk_size=chunk_of.get(r["variant"], ""), compression_factor=compression_factor or "",
                  seq_len=seq_len, finetuned=False)
     lengths = speed_lengths if speed_lengths is not None else _default_lengths(seq_len)
-    speed = speed_rows({"original": gpt2, **converted}, lengths, gpt2.config.vocab_size) if lengths else []
+    speed = speed_rows({"original": gpt2, **converted}, lengths, gpt2.config.vocab_size, device=device,
+                       dtype=dtype) if lengths else []
     for r in speed:
         r["chunk_size"] = chunk_of.get(r["variant"], "")
     info = dict(model=model_name, tokenizer="utf-8 bytes" if tokenizer is None else type(tokenizer).__name__,
@@ -273,6 +280,8 @@ class ExperimentConfig:
     finetune_lr: float = 3e-4
     eval_windows: int = 32          # held-out windows of n_positions bytes
     speed_lengths: tuple = (64, 128, 256, 512)
+    speed_device: str = "cpu"       # where the speed rows are timed (training always runs on the CPU)
+    speed_dtype: str = "float32"
     seed: int = 0
     # One thread: on a shared 2-core box, two OpenMP threads contending with other processes
     # spin at barriers and run several times slower than one.
@@ -373,7 +382,8 @@ def _run_experiment(cfg: ExperimentConfig, gpt2_dir: Optional[Path]) -> dict:
         r["seq_len"] = cfg.n_positions
 
     # 3. forward time and memory against length, through the harness
-    speed = speed_rows({"original": gpt2, **converted}, cfg.speed_lengths, 256, threads=cfg.threads)
+    speed = speed_rows({"original": gpt2, **converted}, cfg.speed_lengths, 256, threads=cfg.threads,
+                       device=cfg.speed_device, dtype=cfg.speed_dtype)
     for r in speed:
         r["chunk_size"] = chunk_of.get(r["variant"], "")
 
@@ -464,7 +474,8 @@ def quiet_transformers() -> None:
 
 def run_convert(*, model_name: Optional[str] = None, chunk_sizes: Sequence[int] = (128,),
                 compression_factor: Optional[int] = None, seq_len: Optional[int] = None,
-                output_dir: Optional[Path] = None, save_model: bool = False, experiment: bool = False) -> dict:
+                output_dir: Optional[Path] = None, save_model: bool = False, experiment: bool = False,
+                device: str = "cpu", dtype: str = "float32") -> dict:
     """``bsbr-eval convert``: check the options and the output folder before any work, hold the
     folder's lock, run the comparison or the experiment, write the results. ``ResultsError`` for
     bad input (a missing extra, a model that does not load, a bad option or folder)."""
@@ -478,22 +489,28 @@ def run_convert(*, model_name: Optional[str] = None, chunk_sizes: Sequence[int] 
         check_comparison_args(list(chunk_sizes), seq_len, compression_factor)
     except ValueError as e:
         raise ResultsError(str(e)) from None
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ResultsError("--device: CUDA is not available on this machine; valid: cpu")
+    where = dict(device=device, dtype=dtype)
     if output_dir is None:
-        return _run(model_name, chunk_sizes, compression_factor, seq_len, None, save_model, experiment)
+        return _run(model_name, chunk_sizes, compression_factor, seq_len, None, save_model, experiment, where)
     out = check_output_dir(output_dir)
     with locked(out / "convert.csv", "--output-dir"):
         if (out / "convert.csv").exists() or (out / "convert.json").exists():
             raise ResultsError(f"--output-dir: {out} already holds a conversion's results (convert.csv); "
                                "choose another folder")
-        return _run(model_name, chunk_sizes, compression_factor, seq_len, out, save_model, experiment)
+        return _run(model_name, chunk_sizes, compression_factor, seq_len, out, save_model, experiment, where)
 
 
-def _run(model_name, chunk_sizes, compression_factor, seq_len, out: Optional[Path], save_model, experiment) -> dict:
+def _run(model_name, chunk_sizes, compression_factor, seq_len, out: Optional[Path], save_model, experiment,
+         where: dict) -> dict:
     try:
         if experiment:
-            result = run_experiment(gpt2_dir=out / "gpt2" if (out and save_model) else None)
+            cfg = ExperimentConfig(speed_device=where["device"], speed_dtype=where["dtype"])
+            result = run_experiment(cfg, gpt2_dir=out / "gpt2" if (out and save_model) else None)
         else:
-            result = run_comparison(model_name, chunk_sizes, compression_factor=compression_factor, seq_len=seq_len)
+            result = run_comparison(model_name, chunk_sizes, compression_factor=compression_factor, seq_len=seq_len,
+                                    **where)
     except ImportError as e:
         extras = getattr(e, "name", None) in ("transformers", "safetensors")
         raise ResultsError(f"{e}; install the converter's extras: pip install 'bsbr[convert]'" if extras

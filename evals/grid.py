@@ -20,6 +20,8 @@ from evals.registry import LEVELS, MODES, ModelConfig
 
 DEVICES = ("cpu", "cuda")
 DTYPES = ("float32", "float64", "float16", "bfloat16")
+# torch.nn.attention.SDPBackend members a sweep can restrict SDPA to ("auto": no restriction).
+SDPA_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")
 
 # ModelConfig fields that go into the CSV as their own columns (after the required ones).
 # hidden_dim, num_layers, num_heads and chunk_size are required columns already.
@@ -40,12 +42,14 @@ class Case:
     config: ModelConfig
     decode_tokens: int = 16     # k one-token steps timed per sample in decode mode
     seed: int = 0
+    compile: bool = False       # time torch.compile(...) of the workload (compilation kept out of the figures)
+    sdpa_backend: str = "auto"  # restrict torch's SDPA to one backend (``SDPA_BACKENDS``); auto: torch picks
 
     @property
     def group(self) -> tuple:
         """Cases in one group share everything but the length: an OOM skips the rest of a group."""
         return (self.model, self.device, self.mode, self.level, self.dtype, self.batch_size,
-                self.config, self.decode_tokens, self.seed)
+                self.config, self.decode_tokens, self.seed, self.compile, self.sdpa_backend)
 
     def fields(self) -> dict:
         """The identifying columns of this case's row (required columns and config extras)."""
@@ -54,7 +58,8 @@ class Case:
                    batch_size=self.batch_size, seq_len=self.seq_len, hidden_dim=c.hidden_dim,
                    num_layers=c.num_layers, num_heads=c.num_heads, chunk_size=c.chunk_size)
         row.update({k: getattr(c, k) for k in CONFIG_COLUMNS if k not in row})
-        row.update(decode_tokens=self.effective_decode_tokens, seed=self.seed)
+        row.update(decode_tokens=self.effective_decode_tokens, seed=self.seed, compile=self.compile,
+                   sdpa_backend=self.sdpa_backend)
         return row
 
     @property
@@ -65,7 +70,8 @@ class Case:
         return 1 if self.level == "op" else self.decode_tokens
 
     def label(self) -> str:
-        return f"{self.model} {self.device} {self.mode} {self.level} n={self.seq_len}"
+        extra = (" compiled" if self.compile else "") + (f" sdpa={self.sdpa_backend}" if self.sdpa_backend != "auto" else "")
+        return f"{self.model} {self.device} {self.mode} {self.level} n={self.seq_len}{extra}"
 
 
 # Columns that identify a case in a CSV row (``evals.results.case_key`` compares rows on them).
@@ -74,7 +80,8 @@ KEY_COLUMNS = tuple(Case("x", "cpu", "forward", "model", "float32", 1, 1, ModelC
 
 def expand_grid(models: Sequence[str], seq_lengths: Iterable[int], devices: Sequence[str] = ("cpu",),
                 modes: Sequence[str] = ("forward",), *, level: str = "model", config: Optional[ModelConfig] = None,
-                batch_size: int = 1, dtype: str = "float32", decode_tokens: int = 16, seed: int = 0) -> list[Case]:
+                batch_size: int = 1, dtype: str = "float32", decode_tokens: int = 16, seed: int = 0,
+                compile: bool = False, sdpa_backend: str = "auto") -> list[Case]:
     """Every case of the sweep, model-major, lengths ascending inside each (model, device, mode).
 
     Raises ValueError naming the valid choices for an unknown device, mode, level or dtype, or a
@@ -87,14 +94,15 @@ def expand_grid(models: Sequence[str], seq_lengths: Iterable[int], devices: Sequ
     if lengths[0] <= 0:
         raise ValueError(f"sequence lengths must be positive integers, got {lengths[0]}")
     for name, values, valid in (("device", devices, DEVICES), ("mode", modes, MODES),
-                                ("level", [level], LEVELS), ("dtype", [dtype], DTYPES)):
+                                ("level", [level], LEVELS), ("dtype", [dtype], DTYPES),
+                                ("sdpa_backend", [sdpa_backend], SDPA_BACKENDS)):
         for v in values:
             if v not in valid:
                 raise ValueError(f"unknown {name} {v!r}; valid: {', '.join(valid)}")
     for name, v in (("batch_size", batch_size), ("decode_tokens", decode_tokens)):
         if not isinstance(v, int) or v <= 0:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
-    return [Case(m, dev, mode, level, dtype, batch_size, n, config, decode_tokens, seed)
+    return [Case(m, dev, mode, level, dtype, batch_size, n, config, decode_tokens, seed, bool(compile), sdpa_backend)
             for m in dict.fromkeys(models) for dev in dict.fromkeys(devices) for mode in dict.fromkeys(modes)
             for n in lengths]
 

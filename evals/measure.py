@@ -241,13 +241,34 @@ def _quiet_native_stderr():
 # ----------------------------------------------------------------------------- calibration
 
 
-def calibrate_matmul(device: str = "cpu", n: int = 1024, threads: Optional[int] = None) -> float:
-    """GFLOP/s of an fp32 ``n x n`` matmul measured here and now: a same-process speed reference."""
+# Matrix sizes that saturate each kind of device: 1024^2 keeps a 2-core CPU busy for ~10 ms;
+# a GPU needs 8192^2 (1.1 TFLOP a product) to reach its tensor-core rate.
+CALIBRATION_N = {"cpu": 1024, "cuda": 8192}
+
+
+def calibrate_matmul(device: str = "cpu", n: Optional[int] = None, threads: Optional[int] = None,
+                     dtype: str = "float32") -> float:
+    """GFLOP/s of an ``n x n`` matmul in ``dtype`` measured here and now: a same-process speed
+    reference for the FLOP-rate fractions (a bf16 GPU run is compared with a bf16 product)."""
+    n = n or CALIBRATION_N[device.split(":")[0]]
     g = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=g).to(device)
-    b = torch.randn(n, n, generator=g).to(device)
+    a = torch.randn(n, n, generator=g).to(device=device, dtype=DTYPES[dtype])
+    b = torch.randn(n, n, generator=g).to(device=device, dtype=DTYPES[dtype])
     samples = time_fn(lambda: a @ b, device=device, repeats=10, warmup=2, min_run_time=0.1, threads=threads)
     return 2 * n**3 / (statistics.median(samples) * 1e-3) / 1e9
+
+
+def calibrate(cases, threads: Optional[int] = None) -> dict:
+    """``{"cpu": ..., "cuda/bfloat16": ...}``: one matmul rate per (device, dtype) the cases use
+    (the CPU in fp32 always, as the key ``cpu``; other pairs as ``device/dtype``)."""
+    pairs = {("cpu", "float32")} | {(c.device, c.dtype) for c in cases}
+    out = {}
+    for device, dtype in sorted(pairs):
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            continue
+        key = device if dtype == "float32" else f"{device}/{dtype}"
+        out[key] = calibrate_matmul(device, threads=threads if device == "cpu" else None, dtype=dtype)
+    return out
 
 
 # ----------------------------------------------------------------------------- injection
@@ -277,12 +298,20 @@ def parse_inject(text: Optional[str] = None) -> dict[str, float]:
 
 @dataclass
 class Workload:
-    """What one case runs: the timed callable, an untimed per-call setup, and its size facts."""
+    """What one case runs: the timed callable, an untimed per-call setup, and its size facts.
+
+    ``eager`` is the same work without ``torch.compile``: FLOPs are counted on it (the count is
+    the model's, not the compiler's). Without ``--compile`` both are the same callable."""
 
     fn: Callable[[], object]
     setup: Optional[Callable[[], None]]
     params: int
     tokens_per_call: int  # decode: the k steps one call makes (time and FLOPs are per token)
+    eager: Optional[Callable[[], object]] = None
+
+    @property
+    def counted(self) -> Callable[[], object]:
+        return self.eager or self.fn
 
 
 def _unique_params(module: torch.nn.Module) -> int:
@@ -296,19 +325,29 @@ def _total(out) -> torch.Tensor:
     return sum(_total(o) for o in out if isinstance(o, (torch.Tensor, tuple, list)))
 
 
-def _cached_steps(module, cache0, steps: torch.Tensor) -> tuple[Callable, Callable]:
-    """Time ``k`` one-token calls ``module(step, cache=cache)`` from a fresh copy of ``cache0``."""
+def _cached_steps(module, cache0, steps: torch.Tensor, eager=None) -> tuple[Callable, Callable, Optional[Callable]]:
+    """Time ``k`` one-token calls ``module(step, cache=cache)`` from a fresh copy of ``cache0``;
+    with ``eager`` also the same steps through it (sharing the one cache that ``setup`` renews)."""
     holder = {}
 
     def setup():
         holder["cache"] = copy.deepcopy(cache0)
 
-    def fn():
-        with torch.no_grad():
-            for t in range(steps.shape[1]):
-                module(steps[:, t:t + 1], cache=holder["cache"])
+    def steps_of(m):
+        def fn():
+            with torch.no_grad():
+                for t in range(steps.shape[1]):
+                    m(steps[:, t:t + 1], cache=holder["cache"])
+        return fn
 
-    return fn, setup
+    return steps_of(module), setup, (steps_of(eager) if eager is not None else None)
+
+
+def _both(make: Callable[[Callable], Callable], module: Callable, compile: bool) -> tuple[Callable, Callable]:
+    """``(timed, eager)`` callables from ``make(module)``: the timed one calls ``torch.compile(module)``
+    when ``compile`` (compiled lazily, at its first call, which ``measure`` times as compile_ms)."""
+    eager = make(module)
+    return (make(torch.compile(module)) if compile else eager), eager
 
 
 def build_workload(case: Case) -> Workload:
@@ -327,56 +366,83 @@ def build_workload(case: Case) -> Workload:
         if case.mode == "forward":
             model.eval()
 
-            def fn():
-                with torch.no_grad():
-                    return model(ids)
-            return Workload(fn, None, params, 1)
+            def make(m):
+                def fn():
+                    with torch.no_grad():
+                        return m(ids)
+                return fn
+            return _workload(make, model, case, params)
         if case.mode == "train":
             model.train()
             targets = ids.roll(-1, dims=1)  # next-token targets (the last wraps; cost is what counts)
 
-            def fn():
-                model.zero_grad(set_to_none=True)
-                logits = model(ids)  # (b, n, V)
-                F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten()).backward()
-            return Workload(fn, None, params, 1)
+            def make(m):
+                def fn():
+                    model.zero_grad(set_to_none=True)
+                    logits = m(ids)  # (b, n, V)
+                    F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten()).backward()
+                return fn
+            return _workload(make, model, case, params)
         model.eval()
-        cache0 = model.init_cache(b, device=device, dtype=dtype)
+        cache0 = model.init_cache(b, device=device, dtype=dtype, **_max_len(model, n + k))
         with torch.no_grad():
             model(ids, cache=cache0)  # prefill outside the timed region
         steps = torch.randint(0, cfg.vocab_size, (b, k), generator=g).to(device)
-        fn, setup = _cached_steps(model, cache0, steps)
-        return Workload(fn, setup, params, k)
+        return _decode_workload(model, cache0, steps, params, k, case)
 
     mixer = spec.build_mixer(cfg).to(device=device, dtype=dtype)
     params = _unique_params(mixer)
     x = torch.randn(b, n, cfg.hidden_dim, generator=g).to(device=device, dtype=dtype)  # (b, n, D)
     if case.mode == "decode":  # layer and op level: cached steps of the mixer (op: k = 1)
         mixer.eval()
-        cache0 = mixer.init_cache(b, device, dtype)
+        cache0 = mixer.init_cache(b, device, dtype, **_max_len(mixer, n + k))
         with torch.no_grad():
             mixer(x, cache=cache0)
         steps = torch.randn(b, k, cfg.hidden_dim, generator=g).to(device=device, dtype=dtype)
-        fn, setup = _cached_steps(mixer, cache0, steps)
-        return Workload(fn, setup, params, k)
+        return _decode_workload(mixer, cache0, steps, params, k, case)
 
     train = case.mode == "train"
     mixer.train(train)
     if case.level == "layer":
         x.requires_grad_(train)
         if not train:
+            def make(m):
+                def fn():
+                    with torch.no_grad():
+                        return m(x)
+                return fn
+            return _workload(make, mixer, case, params)
+
+        def make(m):
             def fn():
-                with torch.no_grad():
-                    return mixer(x)
-            return Workload(fn, None, params, 1)
+                mixer.zero_grad(set_to_none=True)
+                x.grad = None
+                _total(m(x)).backward()
+            return fn
+        return _workload(make, mixer, case, params)
 
-        def fn():
-            mixer.zero_grad(set_to_none=True)
-            x.grad = None
-            _total(mixer(x)).backward()
-        return Workload(fn, None, params, 1)
+    fn, eager = _both(lambda op: op_call(mixer, op, x, train), mixer.op, case.compile)
+    return Workload(fn, None, params, 1, eager)
 
-    return Workload(op_call(mixer, mixer.op, x, train), None, params, 1)
+
+def _workload(make, module, case: Case, params: int) -> Workload:
+    fn, eager = _both(make, module, case.compile)
+    return Workload(fn, None, params, 1, eager)
+
+
+def _max_len(module, length: int) -> dict:
+    """``max_len=`` for ``init_cache`` where the cache is preallocated (a fixed-shape decode step)."""
+    import inspect
+
+    return {"max_len": length} if "max_len" in inspect.signature(module.init_cache).parameters else {}
+
+
+def _decode_workload(module, cache0, steps, params: int, k: int, case: Case) -> Workload:
+    if case.compile:
+        fn, setup, eager = _cached_steps(torch.compile(module), cache0, steps, eager=module)
+    else:
+        fn, setup, eager = _cached_steps(module, cache0, steps)
+    return Workload(fn, setup, params, k, eager)
 
 
 def op_call(mixer, op: Callable, x: torch.Tensor, train: bool) -> Callable[[], object]:
@@ -417,6 +483,28 @@ def empty_row(case: Case, status: str, error: str = "", *, run_id: str = "", thr
     return row
 
 
+def sdpa_backend(name: str):
+    """A context that restricts torch's SDPA to one backend (``"auto"``: no restriction)."""
+    if name == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+    return sdpa_kernel(backends[name])
+
+
+def first_call_ms(fn: Callable[[], object], device: str, setup: Optional[Callable[[], None]] = None) -> float:
+    """Wall time of one call, synchronised: with ``--compile`` the call that compiles."""
+    if setup is not None:
+        setup()
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return (time.perf_counter() - t0) * 1e3
+
+
 def measure(case: Case, *, repeats: int = 10, warmup: int = 1, min_run_time: float = 0.2,
             threads: Optional[int] = None, inject: Optional[dict] = None, run_id: str = "",
             memory: bool = True, flops: bool = True) -> dict:
@@ -425,6 +513,10 @@ def measure(case: Case, *, repeats: int = 10, warmup: int = 1, min_run_time: flo
     Never raises for a failing model: an out-of-memory gives ``status = oom``, any other exception
     (an import that fails, a bad configuration, a crash) ``status = error`` with the message.
     ``inject`` maps model names to slowdown factors; None reads ``$BSBR_EVAL_INJECT_SLOWDOWN``.
+
+    With ``case.compile`` the first call of the compiled workload (compilation included) is timed
+    on its own (``compile_ms``) and is never a sample; ``warmup`` more untimed calls follow, and
+    the FLOPs are counted on the eager workload.
     """
     inject = parse_inject() if inject is None else inject
     factor = float(inject.get(case.model, 1.0))
@@ -433,15 +525,18 @@ def measure(case: Case, *, repeats: int = 10, warmup: int = 1, min_run_time: flo
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        work = build_workload(case)
-        k = work.tokens_per_call
-        row = dict(case.fields(), **base, inject_factor=factor, params=work.params, error="")
-        row["flops"] = round(count_flops(work.fn, work.setup) / k) if flops else ""
-        if memory:
-            row["peak_memory_mb"], row["memory_method"] = peak_memory(work.fn, device=case.device,
-                                                                      setup=work.setup)
-        samples = time_fn(work.fn, device=case.device, repeats=repeats, warmup=warmup,
-                          min_run_time=min_run_time, setup=work.setup, inject=factor, threads=threads)
+        with sdpa_backend(case.sdpa_backend):
+            work = build_workload(case)
+            k = work.tokens_per_call
+            row = dict(case.fields(), **base, inject_factor=factor, params=work.params, error="", warmup=warmup)
+            row["flops"] = round(count_flops(work.counted, work.setup) / k) if flops else ""
+            if case.compile:  # compilation (and autotuning) happen here, outside every figure
+                row["compile_ms"] = first_call_ms(work.fn, case.device, work.setup)
+            if memory:
+                row["peak_memory_mb"], row["memory_method"] = peak_memory(work.fn, device=case.device,
+                                                                          setup=work.setup)
+            samples = time_fn(work.fn, device=case.device, repeats=repeats, warmup=warmup,
+                              min_run_time=min_run_time, setup=work.setup, inject=factor, threads=threads)
     except Exception as err:  # a failing configuration is a row, never a crash of the sweep
         return empty_row(case, "oom" if _is_oom(err) else "error", one_line(err, kind=True), inject=factor, **base)
     finally:

@@ -72,14 +72,15 @@ REQUIRED_COLUMNS = (
     "peak_memory_mb", "memory_method", "flops", "params", "error",
 )
 # Then: the raw samples and what reproduces the row (seed, threads, every hyperparameter).
-EXTRA_COLUMNS = ("samples_ms", "seed", "threads", "decode_tokens", "inject_factor") + tuple(
+EXTRA_COLUMNS = ("samples_ms", "seed", "threads", "decode_tokens", "inject_factor", "compile", "sdpa_backend",
+                 "warmup", "compile_ms") + tuple(
     c for c in CONFIG_COLUMNS if c not in REQUIRED_COLUMNS)
 COLUMNS = REQUIRED_COLUMNS + EXTRA_COLUMNS
 STATUSES = ("ok", "oom", "error", "skipped")
 # ``bsbr-eval forms``: one row per (model, mode, length, form) of an op.
 FORMS_COLUMNS = ("run_id", "model", "form", "mode", "seq_len", "batch_size", "hidden_dim", "num_heads",
                  "chunk_size", "dtype", "threads", "status", "time_ms", "time_ms_p20", "time_ms_p80", "repeats",
-                 "timer", "samples_ms", "error")
+                 "timer", "samples_ms", "error", "device")
 FAILED = ("oom", "error")
 NUMERIC_COLUMNS = ("batch_size", "seq_len", "hidden_dim", "num_layers", "num_heads", "chunk_size",
                    "time_ms", "time_ms_p20", "time_ms_p80", "repeats", "peak_memory_mb", "flops", "params")
@@ -91,8 +92,10 @@ assert set(KEY_COLUMNS) <= set(COLUMNS), "every identifying column must be writt
 def norm_value(v) -> str:
     """One spelling per value, so a row built in memory and the same row read back from a CSV
     (strings, empty for None, pandas floats for ints and NaN for blanks) compare equal."""
-    if v is None or v == "":
+    if v is None or (isinstance(v, str) and v == ""):
         return ""
+    if type(v).__name__ in ("bool", "bool_"):  # True and numpy.True_ as the CSV spells them
+        return "True" if v else "False"
     try:  # 8, "8", 8.0 and "8.0" are the same value; a float keeps its repr
         f = float(v)
     except (TypeError, ValueError):
@@ -514,7 +517,47 @@ def new_run_id(sha: Optional[str] = None) -> str:
     return f"{utc_stamp()}-{sha[:7]}" if sha else utc_stamp()
 
 
-_PERF_ENV_PREFIXES = ("MALLOC_", "LD_PRELOAD", "OMP_", "MKL_", "KMP_", "GOMP_", "ATEN_", "TORCH_", "THP_", "C10_")
+_PERF_ENV_PREFIXES = ("MALLOC_", "LD_PRELOAD", "OMP_", "MKL_", "KMP_", "GOMP_", "ATEN_", "TORCH_", "THP_", "C10_",
+                      "PYTORCH_", "CUDA_", "CUBLAS_", "CUDNN_", "NCCL_", "NVIDIA_TF32", "TRITON_")
+
+
+def numerics() -> dict:
+    """The switches that change what a GPU matmul or attention computes and how fast: TF32, the
+    fp32 matmul precision, and which SDPA backends torch may pick."""
+    import torch
+
+    b = torch.backends
+    return {
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "cuda_matmul_allow_tf32": b.cuda.matmul.allow_tf32,
+        "cudnn_allow_tf32": b.cudnn.allow_tf32,
+        "cuda_matmul_allow_bf16_reduced_precision_reduction": b.cuda.matmul.allow_bf16_reduced_precision_reduction,
+        "cuda_matmul_allow_fp16_reduced_precision_reduction": b.cuda.matmul.allow_fp16_reduced_precision_reduction,
+        "sdpa_flash_enabled": b.cuda.flash_sdp_enabled(),
+        "sdpa_mem_efficient_enabled": b.cuda.mem_efficient_sdp_enabled(),
+        "sdpa_math_enabled": b.cuda.math_sdp_enabled(),
+        "sdpa_cudnn_enabled": b.cuda.cudnn_sdp_enabled(),
+    }
+
+
+def gpu() -> Optional[dict]:
+    """The GPU this process sees (None without CUDA): name, capability, memory, driver and CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    p = torch.cuda.get_device_properties(0)
+    driver = None
+    try:  # the driver version is not exposed by torch; nvidia-smi ships with every driver
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        driver = out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"name": p.name, "capability": f"{p.major}.{p.minor}", "memory_gib": round(p.total_memory / 2**30, 1),
+            "multiprocessors": p.multi_processor_count, "count": torch.cuda.device_count(),
+            "driver_version": driver, "cuda_runtime": torch.version.cuda,
+            "cudnn_version": torch.backends.cudnn.version()}
 
 
 def environment() -> dict:
@@ -528,6 +571,7 @@ def environment() -> dict:
         "cuda_version": torch.version.cuda,
         "python_version": platform.python_version(),
         "device_name": torch.cuda.get_device_name(0) if cuda else _cpu_model(),
+        "gpu": gpu(),
         "cpu_model": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_num_threads": torch.get_num_threads(),
@@ -535,7 +579,8 @@ def environment() -> dict:
         "git_sha": sha or None,
         "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")) if sha else None,
         "command": shlex.join([Path(sys.argv[0]).name] + sys.argv[1:]),
-        # settings outside the command line that change CPU timings (allocator, thread pools)
+        "numerics": numerics(),
+        # settings outside the command line that change timings (allocator, thread pools, CUDA, compiler)
         "perf_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(_PERF_ENV_PREFIXES)},
     }
 

@@ -32,7 +32,7 @@ FAST = dict(repeats=2, warmup=0, min_run_time=0.0, show_progress=False)
 
 @pytest.fixture(autouse=True)
 def _fast_calibration(monkeypatch):
-    monkeypatch.setattr(C, "calibrate_matmul", lambda device, **kw: 1.0)
+    monkeypatch.setattr(C, "calibrate", lambda cases, **kw: {"cpu": 1.0})
 
 
 def toy_cases(models=("Toy",), lengths=(8, 16, 24), modes=("forward",)):

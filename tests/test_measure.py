@@ -49,7 +49,11 @@ class NaiveAttention(nn.Module):
         q, k, v = self.qkv(x).chunk(3, dim=-1)
         return split_heads(q, self.h), split_heads(k, self.h), split_heads(v, self.h)  # (b, h, n, d)
 
-    def op(self, q, k, v):
+    @classmethod
+    def forms(cls):
+        return ("parallel",)
+
+    def op(self, q, k, v, mask=None):
         n = q.shape[-2]
         if self.broken:
             raise RuntimeError("injected failure")
@@ -60,7 +64,7 @@ class NaiveAttention(nn.Module):
         allowed = torch.ones(n, k.shape[-2], dtype=torch.bool).tril(diagonal=start)
         return att.masked_fill(~allowed, float("-inf")).softmax(-1) @ v  # (b, h, n, d)
 
-    def init_cache(self, batch_size, device=None, dtype=None):
+    def init_cache(self, batch_size, device=None, dtype=None, max_len=None):
         return {"k": None, "v": None}
 
     def forward(self, x, mask=None, cache=None):
@@ -75,6 +79,8 @@ class NaiveAttention(nn.Module):
 
 
 class ToyModel(CausalLM):
+    mixer_class = NaiveAttention
+
     def __init__(self, vocab_size, hidden_dim, num_layers, num_heads, ff_dim, dropout, **mixer_kw):
         super().__init__(vocab_size, hidden_dim, num_layers, ff_dim, dropout,
                          lambda i: NaiveAttention(hidden_dim, num_heads, **mixer_kw))

@@ -33,7 +33,7 @@ TOY = ["--models", "Toy", "--hidden-dim", "16", "--num-heads", "2", "--repeats",
 @pytest.fixture(autouse=True)
 def _toys(monkeypatch):
     register_toys(monkeypatch)
-    monkeypatch.setattr(C, "calibrate_matmul", lambda device, **kw: 1.0)
+    monkeypatch.setattr(C, "calibrate", lambda cases, **kw: {"cpu": 1.0})
 
 
 def one_error_line(res) -> str:
