@@ -347,26 +347,52 @@ def analyze(
 @app.command()
 def regress(
     baseline: _Annotated[_Path, typer.Option(
-        help="The committed baseline CSV (its JSON sidecar sits beside it).")] = _Path("results/baselines/cpu.csv"),
-    current: _Annotated[_Optional[_Path], typer.Option(
-        help="Compare this stored run instead of re-measuring the baseline's configurations now.",
+        help="The committed baseline CSV (its JSON sidecar sits beside it): the guard's configurations and "
+             "their exact metrics.")] = _Path("results/baselines/cpu.csv"),
+    against: _Annotated[_Optional[str], typer.Option(
+        "--against", help="A git ref (e.g. $(cat results/baselines/ref)): measure it and the working tree "
+                          "side by side now, interleaved, and compare their times pair by pair.",
         show_default=False)] = None,
+    current: _Annotated[_Optional[_Path], typer.Option(
+        help="Compare this stored run (same machine only) instead of re-measuring the baseline's "
+             "configurations now.", show_default=False)] = None,
     update: _Annotated[bool, typer.Option(
         "--update", help="Rewrite the baseline with this run (re-measured now, or --current) and exit 0. "
                          "With no baseline file yet, measures the guard's default grid.")] = False,
-    threshold: _Annotated[float, typer.Option(
-        help="Smallest growth of time/reference that can count as a regression (0.25 = 25%).")] = 0.25,
+    threshold: _Annotated[_Optional[float], typer.Option(
+        help="Smallest slowdown that can count as a regression (0.2 = 20%). Default: with --against, the "
+             "one chosen from results/regress_power/ (0.2 until it exists); else 0.25.",
+        show_default=False)] = None,
     alpha: _Annotated[float, typer.Option(
-        help="Significance level of the one-sided Mann-Whitney test on the raw samples.")] = 0.01,
+        help="Significance level of the one-sided test on the raw samples (Wilcoxon signed-rank on the "
+             "paired log ratios with --against, Mann-Whitney otherwise).")] = 0.01,
+    rounds: _Annotated[_Optional[int], typer.Option(
+        help="With --against: interleaved A/B pairs per configuration. Default: chosen from "
+             "results/regress_power/ (16 until it exists).", show_default=False)] = None,
+    self_test: _Annotated[_Optional[float], typer.Option(
+        "--self-test", help="With --against: make every model FACTOR times slower on the working-tree side; "
+                            "exit 0 only if every model is caught in every level and mode of the grid.",
+        show_default=False)] = None,
+    power: _Annotated[_Optional[_Path], typer.Option(
+        "--power", help="With --against: measure the guard's power curve (detection of 1.1x-1.5x injected, "
+                        "false alarms on clean runs) and write it to this folder.", show_default=False)] = None,
+    power_runs: _Annotated[int, typer.Option(
+        help="With --power: runs per injected factor, and clean runs.")] = 10,
+    allow_other_machine: _Annotated[bool, typer.Option(
+        "--allow-other-machine", help="Compare stored times although the runs' machine fingerprints "
+                                      "(CPU model, core count, torch build) differ.")] = False,
     show_all: _Annotated[bool, typer.Option("--all", help="Show every check, not only what moved.")] = False,
 ) -> None:
-    """Compare a run with a committed baseline: exit 0 pass, 1 regression, 2 usage error.
+    """Guard performance: exit 0 pass, 1 regression, 2 usage error.
 
-    FLOPs, parameters and the traced memory must match exactly; time (as a ratio to a reference
-    timed next to it) fails only if it grew by more than --threshold with Mann-Whitney p < --alpha,
-    and, when re-measured now, again on a second measurement.
+    With --against REF (what CI runs): the accepted commit and the working tree are timed side by
+    side, interleaved; a configuration regresses if the paired ratio exceeds 1 + --threshold with
+    Wilcoxon p < --alpha, twice. FLOPs, parameters and the traced memory must match --baseline
+    exactly. Without it: a stored run (--current) or a re-measurement now is compared with the
+    stored baseline, from the same machine only.
     """
     import os
+    import sys
 
     import pandas as pd
     from rich.console import Console
@@ -375,15 +401,33 @@ def regress(
     from evals import regress as rg
     from evals import results
 
-    if not threshold > 0:
+    if threshold is not None and not threshold > 0:
         _fail(f"--threshold must be a positive fraction (0.25 = 25%), got {threshold}")
     if not 0 < alpha < 1:
         _fail(f"--alpha must lie in (0, 1), got {alpha}")
+    if rounds is not None and rounds < 1:
+        _fail(f"--rounds must be a positive integer, got {rounds}")
+    if against is None:
+        for flag, given in (("--rounds", rounds is not None), ("--self-test", self_test is not None),
+                            ("--power", power is not None)):
+            if given:
+                _fail(f"{flag} only applies with --against REF")
+    elif current is not None or update:
+        _fail("--against measures both sides now; it cannot be combined with --current or --update")
+    if self_test is not None and not self_test > 1:
+        _fail(f"--self-test must be a slowdown factor above 1 (e.g. 1.5), got {self_test}")
+    if power is not None and self_test is not None:
+        _fail("--power injects its own factors; it cannot be combined with --self-test")
+    if power_runs < 2:
+        _fail(f"--power-runs must be at least 2 (a re-measurement pairs two runs), got {power_runs}")
     if current is not None and not current.is_file():
         _fail(f"--current {current} does not exist; pass a results CSV")
     if not update and not baseline.is_file():
         _fail(f"no baseline at {baseline}; create it with: bsbr-eval regress --baseline {baseline} --update")
-    import sys
+    if power is not None and power.exists() and not power.is_dir():
+        _fail(f"--power {power} is a file; give a folder")
+    if power is not None and (power / "power.csv").exists():
+        _fail(f"--power {power} already holds a power curve (power.csv); remove it or give another folder")
 
     console = Console(width=None if sys.stdout.isatty() else 120)  # CI logs: one line per table row
     start = results.utc_now()
@@ -395,6 +439,19 @@ def regress(
                 rg.check_columns(df, what)
     except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as e:
         _fail(" ".join(str(e).split()))
+
+    if against is not None:
+        _regress_against(console, base, baseline, against, threshold=threshold, alpha=alpha, rounds=rounds,
+                         self_test=self_test, power=power, power_runs=power_runs, show_all=show_all)
+    if not update and not allow_other_machine:  # stored times compare on one machine only
+        other = (results.read_sidecar(current) if current is not None
+                 else dict(results.environment(), command=None))
+        why = rg.machine_mismatch(results.read_sidecar(baseline), other, what_a=f"baseline {baseline}",
+                                  what_b=f"--current {current}" if current is not None else "this machine")
+        if why:
+            _fail(f"{why}; times do not transfer between machines: use --against REF, "
+                  "or --allow-other-machine to compare anyway")
+    threshold = 0.25 if threshold is None else threshold
 
     run_id = f"regress-{start}"
     with Progress(console=console, transient=True) as bar:
@@ -441,6 +498,67 @@ def regress(
         raise typer.Exit(0)
     console.print(rg.summary(findings))
     raise typer.Exit(1 if not rg.failures(findings).empty else 0)
+
+
+def _regress_against(console, base, baseline, ref, *, threshold, alpha, rounds, self_test, power, power_runs,
+                     show_all) -> None:
+    """``regress --against REF``: the A/B check, its self-test, or the power measurement. Exits."""
+    from rich.progress import Progress
+
+    from evals import ab
+    from evals import regress as rg
+    from evals.measure import parse_inject
+    from evals.registry import MODEL_NAMES
+
+    settings = rg.ab_settings()
+    threshold = settings["threshold"] if threshold is None else threshold
+    rounds = settings["rounds"] if rounds is None else rounds
+    try:
+        inject = parse_inject()  # side B only: the workers never read the variable themselves
+    except ValueError as e:
+        _fail(str(e))
+    if self_test is not None:
+        inject = {m: float(self_test) for m in MODEL_NAMES}
+    todo = int((base["status"] == "ok").sum())
+    run = None
+    if power is not None:
+        from evals import regress_power
+
+        def run(session):
+            return regress_power.measure_power(session, runs=power_runs, rounds=rounds, progress=lambda *_: None)
+    try:
+        with Progress(console=console, transient=True) as bar:
+            task = bar.add_task(f"A/B against {ref}", total=todo if power is None else None)
+            done = ab.against(ref, base, rounds=rounds, threshold=threshold, alpha=alpha, inject=inject,
+                              exact=self_test is None and power is None,
+                              progress=lambda i: bar.update(task, advance=1), run=run)
+    except ab.ABError as e:
+        _fail(str(e))
+    console.print(done.sides())
+    if power is not None:
+        from evals import regress_power
+
+        written = regress_power.write_power(power, done.result, alpha=alpha, ref=ref, ref_sha=done.ref_sha,
+                                            tree=done.tree, baseline=str(baseline))
+        console.print(f"wrote {', '.join(str(p) for p in written)}")
+        raise typer.Exit(0)
+    findings = done.result.findings
+    console.print(rg.render(findings, show_all=show_all, title=f"bsbr-eval regress --against {ref}",
+                            columns=("A (ms)", "B (ms)")))
+    summary = rg.ab_summary(findings, ref=f"{ref} ({done.ref_sha[:12]})", baseline=str(baseline))
+    if self_test is None:
+        console.print(summary)
+        raise typer.Exit(1 if not rg.failures(findings).empty else 0)
+    st = rg.self_test(findings, base, inject)
+    console.print(rg.render_self_test(st))
+    other = rg.failures(findings)
+    other = other[other["metric"] != rg.AB_TIME_METRIC]
+    passed = bool(st["ok"].all()) and other.empty
+    missed = [f"{r.model} {r.group}" for r in st.itertuples() if not r.ok]
+    console.print(f"SELF-TEST {'PASS' if passed else 'FAIL'}: {self_test:g}x injected into every model, "
+                  + ("caught in every model, level and mode" if not missed else f"missed: {', '.join(missed)}")
+                  + ("" if other.empty else f"; other failures: {summary}"))
+    raise typer.Exit(0 if passed else 1)
 
 
 # ---- convert command ----
