@@ -171,7 +171,12 @@ class Worker:
         self.send(**msg)
         return self.recv()
 
-    def close(self) -> None:
+    def close(self, *, kill: bool = False) -> None:
+        """Ask the worker to quit and wait for it; ``kill`` stops it at once (after an error, when
+        it may still be importing and would not read the request for seconds)."""
+        if kill and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
         if self.proc.poll() is None:
             try:
                 self.proc.stdin.write('{"op": "quit"}\n')
@@ -190,15 +195,17 @@ class Worker:
 def workers(a_tree: Path, b_tree: Path, *, a_what: str, b_what: str = "the working tree") -> Iterator[dict]:
     """``{"A": Worker, "B": Worker}``, started together, both stopped on the way out."""
     started: dict = {}
+    failed = True
     try:
         started["A"] = Worker("A", a_tree, what=a_what)
         started["B"] = Worker("B", b_tree, what=b_what)
         for w in started.values():
             w.handshake()
         yield started
+        failed = False
     finally:
         for w in started.values():
-            w.close()
+            w.close(kill=failed)
 
 
 # ----------------------------------------------------------------------------- sampling
