@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -290,14 +291,17 @@ class Against:
     rounds: int
     threshold: float
     alpha: float
+    phases: dict = field(default_factory=dict)  # wall seconds: start (worktree + workers), build, measure
 
     def sides(self) -> str:
         """Who was A and who was B, in one line (B says when it carries uncommitted changes)."""
         b = f"the working tree at {self.tree['sha'][:12]}" + (" + uncommitted changes (dirty)" if self.tree["dirty"]
                                                               else " (clean)")
         inj = (", injected into B: " + ",".join(f"{m}={f:g}" for m, f in self.inject.items())) if self.inject else ""
+        took = ", ".join(f"{k} {v:.0f} s" for k, v in self.phases.items())
         return (f"A = {self.ref} ({self.ref_sha[:12]}), B = {b}; {self.rounds} interleaved pairs per "
-                f"configuration, threshold 1+{self.threshold:g}, alpha {self.alpha:g}{inj}")
+                f"configuration, threshold 1+{self.threshold:g}, alpha {self.alpha:g}{inj}"
+                + (f"; wall time: {took}" if took else ""))
 
 
 def against(ref: str, rows, *, rounds: int, threshold: float, alpha: float, inject: dict, threads: int = 1,
@@ -314,12 +318,21 @@ def against(ref: str, rows, *, rounds: int, threshold: float, alpha: float, inje
     root = root or repo_root()
     b_tree = Path(b_tree or root)
     state = tree_state(b_tree)
+    phases, t0 = {}, time.monotonic()  # wall time per phase, for the report (not a measurement)
+
+    def lap(name):
+        nonlocal t0
+        phases[name], t0 = time.monotonic() - t0, time.monotonic()
+
     with ref_worktree(ref, root) as (path, sha):
         with workers(path, b_tree, a_what=f"ref {ref} ({sha[:12]})") as ws:
+            lap("start")
             session = open_session(ws, rows, threads=threads, inject=inject, exact=exact)
+            lap("build" + (" + exact metrics" if exact else ""))
             if run is not None:
                 result = run(session)
             else:
                 result = rg.ab_check(rows, session.built, session.sample, rounds=rounds, threshold=threshold,
                                      alpha=alpha, progress=progress)
-    return Against(result, ref, sha, state, dict(inject), rounds, threshold, alpha)
+            lap("measure")
+    return Against(result, ref, sha, state, dict(inject), rounds, threshold, alpha, phases)

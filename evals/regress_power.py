@@ -12,9 +12,10 @@ code? Both are measured, on the machine the guard runs on, with the guard's own 
   ``s`` pairs. The re-measurement is simulated with the next trial of the same factor (run
   ``j`` is confirmed by run ``j + 1``, cyclically): an independent measurement of the same
   configuration, which is what the live re-measurement is.
-- ``choose``: the settings that raised no false alarm on any clean run and caught 1.5x in every
-  model, level and mode on every run; among those, the smallest threshold (most power at 1.1-1.3x),
-  then the fewest pairs (fastest). ``evals.regress.ab_settings`` reads the choice back.
+- ``choose``: the settings that flagged no clean run (not even before the re-measurement) and
+  caught 1.5x in every model, level and mode on every run; among those, the smallest threshold
+  (most power at 1.1-1.3x), then the fewest pairs (fastest). ``evals.regress.ab_settings``
+  reads the choice back.
 
 The injection burns ``(f - 1)`` times each call's duration of CPU inside the timed region
 (``evals.measure._injected``). The table records the measured paired ratio (``ratio_median``)
@@ -136,22 +137,28 @@ def choose(table: pd.DataFrame) -> dict:
     """The settings the guard should use, by the rule in the module docstring, and why."""
     cand = []
     for (t, s), g in table.groupby(["threshold", "rounds"], sort=True):
-        clean = g[(g["factor"] == 1.0) & (g["model"] == "any")]["rate"]
+        clean = g[(g["factor"] == 1.0) & (g["model"] == "any")]
         cells = g[(g["factor"] == max(g["factor"])) & ~g["model"].isin(["any"]) & (g["group"] != "all")]
-        false_alarm = float(clean.iloc[0]) if len(clean) else float("nan")
+        false_alarm = float(clean["rate"].iloc[0]) if len(clean) else float("nan")
+        first = float(clean["first_pass"].iloc[0]) if len(clean) else float("nan")
         worst_top = float(cells["rate"].min()) if len(cells) else float("nan")
-        cand.append(dict(threshold=float(t), rounds=int(s), false_alarm=false_alarm, worst_detection_top=worst_top))
+        cand.append(dict(threshold=float(t), rounds=int(s), false_alarm=false_alarm, false_alarm_first_pass=first,
+                         worst_detection_top=worst_top))
     c = pd.DataFrame(cand)
-    good = c[(c["false_alarm"] == 0) & (c["worst_detection_top"] == 1)]
+    # Zero false alarms even before the re-measurement: 0 of 10 clean runs only bounds a rate
+    # below ~26% (95%), and the re-measurement squares that; picking the smallest threshold that
+    # happened to pass the confirmed rate alone would select for luck.
+    good = c[(c["false_alarm"] == 0) & (c["false_alarm_first_pass"] == 0) & (c["worst_detection_top"] == 1)]
     if len(good):
         pick = good.sort_values(["threshold", "rounds"]).iloc[0]
-        why = ("the smallest threshold, then the fewest pairs, with no false alarm on any clean run and "
-               "every model, level and mode caught at the largest factor on every run")
+        why = ("the smallest threshold, then the fewest pairs, with no clean run flagged (even before the "
+               "re-measurement) and every model, level and mode caught at the largest factor on every run")
     else:  # nothing met both: fewest false alarms, then most detection, then smallest threshold
         pick = c.sort_values(["false_alarm", "worst_detection_top", "threshold", "rounds"],
                              ascending=[True, False, True, True]).iloc[0]
         why = "no setting met both targets; this one had the fewest false alarms, then the most detection"
     return dict(threshold=float(pick["threshold"]), rounds=int(pick["rounds"]), false_alarm=float(pick["false_alarm"]),
+                false_alarm_first_pass=float(pick["false_alarm_first_pass"]),
                 worst_detection_top=float(pick["worst_detection_top"]), rule=why)
 
 

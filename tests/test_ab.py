@@ -1,7 +1,8 @@
 """The A/B runner's handling of git and of its workers, on a throwaway repository.
 
-The repository holds a copy of this tree's code in three commits: ``good``, then ``broken``
-(``bsbr`` raises on import), then ``fixed`` (good again) at HEAD. Side A is materialised from it;
+The repository holds a copy of this tree's code in four commits: ``good``, ``broken`` (``bsbr``
+raises on import), ``old-harness`` (models fine, its ``evals/measure.py`` raises on import: the
+workers must time it with the working tree's harness, never its own), then ``fixed`` at HEAD. Side A is materialised from it;
 side B is the throwaway checkout itself, so nothing here touches the project's own repository.
 """
 
@@ -38,6 +39,12 @@ def repo(tmp_path_factory):
     git(root, "commit", "-qam", "broken")
     git(root, "tag", "broken")
     init.write_text(text)
+    harness = root / "evals" / "measure.py"
+    code = harness.read_text()
+    harness.write_text('raise ImportError("an older harness")\n' + code)
+    git(root, "commit", "-qam", "old harness")
+    git(root, "tag", "old-harness")
+    harness.write_text(code)
     git(root, "commit", "-qam", "fixed")
     return root
 
@@ -103,7 +110,7 @@ def test_a_ref_whose_code_cannot_import_names_the_ref(repo):
     assert worktrees(repo) == 1
 
 
-def test_dirty_tree_is_measured_as_it_is_and_injection_reaches_side_b_only(repo, rows, monkeypatch):
+def test_dirty_tree_own_harness_and_injection_on_side_b_only(repo, rows, monkeypatch):
     # The variable is set in the parent: workers must not read it (side A would be slowed too).
     monkeypatch.setenv("BSBR_EVAL_INJECT_SLOWDOWN", "BSBR=3")
     assert ab.tree_state(repo)["dirty"] is False
@@ -113,7 +120,7 @@ def test_dirty_tree_is_measured_as_it_is_and_injection_reaches_side_b_only(repo,
     try:
         state = ab.tree_state(repo)
         assert state["dirty"] is True and state["sha"] == git(repo, "rev-parse", "HEAD")
-        done = ab.against("good", rows, rounds=8, threshold=0.2, alpha=0.01, inject={"Standard": 3.0},
+        done = ab.against("old-harness", rows, rounds=8, threshold=0.2, alpha=0.01, inject={"Standard": 3.0},
                           root=repo, b_tree=repo)
     finally:
         readme.write_text(text)
