@@ -445,7 +445,7 @@ def regress(
                          self_test=self_test, power=power, power_runs=power_runs, show_all=show_all)
     if not update and not allow_other_machine:  # stored times compare on one machine only
         other = (results.read_sidecar(current) if current is not None
-                 else dict(results.environment(), command=None))
+                 else results.environment())
         why = rg.machine_mismatch(results.read_sidecar(baseline), other, what_a=f"baseline {baseline}",
                                   what_b=f"--current {current}" if current is not None else "this machine")
         if why:
