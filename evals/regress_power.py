@@ -43,10 +43,10 @@ def measure_power(session, *, runs: int, rounds: int = COLLECT, factors=FACTORS,
     """Raw pairs of every trial: one row per (run, factor, configuration, pair).
 
     ``session``: an ``evals.ab.Session`` (both sides built); side B's injection is set per trial.
-    Columns: ``run, factor, i, config, model, level, mode, seq_len, pair, a_ms, b_ms``.
+    Columns: ``run, factor, i, model, level, mode, seq_len, pair, a_ms, b_ms`` (``i``: the row of
+    the baseline file).
     """
     from evals.ab import interleave
-    from evals.regress import config_label
 
     collect = max(int(rounds), COLLECT)
     idx = session.testable()
@@ -61,7 +61,7 @@ def measure_power(session, *, runs: int, rounds: int = COLLECT, factors=FACTORS,
                 for i, (a, b) in interleave(idx, collect, session.sample).items():
                     r = rows.iloc[i]
                     for k in range(collect):
-                        out.append(dict(run=run, factor=f, i=i, config=config_label(r), model=r["model"],
+                        out.append(dict(run=run, factor=f, i=i, model=r["model"],
                                         level=r["level"], mode=r["mode"], seq_len=int(r["seq_len"]), pair=k,
                                         a_ms=float(a[k]), b_ms=float(b[k])))
     finally:
@@ -164,7 +164,8 @@ def choose(table: pd.DataFrame) -> dict:
 
 def write_power(out_dir, samples: pd.DataFrame, *, alpha: float, ref: str, ref_sha: str, tree: dict,
                 baseline: str) -> list:
-    """Analyse ``samples`` and write, under ``out_dir``: ``samples.csv`` (every raw pair),
+    """Analyse ``samples`` and write, under ``out_dir``: ``samples.csv.gz`` (every raw pair; 50
+    trials of the guard's grid are ~75k rows, so it is compressed),
     ``power.csv`` (``power_table``), ``power.json`` (its sidecar: the machine, the code, the
     command and ``chosen``, which ``regress --against`` then uses) and ``power.png``.
     Each file is written to a temporary name and renamed; returns the paths."""
@@ -178,10 +179,10 @@ def write_power(out_dir, samples: pd.DataFrame, *, alpha: float, ref: str, ref_s
     table = power_table(dec)
     chosen = choose(table)
     written = []
-    for name, df in (("samples.csv", samples), ("power.csv", table)):
+    for name, df in (("samples.csv.gz", samples), ("power.csv", table)):
         path = out / name
         tmp = path.with_name(path.name + ".tmp")
-        df.to_csv(tmp, index=False)
+        df.to_csv(tmp, index=False, compression="gzip" if name.endswith(".gz") else None)
         os.replace(tmp, path)
         written.append(path)
     info = dict(results.environment(), ref=ref, ref_sha=ref_sha, working_tree=tree, baseline=baseline, alpha=alpha,

@@ -22,7 +22,7 @@ def synthetic_samples(runs=4, pairs=24, noise=0.04, seed=0, wild=None):
                 a = 2.0 * m * np.exp(rng.normal(0, noise, pairs))
                 b = 2.0 * f * m * np.exp(rng.normal(0, noise, pairs)) * (1.4 if wild == (run, f, i) else 1.0)
                 for k in range(pairs):
-                    out.append(dict(run=run, factor=f, i=i, config=f"{model} {mode} {level}", model=model, level=level,
+                    out.append(dict(run=run, factor=f, i=i, model=model, level=level,
                                     mode=mode, seq_len=128, pair=k, a_ms=a[k], b_ms=b[k]))
     return pd.DataFrame(out)
 
@@ -59,11 +59,11 @@ def test_a_false_alarm_needs_the_remeasurement_to_agree():
 def test_write_power_writes_the_table_the_sidecar_and_the_figure(tmp_path):
     written = write_power(tmp_path / "p", synthetic_samples(runs=2), alpha=0.01, ref="good", ref_sha="a" * 40,
                           tree=dict(sha="b" * 40, dirty=False), baseline="results/baselines/cpu.csv")
-    assert sorted(p.name for p in written) == ["power.csv", "power.json", "power.png", "samples.csv"]
+    assert sorted(p.name for p in written) == ["power.csv", "power.json", "power.png", "samples.csv.gz"]
     info = json.loads((tmp_path / "p" / "power.json").read_text())
     assert info["ref_sha"] == "a" * 40 and info["runs"] == 2 and set(info["chosen"]) >= {"threshold", "rounds"}
     assert (tmp_path / "p" / "power.png").stat().st_size > 10_000
-    assert len(pd.read_csv(tmp_path / "p" / "samples.csv")) == 2 * 5 * len(CONFIGS) * 24
+    assert len(pd.read_csv(tmp_path / "p" / "samples.csv.gz")) == 2 * 5 * len(CONFIGS) * 24
 
 
 def test_cli_power_writes_the_curve_and_refuses_to_overwrite_it(tmp_path, monkeypatch):
@@ -93,3 +93,30 @@ def test_cli_power_writes_the_curve_and_refuses_to_overwrite_it(tmp_path, monkey
     assert json.loads((tmp_path / "pw" / "power.json").read_text())["ref"] == "good"
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 2 and "already holds a power curve" in r.output
+
+
+def test_measure_power_schedule_on_a_fake_session():
+    # Each run: a clean trial, then one per factor with every model injected on B; B is left
+    # uninjected afterwards; the pairs are what sample() returned, in order.
+    from evals.regress_power import measure_power
+
+    class Session:
+        rows = pd.DataFrame([dict(model=m, level=lv, mode=md, seq_len=128) for m, lv, md in CONFIGS])
+        inject, log = {}, []
+
+        def testable(self):
+            return [0, 2]  # row 1 did not build on one side
+
+        def set_inject(self, factors):
+            self.inject = dict(factors)
+            self.log.append(max(factors.values(), default=1.0))
+
+        def sample(self, side, i):
+            return 2.0 * (self.inject.get(self.rows.model[i], 1.0) if side == "B" else 1.0)
+
+    s = Session()
+    got = measure_power(s, runs=2, rounds=8, factors=(1.2, 1.5))
+    assert s.log == [1.0, 1.2, 1.5, 1.0, 1.2, 1.5, 1.0] and s.inject == {}
+    assert len(got) == 2 * 3 * 2 * 24  # runs x trials x configurations x pairs (at least COLLECT)
+    assert set(got["i"]) == {0, 2}
+    assert np.allclose(got["b_ms"] / got["a_ms"], got["factor"])
