@@ -14,19 +14,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
-import pandas as pd
 import torch
 import typer
 import typer.core
 from rich.console import Console
-from rich.progress import Progress
 from rich.table import Table
 
 from evals import compare as sweep
 from evals import convert_experiment as conv
+from evals import guard
 from evals import forms as fm
 from evals import recall as rc
-from evals import regress as rg
 from evals import report, results
 from evals.grid import DTYPES, SDPA_BACKENDS
 from evals.options import check_positive, choose, positive_ints
@@ -276,96 +274,56 @@ def analyze(
 @app.command(cls=Command)
 def regress(
     baseline: Annotated[Path, typer.Option(
-        help="The committed baseline CSV (its JSON sidecar sits beside it).")] = Path("results/baselines/cpu.csv"),
-    current: Annotated[Optional[Path], typer.Option(
-        help="Compare this stored run instead of re-measuring the baseline's configurations now.",
+        help="The committed baseline CSV (its JSON sidecar sits beside it): the guard's configurations and "
+             "their exact metrics.")] = Path("results/baselines/cpu.csv"),
+    against: Annotated[Optional[str], typer.Option(
+        "--against", help="A git ref (e.g. $(cat results/baselines/ref)): measure it and the working tree "
+                          "side by side now, interleaved, and compare their times pair by pair.",
         show_default=False)] = None,
+    current: Annotated[Optional[Path], typer.Option(
+        help="Compare this stored run (same machine only) instead of re-measuring the baseline's "
+             "configurations now.", show_default=False)] = None,
     update: Annotated[bool, typer.Option(
         "--update", help="Rewrite the baseline with this run (re-measured now, or --current) and exit 0. "
                          "With no baseline file yet, measures the guard's default grid.")] = False,
-    threshold: Annotated[float, typer.Option(
-        help="Smallest growth of time/reference that can count as a regression (0.25 = 25%).")] = 0.25,
+    threshold: Annotated[Optional[float], typer.Option(
+        help="Smallest slowdown that can count as a regression (0.2 = 20%). Default: with --against, the "
+             "one chosen from results/regress_power/ (0.2 until it exists); else 0.25.",
+        show_default=False)] = None,
     alpha: Annotated[float, typer.Option(
-        help="Significance level of the one-sided Mann-Whitney test on the raw samples.")] = 0.01,
+        help="Significance level of the one-sided test on the raw samples (Wilcoxon signed-rank on the "
+             "paired log ratios with --against, Mann-Whitney otherwise).")] = 0.01,
+    rounds: Annotated[Optional[int], typer.Option(
+        help="With --against: interleaved A/B pairs per configuration. Default: chosen from "
+             "results/regress_power/ (16 until it exists).", show_default=False)] = None,
+    self_test: Annotated[Optional[float], typer.Option(
+        "--self-test", help="With --against: make every model FACTOR times slower on the working-tree side; "
+                            "exit 0 only if every model is caught in every level and mode of the grid.",
+        show_default=False)] = None,
+    power: Annotated[Optional[Path], typer.Option(
+        "--power", help="With --against: measure the guard's power curve (detection of 1.1x-1.5x injected, "
+                        "false alarms on clean runs) and write it to this folder.", show_default=False)] = None,
+    power_runs: Annotated[int, typer.Option(help="With --power: runs per injected factor, and clean runs.")] = 10,
+    allow_other_machine: Annotated[bool, typer.Option(
+        "--allow-other-machine", help="Compare stored times although the runs' machine fingerprints "
+                                      "(CPU model, core count, torch build) differ.")] = False,
     show_all: Annotated[bool, typer.Option("--all", help="Show every check, not only what moved.")] = False,
 ) -> None:
-    """Compare a run with a committed baseline: exit 0 pass, 1 regression, 2 usage error.
+    """Guard performance: exit 0 pass, 1 regression, 2 usage error.
 
-    FLOPs, parameters and the traced memory must match exactly; time (as a ratio to a reference
-    timed next to it) fails only if it grew by more than --threshold with Mann-Whitney p < --alpha,
-    and, when re-measured now, again on a second measurement. A baseline or run with a torn row,
-    missing columns or a non-numeric value is refused (exit 2), never passed.
+    With --against REF (what CI runs): the accepted commit and the working tree are timed side by
+    side, interleaved; a configuration regresses if the paired ratio exceeds 1 + --threshold with
+    Wilcoxon p < --alpha, twice. FLOPs, parameters and the traced memory must match --baseline
+    exactly. Without it: a stored run (--current) or a re-measurement now is compared with the
+    stored baseline, from the same machine only. A baseline or run with a torn row, missing
+    columns or a non-numeric value is refused (exit 2), never passed.
     """
-    with exit_codes():
-        if not threshold > 0:
-            raise ResultsError(f"--threshold must be a positive fraction (0.25 = 25%), got {threshold}")
-        if not 0 < alpha < 1:
-            raise ResultsError(f"--alpha must lie in (0, 1), got {alpha}")
-        if not update and not baseline.is_file():
-            raise ResultsError(f"no baseline at {baseline}; create it with: "
-                               f"bsbr-eval regress --baseline {baseline} --update")
-        need = tuple(rg.KEY_COLUMNS) + ("status", "samples_ms") + tuple(rg.EXACT_COLUMNS)
-        base = results.read_table(baseline, required=need, what="baseline").rows if baseline.is_file() else None
-        cur = results.read_table(current, required=need, what="current run").rows if current else None
-        if update:
-            results.check_output(baseline, "--baseline")
-            if cur is not None:
-                rg_baseline_shaped(cur, current)
     console = Console(width=None if sys.stdout.isatty() else 120)  # CI logs: one line per table row
-    start = results.utc_now()
-    run_id = f"regress-{start}"
-    with Progress(console=console, transient=True) as bar:
-        task = bar.add_task("measuring", total=None)
-
-        def progress(label: str) -> None:
-            bar.update(task, description=f"measuring {label}", advance=1)
-
-        if update:
-            if cur is None:  # re-measure the baseline's configurations (or the default grid)
-                rows = base if base is not None else pd.DataFrame(
-                    [dict(c.fields(), threads=rg.GUARD_THREADS) for c in rg.guard_cases()])
-                bar.update(task, total=len(rows))
-                new = rg.measure_all(rows, run_id=run_id, progress=progress)
-            else:
-                new = cur
-            findings = rg.compare_runs(base, new, threshold=threshold, alpha=alpha) if base is not None else None
-        elif cur is not None:
-            findings = rg.compare_runs(base, cur, threshold=threshold, alpha=alpha)
-        else:
-            bar.update(task, total=int((base["status"] == "ok").sum()))
-            findings = rg.live_check(base, threshold=threshold, alpha=alpha, run_id=run_id, progress=progress).findings
-    if findings is not None:
-        console.print(rg.render(findings, show_all=show_all))
-    if update:
-        broken = new[new["status"] != "ok"]
-        if len(broken):  # a baseline row that is not ok would switch the guard off for it
-            for _, r in broken.iterrows():
-                console.print(f"{rg.config_label(r)}: {r['status']} {r.get('error', '')}")
-            console.print(f"FAIL: not writing {baseline}: {len(broken)} configuration(s) did not measure ok")
-            raise typer.Exit(1)
-        with exit_codes(), results.locked(baseline, "--baseline"):
-            results.write_frame(baseline, rg.run_frame(new))
-            results.write_sidecar(baseline, dict(results.environment(), utc_start=start, utc_end=results.utc_now(),
-                                                 source=str(current) if current else "measured now",
-                                                 guard=rg.guard_settings(), rows=len(new)))
-        console.print(f"wrote baseline {baseline} ({len(new)} rows) and {results.sidecar_path(baseline)}")
-        raise typer.Exit(0)
-    console.print(rg.summary(findings))
-    raise typer.Exit(1 if not rg.failures(findings).empty else 0)
-
-
-def rg_baseline_shaped(run: pd.DataFrame, path: Path) -> None:
-    """``--update --current`` takes only a run the guard measured (``regress --update`` output): the
-    live check needs its paired reference samples and its deterministic memory method."""
-    ok = run[run["status"] == "ok"]
-    if "ref_samples_ms" not in run.columns or ok["ref_samples_ms"].isna().any():
-        raise ResultsError(f"--current {path} is not a baseline-shaped run: it has no paired reference samples "
-                           "(ref_samples_ms), so the live check could never match it; a baseline is measured by "
-                           "bsbr-eval regress --update (without --current)")
-    bad = sorted(set(ok["memory_method"].dropna()) - set(rg.EXACT_MEMORY_METHODS)) if "memory_method" in ok else []
-    if bad:
-        raise ResultsError(f"--current {path} is not a baseline-shaped run: memory_method {', '.join(bad)}; "
-                           f"a baseline's is {', '.join(rg.EXACT_MEMORY_METHODS)}")
+    with exit_codes():
+        code = guard.run_regress(console, baseline=baseline, against=against, current=current, update=update,
+                                 threshold=threshold, alpha=alpha, rounds=rounds, self_test=self_test, power=power,
+                                 power_runs=power_runs, allow_other_machine=allow_other_machine, show_all=show_all)
+    raise typer.Exit(code)
 
 
 @app.command(cls=Command)

@@ -39,7 +39,7 @@ cache outside the timed region, then time ``k`` one-token steps per sample from 
 that cache; ``time_ms`` is per token; at op level a sample is one cached step of the mixer).
 
 Slowdown injection for the regression guard's self-test: ``BSBR_EVAL_INJECT_SLOWDOWN=
-"MODEL=FACTOR[,MODEL=FACTOR]"`` makes each timed call of that model sleep for ``FACTOR - 1``
+"MODEL=FACTOR[,MODEL=FACTOR]"`` makes each timed call of that model busy-wait for ``FACTOR - 1``
 times its own measured duration, inside the timed region, so the model takes FACTOR times as long.
 """
 
@@ -112,19 +112,35 @@ def _sync(device: str) -> None:
 
 
 def _injected(fn: Callable[[], object], device: str, factor: float) -> Callable[[], object]:
-    """``fn`` made ``factor`` times slower: after each call, sleep (factor - 1) x its duration."""
+    """``fn`` made ``factor`` times slower: after each call, busy-wait (factor - 1) x its duration
+    (on the CPU: the calling thread's CPU time of the call)."""
     if factor == 1.0:
         return fn
 
+    cuda = device.startswith("cuda")
+
     def slowed():
         _sync(device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         out = fn()
         _sync(device)
-        time.sleep((factor - 1.0) * (time.perf_counter() - t0))
+        # The call's own work: on the CPU this thread's CPU time, so time it spent pre-empted is
+        # not multiplied too; on CUDA the wall time, since the thread idles while the GPU works.
+        took = time.perf_counter() - t0 if cuda else time.thread_time() - c0
+        _spin((factor - 1.0) * took)
         return out
 
     return slowed
+
+
+def _spin(seconds: float) -> None:
+    """Burn ``seconds`` of this thread's CPU time, as slower code would. Not a sleep: a sleep
+    yields the core (its caches go to whoever runs meanwhile) and wakes ~50-100 us late, so a
+    1.1x injection into a 1 ms call read as 1.2x; and time pre-empted here does not count, so the
+    regression guard, which removes pre-emption from its samples, sees exactly the injected work."""
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
 
 
 def time_fn(fn: Callable[[], object], *, device: str = "cpu", repeats: int = 10, warmup: int = 1,

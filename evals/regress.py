@@ -322,11 +322,12 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def render(findings: pd.DataFrame, *, show_all: bool = False, title: str = "bsbr-eval regress"):
+def render(findings: pd.DataFrame, *, show_all: bool = False, title: str = "bsbr-eval regress",
+           columns: tuple = ("baseline", "current")):
     """A rich Table of what moved and by how much (every row with ``show_all``).
 
     Shown by default: every verdict but ``ok``, and any time change beyond 10%, so a slow
-    drift is visible long before it fails.
+    drift is visible long before it fails. ``columns`` names the two value columns.
     """
     from rich.table import Table
 
@@ -334,7 +335,7 @@ def render(findings: pd.DataFrame, *, show_all: bool = False, title: str = "bsbr
     moved |= findings["metric"].str.startswith("time") & (findings["change"].abs() > 0.1)
     shown = findings if show_all else findings[moved]
     table = Table(title=title, title_justify="left")
-    for col, just in (("config", "left"), ("metric", "left"), ("baseline", "right"), ("current", "right"),
+    for col, just in (("config", "left"), ("metric", "left"), (columns[0], "right"), (columns[1], "right"),
                       ("change", "right"), ("p", "right"), ("verdict", "left")):
         table.add_column(col, justify=just)
     for _, r in shown.iterrows():
@@ -361,12 +362,17 @@ def summary(findings: pd.DataFrame) -> str:
 
 # ----------------------------------------------------------------------------- live measurement
 
-# The guard's grid: every model, three lengths, prefill and training, small enough that the
-# whole live check takes about a minute on two shared cores. Changing it means --update.
+# The guard's grid: every model at three lengths in prefill and training; decoding (16 cached
+# steps after a prefill); and the token-mixing layer alone, where a regression of the mixer is not
+# diluted by the embedding, feed-forward and head around it (the whole model can hide a 1.5x
+# slower mixer as 1.2x). Small enough that an A/B check takes a few minutes on two shared cores.
+# Changing it means rewriting the baseline: delete it, then --update.
 GUARD_CONFIG = dict(vocab_size=256, hidden_dim=64, num_layers=2, num_heads=4, ff_dim=128,
                     chunk_size=32, window_size=32, qk_dim=32)
 GUARD_LENGTHS = (128, 256, 512)
 GUARD_MODES = ("forward", "train")
+GUARD_DECODE_LENGTHS = (256,)          # model level, decode mode
+GUARD_LAYER_LENGTHS = (512,)           # layer level, forward and train
 # One thread: on a shared 2-core box a second thread turns every barrier into a wait on whoever
 # else holds the other core. Memory (per-thread buffers) depends on it, so it is pinned.
 GUARD_THREADS = 1
@@ -378,11 +384,17 @@ REF_TOKENS, REF_DIM = 256, 256
 
 
 def guard_cases() -> list:
-    """The cases of a fresh baseline (``--update`` with no baseline file yet)."""
+    """The cases of a fresh baseline (``--update`` with no baseline file yet), model by model."""
     from evals.grid import expand_grid
     from evals.registry import MODEL_NAMES, ModelConfig
 
-    return expand_grid(MODEL_NAMES, GUARD_LENGTHS, modes=GUARD_MODES, config=ModelConfig(**GUARD_CONFIG))
+    cfg = ModelConfig(**GUARD_CONFIG)
+    out = []
+    for m in MODEL_NAMES:
+        out += expand_grid([m], GUARD_LENGTHS, modes=GUARD_MODES, config=cfg)
+        out += expand_grid([m], GUARD_DECODE_LENGTHS, modes=["decode"], config=cfg)
+        out += expand_grid([m], GUARD_LAYER_LENGTHS, modes=GUARD_MODES, level="layer", config=cfg)
+    return out
 
 
 def case_from_row(row) -> "Case":
@@ -458,8 +470,8 @@ class RunqueueWait:
     Linux's ``/proc/thread-self/schedstat`` (second field; ``Documentation/scheduler/sched-stats``).
 
     On a shared machine most of a sample's noise is exactly this: another process holding the
-    core. Subtracting it leaves the time the code ran plus any time it chose to sleep (so the
-    harness's injected slowdown, which sleeps, is still measured). It counts the calling thread
+    core. Subtracting it leaves the time the code ran plus any time it chose to sleep (the
+    harness's injected slowdown burns CPU, so it is measured whole). It counts the calling thread
     only, which is why the guard pins torch to one thread (intra-op work then runs on it).
     ``available`` is False where the file does not exist (not Linux); then nothing is subtracted.
     """
@@ -489,7 +501,7 @@ def _timed_once(fn: Callable, wait: RunqueueWait, *, device: str, threads: int, 
                 inject: float = 1.0) -> float:
     """One sample of ``fn`` from the harness's ``time_fn`` (per call, ms), less the runqueue wait
     from the start of its first timed call to its return (what ``time_fn`` timed, give or take a
-    few microseconds), so the wait after an injected sleep is removed too."""
+    few microseconds), so a wait during the injected busy-wait is removed too."""
     from evals.measure import time_fn
 
     starts: list = []  # runqueue wait (ns) at the start of each call: the block-sizing call first
@@ -632,3 +644,220 @@ def run_frame(rows) -> pd.DataFrame:
         if c not in df.columns:
             df[c] = ""
     return df[list(COLUMNS) + [c for c in cols if c not in COLUMNS]]
+
+
+# ----------------------------------------------------------------------------- A/B (--against)
+#
+# ``bsbr-eval regress --against REF`` measures the accepted commit (side A) and the working tree
+# (side B) side by side (``evals.ab``). No stored time is compared; a configuration is decided
+# on its pairs of samples, A and B taken back to back:
+#
+# - the paired ratio is the geometric mean of b_k / a_k over the s pairs;
+# - it regresses when that ratio exceeds 1 + threshold *and* the one-sided Wilcoxon signed-rank
+#   test (Wilcoxon, 1945) on the log ratios log(b_k / a_k) says B is slower with p < alpha;
+# - a configuration that regresses is measured once more (fresh pairs, the same workers) and
+#   reported only if it regresses again; otherwise it is ``transient`` and passes.
+#
+# Provisional defaults (until results/regress_power/power.json records the ones chosen from the
+# measured power curve, which then take their place: see ``ab_settings``).
+AB_THRESHOLD = 0.2
+AB_ROUNDS = 16
+POWER_FILE = "results/regress_power/power.json"
+AB_TIME_METRIC = "time B/A"
+
+
+def ab_settings(root=None) -> dict:
+    """The A/B check's threshold and rounds: those chosen from the committed power curve
+    (``POWER_FILE``'s ``chosen``), else the provisional defaults; and where they came from."""
+    from pathlib import Path
+
+    path = Path(root or Path(__file__).resolve().parents[1]) / POWER_FILE
+    try:
+        chosen = json.loads(path.read_text(encoding="utf-8"))["chosen"]
+        return dict(threshold=float(chosen["threshold"]), rounds=int(chosen["rounds"]), source=str(POWER_FILE))
+    except (OSError, ValueError, KeyError, TypeError):
+        return dict(threshold=AB_THRESHOLD, rounds=AB_ROUNDS, source="provisional defaults (no power curve yet)")
+
+
+def min_signed_rank_p(s: int) -> float:
+    """Smallest one-sided exact Wilcoxon signed-rank p-value reachable with ``s`` pairs."""
+    return 0.5 ** s if s > 0 else 1.0
+
+
+def paired_verdict(a: np.ndarray, b: np.ndarray, *, threshold: float = AB_THRESHOLD,
+                   alpha: float = DEFAULT_ALPHA) -> tuple[float, float, str]:
+    """``(geometric-mean ratio - 1, one-sided p, verdict)`` for (s,) paired samples of A and B.
+
+    Pairs with a non-finite or non-positive sample are dropped. ``untestable`` when too few
+    pairs remain for the test ever to reach ``alpha``; ``faster`` is the mirror image of
+    ``regression`` (same factor, same test the other way) and passes.
+    """
+    from scipy.stats import wilcoxon
+
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    keep = np.isfinite(a) & np.isfinite(b) & (a > 0) & (b > 0)
+    r = np.log(b[keep] / a[keep])  # (s,) log ratios
+    if min_signed_rank_p(len(r)) >= alpha:
+        return float("nan"), float("nan"), UNTESTABLE
+    ratio = float(np.exp(r.mean()))
+    if ratio > 1 + threshold:
+        p = float(wilcoxon(r, alternative="greater").pvalue)
+        return ratio - 1, p, REGRESSION if p < alpha else OK
+    if ratio < 1 / (1 + threshold):
+        p = float(wilcoxon(r, alternative="less").pvalue)
+        return ratio - 1, p, FASTER if p < alpha else OK
+    return ratio - 1, float("nan"), OK
+
+
+def ab_findings(rows: pd.DataFrame, built: dict, pairs: dict, *, threshold: float = AB_THRESHOLD,
+                alpha: float = DEFAULT_ALPHA) -> pd.DataFrame:
+    """Every check of an A/B run, one row per (configuration, metric), as ``compare_runs`` gives.
+
+    ``rows``: the committed configurations (their exact metrics are the reference for side B);
+    ``built[side][i]``: what side A / B reported when building row ``i`` (side B with its exact
+    metrics); ``pairs[i]``: ((s,), (s,)) samples of A and B. For time, ``baseline`` and
+    ``current`` are the median ms of A and B and ``change`` the paired ratio - 1. An extra column
+    ``i`` is the row index.
+    """
+    out = []
+
+    def add(i, row, metric, b, c, change=float("nan"), p=float("nan"), verdict=OK):
+        out.append(dict(config=config_label(row), model=row["model"], mode=row["mode"], seq_len=int(row["seq_len"]),
+                        metric=metric, baseline=b, current=c, change=change, p_value=p, verdict=verdict, i=i))
+
+    for i, (_, row) in enumerate(rows.iterrows()):
+        if row["status"] != "ok":
+            continue
+        a, b = built["A"][i], built["B"][i]
+        if b["status"] != "ok":
+            add(i, row, "status", "ok", f"error: {b.get('error', '')}", verdict=MISSING)
+            continue
+        exact = "params" in b  # side B was asked for its exact metrics
+        for col in EXACT_COLUMNS if exact else ():  # the working tree against the committed file, to the unit
+            same = _exact_equal(row[col], b.get(col))
+            add(i, row, col, row[col], b.get(col), _rel(row[col], b.get(col)), verdict=OK if same else CHANGED)
+        if exact and "peak_memory_mb" in row.index and b.get("memory_method") is not None:
+            if row.get("memory_method") != b.get("memory_method"):
+                add(i, row, "memory_method", row.get("memory_method"), b.get("memory_method"), verdict=CHANGED)
+            else:
+                same = _exact_equal(row["peak_memory_mb"], b["peak_memory_mb"])
+                exact = str(row["memory_method"]) in EXACT_MEMORY_METHODS
+                add(i, row, "peak_memory_mb", row["peak_memory_mb"], b["peak_memory_mb"],
+                    _rel(row["peak_memory_mb"], b["peak_memory_mb"]), verdict=OK if same or not exact else CHANGED)
+        if a["status"] != "ok":  # the accepted commit cannot build it: nothing to compare time with
+            add(i, row, AB_TIME_METRIC, f"error: {a.get('error', '')}"[:80], "", verdict=NEW)
+            continue
+        s_a, s_b = pairs[i]
+        change, p, verdict = paired_verdict(s_a, s_b, threshold=threshold, alpha=alpha)
+        add(i, row, AB_TIME_METRIC, _median(s_a), _median(s_b), change, p, verdict)
+    return pd.DataFrame(out, columns=["config", "model", "mode", "seq_len", "metric", "baseline", "current",
+                                      "change", "p_value", "verdict", "i"])
+
+
+@dataclass
+class ABResult:
+    findings: pd.DataFrame   # ab_findings, re-measured regressions replaced, transient ones marked
+    pairs: dict              # i -> ((s,), (s,)) the samples the verdict stands on
+    remeasured: list         # row indices measured a second time
+
+
+def ab_check(rows: pd.DataFrame, built: dict, sample: Callable[[str, int], float], *, rounds: int = AB_ROUNDS,
+             threshold: float = AB_THRESHOLD, alpha: float = DEFAULT_ALPHA,
+             progress: Optional[Callable[[int], None]] = None) -> ABResult:
+    """Measure every configuration both sides built (``rounds`` interleaved pairs each), decide,
+    and measure each time regression once more: it stands only if it regresses again.
+
+    ``sample(side, i) -> ms`` takes one sample ("A" or "B") of row ``i``: the workers' in a real
+    run (``evals.ab.Session.sample``), a synthetic one in the tests.
+    """
+    from evals.ab import interleave
+
+    if not (isinstance(rounds, int) and rounds >= 1):
+        raise ValueError(f"rounds must be a positive integer, got {rounds!r}")
+    both = [i for i in range(len(rows)) if rows.iloc[i]["status"] == "ok"
+            and built["A"][i]["status"] == "ok" and built["B"][i]["status"] == "ok"]
+    pairs = interleave(both, rounds, sample, progress)
+    findings = ab_findings(rows, built, pairs, threshold=threshold, alpha=alpha)
+    timed = findings["metric"] == AB_TIME_METRIC
+    again = [int(i) for i in findings.loc[timed & (findings["verdict"] == REGRESSION), "i"]]
+    if not again:
+        return ABResult(findings, pairs, [])
+    pairs = {**pairs, **interleave(again, rounds, sample, progress)}
+    second = ab_findings(rows, built, pairs, threshold=threshold, alpha=alpha)
+    was = dict(zip(zip(findings["i"], findings["metric"]), findings["verdict"]))
+    first = np.array([was.get((i, m)) == REGRESSION for i, m in zip(second["i"], second["metric"])], dtype=bool)
+    second.loc[first & (second["verdict"] != REGRESSION).to_numpy(), "verdict"] = TRANSIENT
+    return ABResult(second, pairs, again)
+
+
+def ab_summary(findings: pd.DataFrame, *, ref: str, baseline: str) -> str:
+    """One line: how many configurations were compared with what, and what failed."""
+    n_cfg = findings["config"].nunique()
+    bad = failures(findings)
+    if bad.empty:
+        n_un = findings.loc[findings.verdict.isin([UNTESTABLE, NEW]), "config"].nunique()
+        note = f" ({n_un} whose time could not be compared)" if n_un else ""
+        return (f"PASS: {n_cfg} configurations: exact metrics match {baseline}, "
+                f"no time regression against {ref}{note}")
+    parts = [f"{len(bad[bad.verdict == v])} {v}" for v in FAILING if (bad.verdict == v).any()]
+    return f"FAIL: {'; '.join(parts)} ({', '.join(dict.fromkeys(bad['config']))})"
+
+
+def group_name(row) -> str:
+    """The (level, mode) group a configuration belongs to, e.g. ``model decode``, ``layer train``."""
+    return f"{row['level']} {row['mode']}"
+
+
+def self_test(findings: pd.DataFrame, rows: pd.DataFrame, injected: dict) -> pd.DataFrame:
+    """Did the guard catch an injected slowdown everywhere it was put, and nowhere else?
+
+    One row per (model, group) of ``rows``: ``injected`` (the factor or 1), ``caught`` (how many
+    of its configurations ended as ``regression``), ``of`` (how many had a time verdict), and
+    ``ok``: an injected group needs at least one caught configuration, an uninjected one none.
+    """
+    t = findings[findings["metric"] == AB_TIME_METRIC]
+    verdict = dict(zip(t["i"], t["verdict"]))
+    out = []
+    for (model, group), g in rows.assign(_g=rows.apply(group_name, axis=1), _i=range(len(rows))).groupby(
+            ["model", "_g"], sort=False):
+        got = [verdict[i] for i in g["_i"] if i in verdict]
+        caught = sum(v == REGRESSION for v in got)
+        f = float(injected.get(model, 1.0))
+        out.append(dict(model=model, group=group, injected=f, caught=caught, of=len(got),
+                        ok=caught > 0 if f > 1 else caught == 0))
+    return pd.DataFrame(out, columns=["model", "group", "injected", "caught", "of", "ok"])
+
+
+def render_self_test(table: pd.DataFrame):
+    """A rich Table of ``self_test``: per model and group, how many configurations were caught."""
+    from rich.table import Table
+
+    out = Table(title="self-test: was each injected slowdown caught?", title_justify="left")
+    for col in ("model", "group", "injected", "caught", "verdict"):
+        out.add_column(col)
+    for r in table.itertuples():
+        out.add_row(r.model, r.group, f"{r.injected:g}x", f"{r.caught} of {r.of}",
+                    "[dim]ok[/]" if r.ok else ("[bold red]missed[/]" if r.injected > 1 else "[bold red]false alarm[/]"))
+    return out
+
+
+# ----------------------------------------------------------------------------- same machine
+
+
+# What must agree between two stored runs before their times may be compared at all.
+FINGERPRINT = ("device_name", "cpu_model", "cpu_count", "torch_version")
+
+
+def fingerprint(env: Optional[dict]) -> dict:
+    """The machine fingerprint of a sidecar (or of ``evals.results.environment()``)."""
+    return {k: (env or {}).get(k) for k in FINGERPRINT}
+
+
+def machine_mismatch(a: Optional[dict], b: Optional[dict], *, what_a: str, what_b: str) -> Optional[str]:
+    """None when the two sidecars describe the same machine, else one line saying what differs."""
+    if a is None or b is None:
+        missing = what_a if a is None else what_b
+        return f"{missing} has no JSON sidecar, so its machine is unknown"
+    fa, fb = fingerprint(a), fingerprint(b)
+    diff = [f"{k} {fa[k]!r} vs {fb[k]!r}" for k in FINGERPRINT if fa[k] != fb[k]]
+    return f"{what_a} and {what_b} come from different machines ({'; '.join(diff)})" if diff else None

@@ -297,8 +297,12 @@ def test_steady_memory_is_reproducible(mode):
 
 
 def _write(tmp_path, name, df):
+    """A stored run and its sidecar, from this machine (stored times compare on one machine only)."""
+    from evals.results import environment, write_sidecar
+
     path = tmp_path / name
     run_frame(df).to_csv(path, index=False)
+    write_sidecar(path, environment())
     return path
 
 

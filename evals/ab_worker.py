@@ -1,0 +1,168 @@
+"""One side of an A/B regression check: a long-lived process that builds the guard's
+configurations once and then answers "one timed sample of configuration i" requests.
+
+``evals.ab`` starts two of these, one per side, and runs this file *by path* from the working
+tree for both: ``python <working tree>/evals/ab_worker.py TREE``. What comes from where:
+
+- **the models** come from ``TREE`` (the accepted commit's temporary worktree for side A, the
+  working tree for side B): ``bsbr``, ``bsbr_extras``, ``evals.registry`` and ``evals.grid``.
+  The registry is how a tree builds its models, so it belongs to the code under test;
+- **the harness** comes from the directory of this file, the working tree, on *both* sides:
+  ``evals.measure`` (workload building, ``time_fn``, FLOP counting, memory trace, injection) and
+  ``evals.regress`` (``RunqueueWait``, ``steady_memory``, ``case_from_row``). The accepted commit
+  may carry an older harness; timing both sides with the same one means a change to the harness
+  cannot read as a change of the models. (The price: the working tree's harness has to be able
+  to build the accepted commit's models; when it cannot, the check says so and exits 2.)
+
+Protocol: one JSON object per line on stdin, one JSON reply per line on a private copy of
+stdout (file descriptor 1 itself is pointed at stderr, so whatever a library prints cannot
+corrupt the replies). The first reply, sent unasked, is ``{"ready": ...}`` or ``{"error": ...}``.
+
+- ``{"op": "build", "rows": [...], "threads": T, "inject": {model: f}, "exact": bool}``:
+  build every row's workload (``exact``: also count FLOPs, parameters and the steady-state
+  memory trace) -> ``{"cases": [{"status", "error", "params", "flops", "peak_memory_mb",
+  "memory_method"}, ...]}``. A configuration that fails to build is a case with status
+  ``error``, never a crash of the worker.
+- ``{"op": "inject", "factors": {model: f}}``: change the injected slowdown (power runs).
+- ``{"op": "sample", "i": i}``: one sample of case ``i``, per call (per token in decode),
+  runqueue wait removed -> ``{"ms": float}`` or ``{"error": str}``.
+- ``{"op": "quit"}``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+HARNESS = Path(__file__).resolve().parent  # the working tree's evals/
+HARNESS_MODULES = ("measure", "regress")
+
+
+def _one_line(err: BaseException) -> str:
+    return f"{type(err).__name__}: {' '.join(str(err).split())}"[:500]
+
+
+def load(tree: Path) -> dict:
+    """Put ``tree`` first on the path, import its models, and install the working tree's
+    harness modules in place of the tree's own. Returns facts for the ``ready`` reply."""
+    # Running a file by path puts its folder on sys.path; measure.py must not import as "measure".
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HARNESS]
+    sys.path.insert(0, str(tree))
+    import evals  # the tree's package (its __init__ is empty)
+
+    got = Path(evals.__file__).resolve().parent
+    if got != tree / "evals":
+        raise ImportError(f"evals resolved to {got}, not {tree / 'evals'}")
+    for name in HARNESS_MODULES:
+        spec = importlib.util.spec_from_file_location(f"evals.{name}", HARNESS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[f"evals.{name}"] = module
+        setattr(evals, name, module)
+        spec.loader.exec_module(module)  # its "from evals.registry import ..." gets the tree's
+    import bsbr
+    import torch
+
+    import evals.registry
+
+    where = Path(bsbr.__file__).resolve()
+    if tree not in where.parents:
+        raise ImportError(f"bsbr resolved to {where}, outside {tree}")
+    return dict(ready=True, bsbr=str(where.parent), registry=str(Path(evals.registry.__file__).resolve()),
+                torch=torch.__version__, pid=os.getpid())
+
+
+class Side:
+    """The built workloads of one side and how to take one sample of each."""
+
+    def __init__(self):
+        self.works: list = []     # per case: a Workload, or None when it failed to build
+        self.cases: list = []
+        self.inject: dict = {}
+        self.threads = 1
+        self.wait = None
+
+    def build(self, rows: list, threads: int, inject: dict, exact: bool) -> list:
+        import pandas as pd
+        import torch
+
+        from evals.measure import build_workload, count_flops
+        from evals.regress import RunqueueWait, case_from_row, steady_memory
+
+        self.threads, self.inject = int(threads), dict(inject or {})
+        torch.set_num_threads(self.threads)
+        self.wait = self.wait or RunqueueWait()
+        self.cases, self.works, out = [], [], []
+        for row in rows:
+            self.cases.append(None)
+            self.works.append(None)
+            info = dict(status="ok", error="")
+            try:
+                case = case_from_row(pd.Series(row))
+                work = build_workload(case)
+                if exact:
+                    k = work.tokens_per_call
+                    info.update(params=work.params, flops=round(count_flops(work.fn, work.setup) / k))
+                    info["peak_memory_mb"], info["memory_method"] = steady_memory(work, case.device, self.threads)
+                else:  # the first call pays for lazy initialisation: keep it out of every sample
+                    if work.setup is not None:
+                        work.setup()
+                    work.fn()
+                self.cases[-1], self.works[-1] = case, work
+            except Exception as err:  # a configuration that cannot be built is a row, not a crash
+                info = dict(status="error", error=_one_line(err))
+            out.append(info)
+        return out
+
+    def sample(self, i: int) -> float:
+        from evals.regress import _timed_once
+
+        work, case = self.works[i], self.cases[i]
+        if work is None:
+            raise ValueError(f"case {i} did not build")
+        ms = _timed_once(work.fn, self.wait, device=case.device, threads=self.threads, setup=work.setup,
+                         inject=float(self.inject.get(case.model, 1.0)))
+        return ms / max(1, work.tokens_per_call)  # per token in decode mode, as the harness reports
+
+
+def main(argv: list) -> int:
+    replies = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
+    os.dup2(2, 1)  # stray prints go to stderr, never into the protocol
+
+    def reply(obj: dict) -> None:
+        replies.write(json.dumps(obj) + "\n")
+        replies.flush()
+
+    try:
+        if len(argv) != 1:
+            raise ValueError("usage: ab_worker.py TREE")
+        reply(load(Path(argv[0]).resolve()))
+    except BaseException as err:  # the tree's code does not import: say why, then stop
+        reply(dict(error=_one_line(err)))
+        return 1
+    side = Side()
+    for line in sys.stdin:
+        msg = json.loads(line)
+        op = msg.get("op")
+        try:
+            if op == "quit":
+                return 0
+            if op == "build":
+                reply(dict(cases=side.build(msg["rows"], msg.get("threads", 1), msg.get("inject"),
+                                            bool(msg.get("exact")))))
+            elif op == "inject":
+                side.inject = dict(msg.get("factors") or {})
+                reply(dict(ok=True))
+            elif op == "sample":
+                reply(dict(ms=side.sample(int(msg["i"]))))
+            else:
+                reply(dict(error=f"unknown op {op!r}"))
+        except Exception as err:
+            reply(dict(error=_one_line(err)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
