@@ -504,118 +504,102 @@ def convert(
 
 # ---- recall command ----
 # recall's own list flags take space- or comma-separated values too (compare's joiner reads this tuple)
-_LIST_FLAGS = _LIST_FLAGS + ("--num-pairs", "--hidden-dims", "--sizes")
-
+_LIST_FLAGS = _LIST_FLAGS + ("--num-pairs", "--hidden-dims", "--sizes", "--lrs")
 
 
 @app.command(cls=_ListFlagsCommand)
 def recall(
-    quick: _Annotated[bool, typer.Option("--quick", help="The CPU preset (same as --preset quick): all "
-                      "seven models in under 15 minutes on 2 cores.")] = False,
-    preset: _Annotated[_Optional[str], typer.Option(help="quick (CPU, small) or full (GPU scale; use with "
-                       "--device cuda). Default: quick.", show_default=False)] = None,
+    quick: _Annotated[bool, typer.Option("--quick", help="The smoke preset (same as --preset quick).")] = False,
+    preset: _Annotated[_Optional[str], typer.Option(help="quick (smoke run, minutes), cpu (the protocol on 2 "
+                       "cores, ~90 min) or zoology (zoology's grid; use with --device cuda). Default: quick.",
+                       show_default=False)] = None,
     models: _ModelsOpt = None,
-    seq_lengths: _Annotated[_ListOpt, typer.Option("--seq-lengths", help="Sequence lengths of the "
-                            "length x pairs sweep. Default: the preset's.", show_default=False)] = None,
-    num_pairs: _Annotated[_ListOpt, typer.Option("--num-pairs", help="Key-value pairs per sequence of the "
-                          "length x pairs sweep. Default: the preset's.", show_default=False)] = None,
-    hidden_dims: _Annotated[_ListOpt, typer.Option("--hidden-dims", help="Model widths d of the state-size "
-                            "sweep. Default: the preset's.", show_default=False)] = None,
+    seq_lengths: _Annotated[_ListOpt, typer.Option("--seq-lengths", help="Sequence lengths; with --num-pairs "
+                            "they replace the preset's (length, pairs) points. Default: the preset's.",
+                            show_default=False)] = None,
+    num_pairs: _Annotated[_ListOpt, typer.Option("--num-pairs", help="Key-value pairs per sequence. "
+                          "Default: the preset's.", show_default=False)] = None,
+    hidden_dims: _Annotated[_ListOpt, typer.Option("--hidden-dims", help="Model widths d. Default: the "
+                            "preset's.", show_default=False)] = None,
     sizes: _Annotated[_ListOpt, typer.Option("--sizes", help="Chunk size (BSBR, Linear, DeltaNet, GAU) and "
-                      "window (SlidingWindow) of the state-size sweep. Default: the preset's.",
-                      show_default=False)] = None,
+                      "window (SlidingWindow). Default: the preset's.", show_default=False)] = None,
     vocab_size: _Annotated[_Optional[int], typer.Option(help="Vocabulary: keys and values take disjoint "
                            "halves of it. Default: the preset's.", show_default=False)] = None,
-    max_steps: _Annotated[_Optional[int], typer.Option(help="Training steps at most per model. "
+    max_steps: _Annotated[_Optional[int], typer.Option(help="Training steps at most per run. "
                           "Default: the preset's.", show_default=False)] = None,
     batch_size: _Annotated[_Optional[int], typer.Option(help="Sequences per step. Default: the preset's.",
                            show_default=False)] = None,
-    lr: _Annotated[_Optional[float], typer.Option(help="Peak AdamW learning rate. Default: the preset's.",
-                   show_default=False)] = None,
+    lrs: _Annotated[_ListOpt, typer.Option("--lrs", help="Learning rates of the sweep; each configuration "
+                    "is reported at the one with the best validation accuracy. Default: the preset's.",
+                    show_default=False)] = None,
+    seeds: _Annotated[_Optional[int], typer.Option(help="Seeds (0..N-1): the rates are tuned on seed 0, then "
+                      "every other seed runs at the best rate. Default: the preset's.", show_default=False)] = None,
     target_acc: _Annotated[_Optional[float], typer.Option(help="Stop training once validation accuracy "
-                           "reaches this. Default: the preset's (quick 0.995, full 0.99).",
-                           show_default=False)] = None,
+                           "reaches this. Default: the preset's.", show_default=False)] = None,
     device: _Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
-    threads: _Annotated[int, typer.Option(help="CPU threads per training process (pinned and recorded; 1 is "
+    threads: _Annotated[int, typer.Option(help="CPU threads per training (pinned and recorded; 1 is "
                         "fastest for these small models).")] = 1,
-    jobs: _Annotated[_Optional[int], typer.Option(help="Cases trained at once in worker processes (CPU "
-                     "only). Default: the preset's (quick: 2, full: 1).", show_default=False)] = None,
-    seed: _Annotated[int, typer.Option(help="Seed of the data and the initial weights (recorded).")] = 0,
-    output_dir: _Annotated[_Optional[_Path], typer.Option("--output-dir", help="Where recall.csv, its "
-                           "recall.json sidecar and the two figures go. Default: results/recall_<UTC time>/.",
-                           show_default=False)] = None,
-    resume: _Annotated[bool, typer.Option("--resume", help="Keep the rows already in --output-dir's "
-                       "recall.csv and train only the missing configurations.")] = False,
+    jobs: _Annotated[_Optional[int], typer.Option(help="Trainings at once: local worker processes, or the "
+                     "CPUs of the local Ray cluster (x --threads). Default: the preset's.",
+                     show_default=False)] = None,
+    executor: _Annotated[str, typer.Option(help="local (this machine's processes) or ray (one Ray task "
+                         "per training).")] = "local",
+    address: _Annotated[_Optional[str], typer.Option(help="With --executor ray: join this cluster (auto or "
+                        "host:port) instead of starting a local one.", show_default=False)] = None,
+    shard: _Annotated[_Optional[str], typer.Option(help="Run only slice i of N (e.g. 2/4) of the "
+                      "configurations (each with all its rates and seeds), for job arrays.",
+                      show_default=False)] = None,
+    seed: _Annotated[int, typer.Option(help="Seed of the data sets (recorded).")] = 0,
+    output_dir: _Annotated[_Optional[_Path], typer.Option("--output-dir", help="A new or empty folder for "
+                           "recall.csv, its recall.json sidecar, summary.md and the figures. Default: "
+                           "results/recall_<UTC time>/.", show_default=False)] = None,
+    resume: _Annotated[bool, typer.Option("--resume", help="Continue the recall run in --output-dir: keep its "
+                       "rows and train only the missing runs.")] = False,
 ) -> None:
-    """Multi-query associative recall (MQAR; Arora et al., 2023): train each model from scratch, report
-    held-out accuracy vs length, pairs and decoding-state size. See docs/recall.md."""
+    """Multi-query associative recall (MQAR; Arora et al., 2023): train each model from scratch over a
+    learning-rate sweep and several seeds, report held-out accuracy at the best rate vs length, pairs and
+    decoding-state size. See docs/recall.md."""
     import time as _time
 
-    import torch
     from rich.console import Console
 
-    from evals import recall as rc
-    from evals import results
+    from evals.recall import launch, report
     from evals.registry import REGISTRY
 
     if quick and preset not in (None, "quick"):
         _fail(f"--quick conflicts with --preset {preset}; give one of them")
-    name = _choose("--preset", [preset or "quick"], tuple(rc.PRESETS))[0]
-    base = rc.PRESETS[name]
+    name = _choose("--preset", [preset or "quick"], ("quick", "cpu", "zoology"))[0]
     names = _choose("--models", models, tuple(REGISTRY)) if models else list(REGISTRY)
-    device = _choose("--device", [device], ("cpu", "cuda"))[0]
-    if device == "cuda" and not torch.cuda.is_available():
-        _fail("--device: CUDA is not available on this machine; valid: cpu")
-    for flag, value in (("--vocab-size", vocab_size), ("--max-steps", max_steps), ("--batch-size", batch_size),
-                        ("--threads", threads), ("--jobs", jobs)):
-        if value is not None and value <= 0:
-            _fail(f"{flag} must be a positive integer, got {value}")
-    if lr is not None and not lr > 0:
-        _fail(f"--lr must be > 0, got {lr}")
-    if target_acc is not None and not 0 < target_acc <= 1:
-        _fail(f"--target-acc must lie in (0, 1], got {target_acc}")
-
-    def pick(flag, given, values, base_value):
-        vals = tuple(_positive_ints(flag, given)) if given else values
-        if not vals:
-            _fail(f"{flag} needs at least one value when given")
-        return vals, (base_value if base_value in vals else vals[0])
-
-    lens, base_len = pick("--seq-lengths", seq_lengths, base.seq_lens, base.base_seq_len)
-    pairs, base_pairs = pick("--num-pairs", num_pairs, base.num_pairs, base.base_num_pairs)
-    dims, base_dim = pick("--hidden-dims", hidden_dims, base.hidden_dims, base.base_hidden_dim)
-    sz, base_sz = pick("--sizes", sizes, base.sizes, base.base_size)
-    train = base.train.with_(**{k: v for k, v in dict(max_steps=max_steps, batch_size=batch_size, lr=lr,
-                                                      target_acc=target_acc).items() if v is not None})
-    p = base.with_(seq_lens=lens, num_pairs=pairs, base_seq_len=base_len, base_num_pairs=base_pairs,
-                   hidden_dims=dims, sizes=sz, base_hidden_dim=base_dim, base_size=base_sz,
-                   vocab_size=vocab_size or base.vocab_size, train=train)
+    executor = _choose("--executor", [executor], ("local", "ray"))[0]
+    rates = []
+    for v in _split(lrs):
+        try:
+            rates.append(float(v))
+        except ValueError:
+            _fail(f"--lrs: {v!r} is not a number; give rates like 1e-3 3e-3 1e-2")
     try:
-        p.check()
-        torch.set_num_threads(threads)
+        p = launch.configure(
+            name, seq_lens=_positive_ints("--seq-lengths", seq_lengths) if seq_lengths else None,
+            num_pairs=_positive_ints("--num-pairs", num_pairs) if num_pairs else None,
+            hidden_dims=_positive_ints("--hidden-dims", hidden_dims) if hidden_dims else None,
+            sizes=_positive_ints("--sizes", sizes) if sizes else None, vocab_size=vocab_size, max_steps=max_steps,
+            batch_size=batch_size, lrs=rates or None, seeds=seeds, target_acc=target_acc, jobs=jobs)
+        out = output_dir or _Path("results") / f"recall_{_time.strftime('%Y%m%dT%H%M%SZ', _time.gmtime())}"
+        res = launch.run_command(name, p, names, out, executor=executor, address=address, device=device,
+                                 threads=threads, data_seed=seed, resume=resume, shard=shard)
+    except KeyboardInterrupt:
+        typer.echo(f"interrupted: every finished run is in {out / launch.CSV_NAME}; --resume continues it", err=True)
+        raise typer.Exit(130)
     except ValueError as e:
         _fail(str(e))
-
-    out = output_dir or _Path("results") / f"recall_{_time.strftime('%Y%m%dT%H%M%SZ', _time.gmtime())}"
-    csv_path = out / "recall.csv"
-    if resume and not csv_path.is_file():
-        _fail(f"--resume: no {csv_path} to continue; drop --resume or point --output-dir at a previous run")
-    cases = rc.recall_grid(names, p)
-    console = Console(stderr=True)
-    start = results.utc_now()
-    try:
-        rows = rc.run_recall(cases, p, csv_path, seed=seed, device=device, run_id=f"recall-{start}",
-                             resume=resume, jobs=jobs or p.jobs, console=console)
-    except ValueError as e:
-        _fail(str(e))
-    results.write_sidecar(csv_path, dict(results.environment(), utc_start=start, utc_end=results.utc_now(),
-                                         task="mqar", preset=name, settings=rc.settings(p), models=names,
-                                         device=device, threads=threads, jobs=jobs or p.jobs, seed=seed))
-    figures = rc.plot_run(rows, p, out)
-    Console().print(rc.summary_table(rows, p))
-    bad = sum(r["status"] != "ok" for r in rows)
-    Console().print(f"wrote {len(rows)} rows to {csv_path} (+ recall.json, {len(figures)} figures)"
-                    + (f"; {bad} failed (see the error column)" if bad else ""))
+    Console().print(report.summary_table(res["summary"], f"MQAR held-out accuracy (%) at the best rate, vocab "
+                                         f"{p.vocab_size}: mean ± std (min) over seeds @rate"))
+    bad = sum(r["status"] != "ok" for r in res["rows"])
+    Console().print(f"wrote {len(res['rows'])} rows to {res['csv']} (+ recall.json, summary.md, "
+                    f"{len(res['figures'])} figures)" + (f"; {bad} failed (see the error column)" if bad else ""))
+    if res["broken"]:
+        Console().print(f"[bold red]BROKEN RUN[/]: Standard failed to learn at {', '.join(res['broken'])}; "
+                        f"the other models' numbers there mean nothing")
 
 
 def main() -> None:
