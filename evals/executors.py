@@ -51,13 +51,20 @@ def die_with_parent(parent_pid: Optional[int] = None) -> None:
 
 
 def _stat(pid: int) -> Optional[tuple]:
-    """(ppid, start_time) of ``pid`` from /proc, or None if it is gone."""
+    """(ppid, start_time) of a live ``pid`` from /proc; None if it is gone or a zombie (dead, only
+    waiting to be reaped)."""
     try:
         text = open(f"/proc/{pid}/stat", "rb").read().decode(errors="replace")
     except OSError:
         return None
     fields = text[text.rfind(")") + 2:].split()   # after "pid (comm) ": state ppid ... starttime
-    return int(fields[1]), int(fields[19])
+    return None if fields[0] in ("Z", "X") else (int(fields[1]), int(fields[19]))
+
+
+def alive(pid: int, start_time: int) -> bool:
+    """Whether the process that had ``start_time`` still runs as ``pid`` (not a reused pid)."""
+    st = _stat(pid)
+    return st is not None and st[1] == start_time
 
 
 def descendants(root: int) -> dict:
@@ -86,8 +93,7 @@ def _reap(driver: int, period: float = 0.5) -> None:
         tree = {p: s for p, s in descendants(driver).items() if p != me} or tree
         time.sleep(period)
     for pid, start in tree.items():
-        st = _stat(pid)
-        if st is not None and st[1] == start:  # the same process, not a reused pid
+        if alive(pid, start):  # the same process, not a reused pid
             try:
                 os.kill(pid, signal.SIGKILL)
             except OSError:

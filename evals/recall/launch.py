@@ -146,9 +146,12 @@ def run_recall(models: Sequence[str], preset: RecallPreset, out_dir, *, executor
 
     Phase 1 trains every tune case not already in the CSV; phase 2 the seed runs at each group's
     best rate (chosen from all its tune rows, old and new). Each row is appended as its run
-    finishes, whatever the executor; ``on_row(row)`` is called after each append (progress).
+    finishes, whatever the executor; ``on_row(row)`` is called after each append (progress), and
+    ``on_row(None)`` once the folder is locked and the work begins.
     """
     with locked_output(out_dir, resume=resume) as old_rows, _sigterm_as_interrupt():
+        if on_row is not None:
+            on_row(None)
         csv_path = Path(out_dir) / CSV_NAME
         rows = {row_key(r): r for r in old_rows}
         tune = recall_grid(models, preset)
@@ -248,25 +251,26 @@ def run_command(preset_name: str, preset: RecallPreset, models: Sequence[str], o
     start = results.utc_now()
     n_tune = len(shard_groups(recall_grid(names, preset), *slice_) if slice_ else recall_grid(names, preset))
     expected = n_tune + n_tune // len(preset.lrs) * (len(preset.seeds) - 1)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=False) as bar:
-        task = bar.add_task("recall sweep", total=expected)
+    # the bar starts once the folder is locked, so that a refused folder prints one line only
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=console, transient=False)
+    task = bar.add_task("recall sweep", total=expected)
 
-        def on_row(row):
-            acc = f"{float(row['test_acc']):.3f}" if row["status"] == "ok" else row["status"]
-            bar.update(task, advance=1, description=f"recall: {row['model']} n={row['seq_len']} P={row['num_pairs']} "
-                                                    f"d={row['hidden_dim']} lr={float(row['lr']):g} "
-                                                    f"seed={row['seed']} -> {acc}")
+    def on_row(row):
+        if row is None:  # the start
+            bar.start()
+            return
+        acc = f"{float(row['test_acc']):.3f}" if row["status"] == "ok" else row["status"]
+        bar.update(task, advance=1, description=f"recall: {row['model']} n={row['seq_len']} P={row['num_pairs']} "
+                                                f"d={row['hidden_dim']} lr={float(row['lr']):g} "
+                                                f"seed={row['seed']} -> {acc}")
 
-        interrupted = None
-        try:
-            rows = run_recall(names, preset, out, executor=ex, data_seed=data_seed, device=device, threads=threads,
-                              run_id=f"recall-{start}", resume=resume, shard=slice_, on_row=on_row)
-        except KeyboardInterrupt as e:
-            interrupted = e
+    try:
+        rows = run_recall(names, preset, out, executor=ex, data_seed=data_seed, device=device, threads=threads,
+                          run_id=f"recall-{start}", resume=resume, shard=slice_, on_row=on_row)
+    finally:
+        bar.stop()
     csv_path = out / CSV_NAME
-    if interrupted is not None:
-        raise interrupted
     summary = report.summarize(rows)
     broken = report.broken_configs(summary)
     results.write_sidecar(csv_path, dict(results.environment(), utc_start=start, utc_end=results.utc_now(),
