@@ -244,3 +244,20 @@ def test_cli_tiny_run_writes_csv_sidecar_and_figures(tmp_path):
 def test_cli_cuda_without_gpu_exits_2(tmp_path):
     res = _cli("--device", "cuda", "--max-steps", "1", "--models", "Standard", "--output-dir", str(tmp_path / "o"))
     assert res.exit_code == 2 and "CUDA is not available on this machine; valid: cpu" in res.output
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_query_logits_equal_the_full_forward_at_the_queries(name):
+    """The loss's shortcut (LM head at the query positions only) computes model(x)[sel] exactly."""
+    from evals.recall.training import query_logits
+
+    torch.manual_seed(0)
+    model = REGISTRY[name].build(ModelConfig(vocab_size=41, hidden_dim=32, num_layers=2, num_heads=2, ff_dim=32,
+                                             chunk_size=8, window_size=8, qk_dim=16)).eval()
+    x, y = make_mqar(CFG, 4, seed=0)
+    sel = y != IGNORE
+    with torch.no_grad():
+        got, want = query_logits(model, x, sel), model(x)[sel]
+    assert got.shape == (int(sel.sum()), 41)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert isinstance(model.lm_head, torch.nn.Linear), "the head is restored"

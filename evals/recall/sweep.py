@@ -212,8 +212,8 @@ PRESETS: dict = {
         hidden_dims=(64, 128), sizes=(16,), base_hidden_dim=64, base_size=16,
         num_layers=2, num_heads=2, ff_mult=2, qk_dim=64, jobs=2, lrs=(1e-3, 3e-3, 1e-2), seeds=(0, 1, 2),
         task_pairs=((64, 4), (128, 8)), cross=True,
-        train=TrainConfig(max_steps=500, schedule_steps=1000, batch_size=64, lr=3e-3, weight_decay=0.0,
-                          warmup_steps=30, num_train=16384, num_val=256, num_test=1024, eval_every=50,
+        train=TrainConfig(max_steps=500, schedule_steps=1000, batch_size=32, lr=3e-3, weight_decay=0.0,
+                          warmup_steps=30, num_train=8192, num_val=256, num_test=1024, eval_every=50,
                           target_acc=0.99)),
     # Zoology's figure-2 grid exactly (HazyResearch/zoology, zoology/experiments/paper_configs/
     # iclr24_zoology_figure2/configs.py): vocabulary 8192; (64, 4), (128, 8), (256, 16), (512, 64);
