@@ -234,15 +234,14 @@ def run_command(preset_name: str, preset: RecallPreset, models: Sequence[str], o
     from evals.recall import report
     from evals.recall.sweep import settings
     from evals.registry import resolve_model
-    from evals.train import deterministic
+    from bsbr.shell import check_positive_int
 
     names = [resolve_model(m).name for m in models]
     if device not in ("cpu", "cuda"):
         raise ValueError(f"--device: unknown value {device!r}; valid: cpu, cuda")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device: CUDA is not available on this machine; valid: cpu")
-    with deterministic(0, threads):  # validates --threads
-        pass
+    check_positive_int("--threads", threads)
     slice_ = parse_shard(shard) if shard else None
     ex = make_executor(executor, jobs=1 if device == "cuda" and executor == "local" else preset.jobs,
                        address=address, threads=threads, gpu=device == "cuda")
