@@ -8,7 +8,8 @@ tested in tests/test_executors.py:
   dies (``prctl(PR_SET_PDEATHSIG)``). A Ray cluster that ``ray.init()`` starts here is mostly
   fate-shared with the driver already, but not all of it: measured with ray 2.60 after a SIGKILL
   of the driver, gcs_server, raylet and the task workers die while ``ray::DashboardAgent`` and
-  ``ray::RuntimeEnvAgent`` live on, reparented to init. So the Ray executor starts a small reaper
+  ``ray::RuntimeEnvAgent`` live on, reparented to init (still running 38 s later in one trial and
+  over a minute in another). So the Ray executor starts a small reaper
   process first; it snapshots the driver's process tree every half second and, once the driver is
   gone, SIGKILLs every process of the last snapshot (checking each one's start time, so a reused
   pid is never hit). A cluster joined with ``address`` is not ours: Ray itself cancels a dead
