@@ -14,7 +14,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
-import torch
 import typer
 import typer.core
 from rich.console import Console
@@ -24,10 +23,9 @@ from evals import compare as sweep
 from evals import convert_experiment as conv
 from evals import guard
 from evals import forms as fm
-from evals import recall as rc
 from evals import report, results
 from evals.grid import DTYPES, SDPA_BACKENDS
-from evals.options import check_positive, choose, positive_ints
+from evals.options import positive_ints
 from evals.registry import LEVELS, REGISTRY
 from evals.results import OutputError, ResultsError
 
@@ -373,90 +371,70 @@ def convert(
 
 @app.command(cls=Command)
 def recall(
-    quick: Annotated[bool, typer.Option("--quick", help="The CPU preset (same as --preset quick): all "
-                     "seven models in under 15 minutes on 2 cores.")] = False,
-    preset: Annotated[Optional[str], typer.Option(help="quick (CPU, small) or full (GPU scale; use with "
-                      "--device cuda). Default: quick.", show_default=False)] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="The smoke preset (same as --preset quick).")] = False,
+    preset: Annotated[Optional[str], typer.Option(help="quick (smoke run, minutes), cpu (the protocol on 2 cores) "
+                      "or zoology (zoology's grid; use with --device cuda). Default: quick.",
+                      show_default=False)] = None,
     models: ModelsOpt = None,
-    seq_lengths: _list("--seq-lengths", "Sequence lengths of the length x pairs sweep. Default: the preset's.") = None,
-    num_pairs: _list("--num-pairs", "Key-value pairs per sequence of the length x pairs sweep. "
-                     "Default: the preset's.") = None,
-    hidden_dims: _list("--hidden-dims", "Model widths d of the state-size sweep. Default: the preset's.") = None,
-    sizes: _list("--sizes", "Chunk size (BSBR, Linear, DeltaNet, GAU) and window (SlidingWindow) of the "
-                 "state-size sweep. Default: the preset's.") = None,
+    seq_lengths: _list("--seq-lengths", "Sequence lengths; with --num-pairs they replace the preset's "
+                       "(length, pairs) points. Default: the preset's.") = None,
+    num_pairs: _list("--num-pairs", "Key-value pairs per sequence. Default: the preset's.") = None,
+    hidden_dims: _list("--hidden-dims", "Model widths d. Default: the preset's.") = None,
+    sizes: _list("--sizes", "Chunk size (BSBR, Linear, DeltaNet, GAU) and window (SlidingWindow). "
+                 "Default: the preset's.") = None,
     vocab_size: _int("Vocabulary: keys and values take disjoint halves of it. Default: the preset's.") = None,
-    max_steps: _int("Training steps at most per model. Default: the preset's.") = None,
+    max_steps: _int("Training steps at most per run. Default: the preset's.") = None,
     batch_size: _int("Sequences per step. Default: the preset's.") = None,
-    lr: Annotated[Optional[float], typer.Option(help="Peak AdamW learning rate. Default: the preset's.",
-                                                show_default=False)] = None,
+    lrs: _list("--lrs", "Learning rates of the sweep; each configuration is reported at the one with the best "
+               "validation accuracy. Default: the preset's.") = None,
+    seeds: _int("Seeds (0..N-1): the rates are tuned on seed 0, then every other seed runs at the best rate. "
+                "Default: the preset's.") = None,
     target_acc: Annotated[Optional[float], typer.Option(help="Stop training once validation accuracy reaches "
-                          "this. Default: the preset's (quick 0.995, full 0.99).", show_default=False)] = None,
+                          "this. Default: the preset's.", show_default=False)] = None,
     device: Annotated[Device, typer.Option(case_sensitive=False, help="cpu or cuda.")] = Device.cpu,
-    threads: Annotated[int, typer.Option(help="CPU threads per training process (pinned and recorded; 1 is "
-                       "fastest for these small models).")] = 1,
-    jobs: _int("Cases trained at once in worker processes (CPU only). Default: the preset's "
-               "(quick: 2, full: 1).") = None,
-    seed: Annotated[int, typer.Option(help="Seed of the data and the initial weights (recorded).")] = 0,
-    output_dir: Annotated[Optional[Path], typer.Option("--output-dir", help="Where recall.csv, its recall.json "
-                          "sidecar and the two figures go. Default: results/recall_<UTC time>/.",
-                          show_default=False)] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Keep the rows already in --output-dir's recall.csv "
-                      "and train only the missing configurations.")] = False,
+    threads: Annotated[int, typer.Option(help="CPU threads per training (pinned and recorded; 1 is fastest for "
+                       "these small models).")] = 1,
+    jobs: _int("Trainings at once: local worker processes, or the CPUs of the local Ray cluster (x --threads). "
+               "Default: the preset's.") = None,
+    executor: Annotated[str, typer.Option(help="local (this machine's processes) or ray (one Ray task per "
+                        "training).")] = "local",
+    address: Annotated[Optional[str], typer.Option(help="With --executor ray: join this cluster (auto or "
+                       "host:port) instead of starting a local one.", show_default=False)] = None,
+    shard: Annotated[Optional[str], typer.Option(help="Run only slice i of N (e.g. 2/4) of the configurations "
+                     "(each with all its rates and seeds), for job arrays.", show_default=False)] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the data sets (recorded).")] = 0,
+    output_dir: Annotated[Optional[Path], typer.Option("--output-dir", help="A new or empty folder for "
+                          "recall.csv, its recall.json sidecar, summary.md and the figures. Default: "
+                          "results/recall_<UTC time>/.", show_default=False)] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the recall run in --output-dir: keep its "
+                      "rows and train only the missing runs.")] = False,
 ) -> None:
-    """Multi-query associative recall (MQAR; Arora et al., 2023): train each model from scratch, report
-    held-out accuracy vs length, pairs and decoding-state size. See docs/recall.md."""
-    with exit_codes():
-        name = choose("--preset", [preset or "quick"], tuple(rc.PRESETS))[0]
-        if quick and name != "quick":
-            raise ResultsError(f"--quick conflicts with --preset {name}; give one of them")
-        base = rc.PRESETS[name]
-        names = choose("--models", models, tuple(REGISTRY), default=tuple(REGISTRY))
-        if device == Device.cuda and not torch.cuda.is_available():
-            raise ResultsError("--device: CUDA is not available on this machine; valid: cpu")
-        check_positive(vocab_size=vocab_size, max_steps=max_steps, batch_size=batch_size, threads=threads, jobs=jobs)
-        if lr is not None and not lr > 0:
-            raise ResultsError(f"--lr must be > 0, got {lr}")
-        if target_acc is not None and not 0 < target_acc <= 1:
-            raise ResultsError(f"--target-acc must lie in (0, 1], got {target_acc}")
+    """Multi-query associative recall (MQAR; Arora et al., 2023): train each model from scratch over a
+    learning-rate sweep and several seeds, report held-out accuracy at the best rate vs length, pairs and
+    decoding-state size. See docs/recall.md."""
+    from evals.recall import launch, report as recall_report
 
-        def pick(flag, given, values, base_value):
-            vals = tuple(positive_ints(flag, given, default=values))
-            return vals, (base_value if base_value in vals else vals[0])
-
-        lens, base_len = pick("--seq-lengths", seq_lengths, base.seq_lens, base.base_seq_len)
-        pairs, base_pairs = pick("--num-pairs", num_pairs, base.num_pairs, base.base_num_pairs)
-        dims, base_dim = pick("--hidden-dims", hidden_dims, base.hidden_dims, base.base_hidden_dim)
-        sz, base_sz = pick("--sizes", sizes, base.sizes, base.base_size)
-        train = base.train.with_(**{k: v for k, v in dict(max_steps=max_steps, batch_size=batch_size, lr=lr,
-                                                          target_acc=target_acc).items() if v is not None})
-        p = base.with_(seq_lens=lens, num_pairs=pairs, base_seq_len=base_len, base_num_pairs=base_pairs,
-                       hidden_dims=dims, sizes=sz, base_hidden_dim=base_dim, base_size=base_sz,
-                       vocab_size=vocab_size or base.vocab_size, train=train)
-        try:
-            p.check()
-            torch.set_num_threads(threads)
-        except ValueError as e:
-            raise ResultsError(str(e)) from None
-        out = output_dir or Path("results") / f"recall_{results.utc_stamp()}"
-        csv_path = out / "recall.csv"
-        if resume and not csv_path.is_file():
-            raise ResultsError(f"--resume: no {csv_path} to continue; drop --resume or point --output-dir at a "
-                               "previous run")
-        start = results.utc_now()
-        try:
-            rows = rc.run_recall(rc.recall_grid(names, p), p, csv_path, seed=seed, device=device.value,
-                                 run_id=f"recall-{start}", resume=resume, jobs=jobs or p.jobs,
-                                 console=Console(stderr=True))
-        except ValueError as e:
-            raise ResultsError(str(e)) from None
-        results.write_sidecar(csv_path, dict(results.environment(), utc_start=start, utc_end=results.utc_now(),
-                                             task="mqar", preset=name, settings=rc.settings(p), models=names,
-                                             device=device.value, threads=threads, jobs=jobs or p.jobs, seed=seed))
-        figures = rc.plot_run(rows, p, out)
-    Console().print(rc.summary_table(rows, p))
-    bad = sum(r["status"] != "ok" for r in rows)
-    Console().print(f"wrote {len(rows)} rows to {csv_path} (+ recall.json, {len(figures)} figures)"
-                    + (f"; {bad} failed (see the error column)" if bad else ""))
+    console = Console()
+    try:
+        with exit_codes():
+            res, p = launch.recall_command(
+                quick=quick, preset=preset, models=models, seq_lengths=seq_lengths, num_pairs=num_pairs,
+                hidden_dims=hidden_dims, sizes=sizes, vocab_size=vocab_size, max_steps=max_steps,
+                batch_size=batch_size, lrs=lrs, seeds=seeds, target_acc=target_acc, device=device.value,
+                threads=threads, jobs=jobs, executor=executor, address=address, shard=shard, seed=seed,
+                output_dir=output_dir, resume=resume)
+    except KeyboardInterrupt:
+        typer.echo("interrupted: every finished run is in the output folder's recall.csv; --resume continues it",
+                   err=True)
+        raise typer.Exit(130)
+    console.print(recall_report.summary_table(res["summary"], f"MQAR held-out accuracy (%) at the best rate, "
+                                              f"vocab {p.vocab_size}: mean ± std (min) over seeds @rate"))
+    code, words = results.outcome(res["rows"])
+    if res["broken"]:
+        console.print(f"[bold red]BROKEN RUN[/]: Standard failed to learn at {', '.join(res['broken'])}; "
+                      f"the other models' numbers there mean nothing")
+    finish(code, f"wrote {len(res['rows'])} rows to {res['csv']} (+ recall.json, summary.md, "
+                 f"{len(res['figures'])} figures)" + (f"; {words}" if words else ""))
 
 
 def main() -> None:

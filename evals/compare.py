@@ -27,7 +27,7 @@ from evals.grid import DEVICES, DTYPES, SDPA_BACKENDS, Case, expand_grid, parse_
 from evals.measure import calibrate, empty_row, measure, parse_inject
 from evals.options import check_fraction, check_positive, choose, positive_ints
 from evals.registry import LEVELS, MODES, REGISTRY, ModelConfig
-from evals.results import (KEY_COLUMNS, ResultsError, append_row, case_key, claim_output, completed_keys,
+from evals.results import (COLUMNS, KEY_COLUMNS, ResultsError, append_row, case_key, claim_output, completed_keys,
                            environment, new_run_id, outcome, read_sidecar, sidecar_path, utc_now, utc_stamp,
                            write_sidecar)
 
@@ -65,7 +65,7 @@ def run_sweep(cases: Sequence[Case], output: Path | str, *, resume: bool = False
     output = Path(output)
     inject = parse_inject() if inject is None else inject
     threads = threads or torch.get_num_threads()
-    with claim_output(output, resume=resume) as kept:
+    with claim_output(output, resume=resume, columns=COLUMNS, exact=True) as kept:
         rows = _sweep(cases, output, kept, repeats=repeats, warmup=warmup, min_run_time=min_run_time,
                       threads=threads, inject=inject, show_progress=show_progress, console=console,
                       settings=settings)

@@ -188,8 +188,10 @@ def locked(path: Path | str, flag: str = "--output") -> Iterator[Path]:
         lock.release()
 
 
-def check_header(path: Path, columns: Sequence[str] = REQUIRED_COLUMNS, flag: str = "--resume") -> None:
-    """Refuse a file whose first line is not a results header. Reads only; never modifies it."""
+def check_header(path: Path, columns: Sequence[str] = REQUIRED_COLUMNS, flag: str = "--resume",
+                 exact: bool = False) -> None:
+    """Refuse a file whose first line is not a results header (``exact``: exactly ``columns``, so
+    that rows appended with ``columns`` line up). Reads only; never modifies it."""
     with open(path, "rb") as f:
         first = f.readline(1 << 16)
     try:
@@ -199,6 +201,9 @@ def check_header(path: Path, columns: Sequence[str] = REQUIRED_COLUMNS, flag: st
     if tuple(header[: len(columns)]) != tuple(columns):
         raise ResultsError(f"{flag}: {path} is not a bsbr-eval results file (its first line is not the header "
                            f"{','.join(columns[:4])},...); it was left untouched")
+    if exact and tuple(header) != tuple(columns):
+        raise ResultsError(f"{flag}: {path} was written by another version of bsbr-eval (its columns differ from "
+                           f"this version's {len(columns)}); it was left untouched: start a new output")
 
 
 def repair(path: Path | str) -> int:
@@ -216,7 +221,7 @@ def repair(path: Path | str) -> int:
 
 @contextmanager
 def claim_output(path: Path | str, *, resume: bool = False, columns: Sequence[str] = REQUIRED_COLUMNS,
-                 flag: str = "--output", can_resume: bool = True) -> Iterator[list[dict]]:
+                 flag: str = "--output", can_resume: bool = True, exact: bool = False) -> Iterator[list[dict]]:
     """Everything a writing command does before its first measurement, and the lock it holds to
     the end: validate ``path``, lock it, refuse existing output unless ``resume``, and on
     ``resume`` check that the file is ours before repairing a torn last line. Yields the rows
@@ -232,7 +237,7 @@ def claim_output(path: Path | str, *, resume: bool = False, columns: Sequence[st
             raise ResultsError(f"{flag}: {sidecar_path(path)} already exists and would be replaced by this run's "
                                f"sidecar; choose another {flag}")
         if has_rows:
-            check_header(path, columns)
+            check_header(path, columns, exact=exact)
             repair(path)
             kept = read_rows(path, columns)
         yield kept

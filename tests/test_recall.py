@@ -9,6 +9,7 @@ import torch
 from evals.recall import (FILLER, IGNORE, MQARConfig, PRESETS, RecallCase, Splits, TrainConfig,
                           decoding_state_bytes, make_mqar, query_accuracy, recall_grid, train_and_evaluate,
                           warmup_cosine)
+from evals.recall.training import evaluate
 from evals.registry import MODEL_NAMES, REGISTRY, ModelConfig
 
 CFG = MQARConfig(vocab_size=41, seq_len=48, num_pairs=6)
@@ -66,7 +67,7 @@ def test_deterministic_by_seed():
     c = make_mqar(CFG, 64, seed=8)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert not torch.equal(a[0], c[0])
-    s = Splits.make(CFG, TrainConfig(num_train=32, num_val=16, num_test=16), seed=0)
+    s = Splits.make(CFG, 32, 16, 16, seed=0)
     assert not torch.equal(s.train[0][:16], s.test[0]), "train and test are independent draws"
 
 
@@ -122,7 +123,7 @@ def test_standard_learns_a_trivial_recall_task():
     data = MQARConfig(vocab_size=17, seq_len=12, num_pairs=2)
     tr = TrainConfig(max_steps=400, batch_size=32, lr=3e-3, weight_decay=0.0, warmup_steps=20, num_train=2048,
                      num_val=128, num_test=512, eval_every=25, target_acc=0.98)
-    splits = Splits.make(data, tr, seed=0)
+    splits = Splits.make(data, tr.num_train, tr.num_val, tr.num_test, seed=0)
     torch.manual_seed(0)
     model = REGISTRY["Standard"].build(ModelConfig(vocab_size=17, hidden_dim=32, num_layers=2, num_heads=2,
                                                    ff_dim=64))
@@ -134,8 +135,7 @@ def test_standard_learns_a_trivial_recall_task():
 def test_untrained_model_is_at_chance():
     # the complement of the test above: accuracy is not inflated by unlabelled positions
     data = MQARConfig(vocab_size=41, seq_len=32, num_pairs=6)
-    splits = Splits.make(data, TrainConfig(num_train=8, num_val=8, num_test=256), seed=0)
-    from evals.recall import evaluate
+    splits = Splits.make(data, 8, 8, 256, seed=0)
 
     model = REGISTRY["Standard"].build(ModelConfig(vocab_size=41, hidden_dim=32, num_layers=1, num_heads=2,
                                                    ff_dim=32))
@@ -151,14 +151,15 @@ def test_grid_axes_and_cross_product():
     cases = recall_grid(["standard", "BSBR"], p)
     keys = [c.key() for c in cases]
     assert len(keys) == len(set(keys)) and {c.model for c in cases} == {"Standard", "BSBR"}
-    configs = {k[1:] for k in keys}
+    configs = {c.group()[1:] for c in cases}
     # axes through the base point (64 tokens, 8 pairs, d=64, size 16); 16 tokens x 8 pairs does not fit
     assert configs == {(64, 8, 64, 16), (64, 4, 64, 16), (64, 8, 64, 8), (64, 8, 32, 16)}
     with pytest.raises(ValueError, match="seq_len=16 fits no requested pair count"):
         p.check()
-    cross = {c.key()[1:] for c in recall_grid(["Standard"], p.with_(cross=True))}
+    cross = {c.group()[1:] for c in recall_grid(["Standard"], p.with_(cross=True))}
     assert {(16, 4, 64, 16), (64, 4, 64, 16), (64, 8, 32, 8)} <= cross and (16, 8, 64, 16) not in cross
-    assert len(cross) == 3 + 4 - 1  # 3 task points that fit + 4 (d, size) points, the base shared
+    # zoology's full grid: 3 task points that fit x 4 (d, size) points
+    assert cross == {(n, P, D, sz) for n, P in [(16, 4), (64, 4), (64, 8)] for D in (32, 64) for sz in (8, 16)}
     p.with_(cross=True).check()  # every length and pair count takes part in some point
 
 
@@ -190,8 +191,15 @@ def _cli(*args):
     (["--seq-lengths", "32", "8", "--num-pairs", "4"], "seq_len=8 fits no requested pair count"),
     (["--vocab-size", "9", "--num-pairs", "8"], "vocab_size=9 is too small for num_pairs=8"),
     (["--models", "Transformer"], "--models: unknown value 'Transformer'; valid: BSBR, Standard"),
-    (["--preset", "huge"], "--preset: unknown value 'huge'; valid: quick, full"),
-    (["--quick", "--preset", "full"], "--quick conflicts with --preset full"),
+    (["--preset", "huge"], "--preset: unknown value 'huge'; valid: quick, cpu, zoology"),
+    (["--quick", "--preset", "cpu"], "--quick conflicts with --preset cpu"),
+    (["--lrs", "fast"], "--lrs: 'fast' is not a number"),
+    (["--lrs", "0"], "--lrs must be numbers > 0"),
+    (["--seeds", "0"], "--seeds must be a positive integer"),
+    (["--executor", "slurm"], "--executor: unknown value 'slurm'; valid: local, ray"),
+    (["--address", "auto"], "--address only applies to --executor ray"),
+    (["--shard", "3/2"], "shard must look like i/N"),
+    (["--threads", "0"], "threads must be a positive integer"),
     (["--num-pairs", "0"], "--num-pairs: '0' is not a positive integer"),
     (["--hidden-dims", "63"], "hidden_dim (63) must be divisible by num_heads (2)"),
     (["--target-acc", "1.5"], "--target-acc must lie in (0, 1]"),
@@ -213,7 +221,7 @@ def test_cli_tiny_run_writes_csv_sidecar_and_figures(tmp_path):
 
     out = tmp_path / "run"
     res = _cli("--models", "Standard", "Linear", "--seq-lengths", "12,16", "--num-pairs", "2", "--hidden-dims", "16",
-               "--sizes", "4", "8", "--vocab-size", "17", "--max-steps", "3", "--batch-size", "8",
+               "--sizes", "4", "8", "--vocab-size", "17", "--max-steps", "3", "--batch-size", "8", "--jobs", "1",
                "--output-dir", str(out))
     assert res.exit_code == 0, res.output
     df = pd.read_csv(out / "recall.csv")
@@ -223,10 +231,10 @@ def test_cli_tiny_run_writes_csv_sidecar_and_figures(tmp_path):
     side = json.loads((out / "recall.json").read_text())
     for k in ("torch_version", "cpu_model", "git_sha", "command", "utc_start", "utc_end", "settings"):
         assert k in side
-    assert (out / "recall_vs_task.png").stat().st_size > 0 and (out / "recall_vs_state.png").stat().st_size > 0
+    assert (out / "recall_vs_task.png").stat().st_size > 0 and (out / "recall_n12_P2_vs_state.png").stat().st_size > 0
     # --resume keeps the rows and trains nothing new
     res = _cli("--models", "Standard", "Linear", "--seq-lengths", "12,16", "--num-pairs", "2", "--hidden-dims", "16",
-               "--sizes", "4", "8", "--vocab-size", "17", "--max-steps", "3", "--batch-size", "8",
+               "--sizes", "4", "8", "--vocab-size", "17", "--max-steps", "3", "--batch-size", "8", "--jobs", "1",
                "--output-dir", str(out), "--resume")
     assert res.exit_code == 0, res.output
     assert pd.read_csv(out / "recall.csv").equals(df)
@@ -236,3 +244,20 @@ def test_cli_tiny_run_writes_csv_sidecar_and_figures(tmp_path):
 def test_cli_cuda_without_gpu_exits_2(tmp_path):
     res = _cli("--device", "cuda", "--max-steps", "1", "--models", "Standard", "--output-dir", str(tmp_path / "o"))
     assert res.exit_code == 2 and "CUDA is not available on this machine; valid: cpu" in res.output
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_query_logits_equal_the_full_forward_at_the_queries(name):
+    """The loss's shortcut (LM head at the query positions only) computes model(x)[sel] exactly."""
+    from evals.recall.training import query_logits
+
+    torch.manual_seed(0)
+    model = REGISTRY[name].build(ModelConfig(vocab_size=41, hidden_dim=32, num_layers=2, num_heads=2, ff_dim=32,
+                                             chunk_size=8, window_size=8, qk_dim=16)).eval()
+    x, y = make_mqar(CFG, 4, seed=0)
+    sel = y != IGNORE
+    with torch.no_grad():
+        got, want = query_logits(model, x, sel), model(x)[sel]
+    assert got.shape == (int(sel.sum()), 41)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert isinstance(model.lm_head, torch.nn.Linear), "the head is restored"
