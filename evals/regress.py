@@ -36,6 +36,8 @@ import numpy as np
 import pandas as pd
 from scipy.stats import mannwhitneyu
 
+from evals.results import case_key
+
 # What identifies one measured configuration: the CSV's required identity and configuration
 # columns (bar run_id, which differs between any two runs by construction). Every other column of
 # ``evals.grid.KEY_COLUMNS`` (ff_dim, window_size, seed, ...) that both runs have is added.
@@ -113,19 +115,8 @@ def _keyed(df: pd.DataFrame, keys: tuple = KEY_COLUMNS) -> dict:
     """``{key tuple: row}`` (the model name first); a key measured twice keeps its last row."""
     out = {}
     for _, row in df.iterrows():
-        out[tuple(_norm(row[c]) for c in keys)] = row
+        out[case_key(row, keys)] = row
     return out
-
-
-def _norm(v):
-    # CSV round trips turn ints into floats and NaN into empty; make keys compare equal anyway.
-    if isinstance(v, (float, np.floating)) and not math.isnan(v) and float(v).is_integer():
-        return int(v)
-    if isinstance(v, (np.integer,)):
-        return int(v)
-    if isinstance(v, float) and math.isnan(v):
-        return None
-    return v
 
 
 # ----------------------------------------------------------------------------- the time test
