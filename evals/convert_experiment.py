@@ -50,6 +50,7 @@ import torch.nn.functional as F
 
 from bsbr_extras.convert import convert_to_bsbr, load_gpt2, save_converted
 from evals.measure import peak_memory, time_fn  # the one module that reads a clock
+from evals.train import TrainConfig, fit
 from evals.results import (ResultsError, check_output_dir, environment, locked, sample_stats, utc_now, write_frame,
                            write_sidecar)
 
@@ -288,38 +289,32 @@ class ExperimentConfig:
     threads: int = 1
 
 
-def _lr_lambda(warmup: int, total: int):
-    """Linear warm-up, then cosine decay to 10% of the peak."""
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        t = (step - warmup) / max(1, total - warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
-    return f
+# The experiment's GPT-2 recipe, on the suite's one trainer (evals.train): AdamW (0.9, 0.95) with
+# weight decay 0.1 on every parameter, linear warm-up then cosine decay to 10% of the peak.
+GPT2_RECIPE = TrainConfig(betas=(0.9, 0.95), weight_decay=0.1, decay_all=True, min_lr_ratio=0.1, grad_clip=1.0,
+                          reinit=False)
 
 
 def train_lm(model, tokens: torch.Tensor, *, steps: int, seq_len: int, batch_size: int, lr: float,
              warmup: int, seed: int, phase: str) -> list[dict]:
-    """AdamW on random windows of ``tokens``; the batches depend only on ``seed`` (so two models
-    trained with the same seed see the same data in the same order). Returns the loss curve."""
+    """Train on random windows of ``tokens`` with ``evals.train.fit``; the batches depend only on
+    ``seed`` (so two models trained with the same seed see the same data in the same order).
+    Returns the loss curve."""
     g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.95),
-                            weight_decay=0.1)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(warmup, steps))
-    model.train()
-    curve, t0 = [], time.perf_counter()
-    for step in range(steps):
+
+    def next_batch():
         start = torch.randint(0, tokens.numel() - seq_len, (batch_size,), generator=g)
-        ids = torch.stack([tokens[s:s + seq_len] for s in start.tolist()])  # (b, n)
-        loss = lm_loss(logits_of(model, ids), ids)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        curve.append(dict(phase=phase, step=step + 1, loss=loss.item(), elapsed_s=time.perf_counter() - t0))
-        if (step + 1) % 10 == 0 or step == 0:
-            log.info("%s step %d/%d loss %.3f (%.0f s)", phase, step + 1, steps, curve[-1]["loss"], curve[-1]["elapsed_s"])
+        return (torch.stack([tokens[s:s + seq_len] for s in start.tolist()]),)  # (b, n)
+
+    curve, t0 = [], time.perf_counter()
+
+    def on_step(step, loss, _score):
+        curve.append(dict(phase=phase, step=step, loss=loss, elapsed_s=time.perf_counter() - t0))
+        if step % 10 == 0 or step == 1:
+            log.info("%s step %d/%d loss %.3f (%.0f s)", phase, step, steps, loss, curve[-1]["elapsed_s"])
+
+    cfg = GPT2_RECIPE.with_(max_steps=steps, lr=lr, warmup_steps=warmup, batch_size=batch_size)
+    fit(model, next_batch, lambda m, ids: lm_loss(logits_of(m, ids), ids), cfg, on_step=on_step)
     model.eval()
     return curve
 

@@ -400,7 +400,7 @@ def build_workload(case: Case) -> Workload:
                 return fn
             return _workload(make, model, case, params)
         model.eval()
-        cache0 = model.init_cache(b, device=device, dtype=dtype, **_max_len(model, n + k))
+        cache0 = model.init_cache(b, device=device, dtype=dtype, **_max_len(model, n + k, case))
         with torch.no_grad():
             model(ids, cache=cache0)  # prefill outside the timed region
         steps = torch.randint(0, cfg.vocab_size, (b, k), generator=g).to(device)
@@ -411,7 +411,7 @@ def build_workload(case: Case) -> Workload:
     x = torch.randn(b, n, cfg.hidden_dim, generator=g).to(device=device, dtype=dtype)  # (b, n, D)
     if case.mode == "decode":  # layer and op level: cached steps of the mixer (op: k = 1)
         mixer.eval()
-        cache0 = mixer.init_cache(b, device, dtype, **_max_len(mixer, n + k))
+        cache0 = mixer.init_cache(b, device, dtype, **_max_len(mixer, n + k, case))
         with torch.no_grad():
             mixer(x, cache=cache0)
         steps = torch.randn(b, k, cfg.hidden_dim, generator=g).to(device=device, dtype=dtype)
@@ -452,11 +452,15 @@ def _workload(make, module, case: Case, params: int) -> Workload:
     return Workload(fn, None, params, 1, eager)
 
 
-def _max_len(module, length: int) -> dict:
-    """``max_len=`` for ``init_cache`` where the cache is preallocated (a fixed-shape decode step)."""
+def _max_len(module, length: int, case: Case) -> dict:
+    """``max_len=`` for ``init_cache`` with ``--compile``: a preallocated cache gives the fixed-shape
+    decode step a compiled graph needs (gpt-fast's KVCache). Eager decoding keeps each model's
+    default cache, which grows (for BSBR, one state per completed chunk, folded once per chunk)."""
     import inspect
 
-    return {"max_len": length} if "max_len" in inspect.signature(module.init_cache).parameters else {}
+    if not _compiled(case) or "max_len" not in inspect.signature(module.init_cache).parameters:
+        return {}
+    return {"max_len": length}
 
 
 def _decode_workload(module, cache0, steps, params: int, k: int, case: Case) -> Workload:

@@ -1,7 +1,8 @@
 """The one trainer: AdamW, linear warm-up then cosine decay, gradient clipping, early stopping.
 
-Recall (``evals.recall``) trains every model through ``fit``; the conversion experiment is to use
-the same loop and schedule, so that "trained with the suite's recipe" means one thing.
+Recall (``evals.recall``) trains every model through ``fit``, and so does the conversion experiment
+(``evals.convert_experiment.train_lm``, with its GPT-2 recipe's betas, decay and LR floor as
+``TrainConfig`` fields), so that "trained with the suite's loop and schedule" means one thing.
 
 ``fit`` knows nothing about the task: it draws batches from ``next_batch``, gets a scalar loss from
 ``loss_fn`` and, every ``eval_every`` steps, a validation score from ``validate``. Everything that
@@ -45,6 +46,10 @@ class TrainConfig:
         grad_clip: global gradient-norm clip.
         reinit: apply the task's re-initialisation recipe before training (recall:
             ``evals.recall.training.reinit_for_recall``).
+        betas: AdamW's (beta1, beta2).
+        min_lr_ratio: the cosine decays to this fraction of the peak (0: to zero).
+        decay_all: weight decay on every parameter (biases and gains too), as the conversion
+            experiment's GPT-2 recipe does; default: matrices only.
     """
 
     max_steps: int = 1500
@@ -60,6 +65,9 @@ class TrainConfig:
     target_acc: float = 0.99
     grad_clip: float = 1.0
     reinit: bool = True
+    betas: tuple = (0.9, 0.98)
+    min_lr_ratio: float = 0.0
+    decay_all: bool = False
 
     def with_(self, **kw) -> "TrainConfig":
         return replace(self, **kw)
@@ -74,30 +82,37 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
         if not 0 < self.target_acc <= 1:
             raise ValueError(f"target_acc must lie in (0, 1], got {self.target_acc!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio!r}")
         return self
 
 
-def warmup_cosine(warmup_steps: int, max_steps: int) -> Callable[[int], float]:
-    """LR multiplier: linear warm-up to 1, then half-cosine to 0 at ``max_steps`` (and 0 after)."""
+def warmup_cosine(warmup_steps: int, max_steps: int, floor: float = 0.0) -> Callable[[int], float]:
+    """LR multiplier: linear warm-up to 1, then half-cosine down to ``floor`` at ``max_steps``
+    (and ``floor`` after)."""
 
     def f(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
         t = (step - warmup_steps) / max(1, max_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
 
     return f
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> tuple:
-    """AdamW that decays the matrices (dim >= 2) only, not biases or gains, and its schedule."""
+    """AdamW that decays the matrices (dim >= 2) only, not biases or gains (unless
+    ``cfg.decay_all``), and its warm-up + cosine schedule."""
     params = [p for p in {id(p): p for p in model.parameters()}.values() if p.requires_grad]  # tied once
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+    if cfg.decay_all:
+        groups = [{"params": params, "weight_decay": cfg.weight_decay}]
+    else:
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.warmup_steps,
-                                                                 cfg.schedule_steps or cfg.max_steps))
+                                                                 cfg.schedule_steps or cfg.max_steps,
+                                                                 cfg.min_lr_ratio))
     return params, opt, sched
 
 
