@@ -21,7 +21,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .ops import BSBRPast, bsbr_attention, bsbr_open_chunk, default_gamma
+from . import sizing
+from .ops import BSBRPast, bsbr_attention, bsbr_open_chunk, chunk_states, default_gamma, retrieval_weights
 from .shell import TokenMixer, check_dropout, check_heads, check_positive_int, split_heads
 
 
@@ -52,6 +53,38 @@ class BSBRCache:
     @property
     def cur_len(self) -> int:
         return self.cur_k.shape[2]
+
+
+@dataclass
+class BSBRStaticCache:
+    """Per-layer decoding state for at most ``max_len`` tokens, allocated once (the gpt-fast
+    ``KVCache`` pattern): no tensor ever changes shape, so a compiled one-token step is one graph
+    and can be captured as a CUDA graph. ``init_cache(..., max_len)`` makes it.
+
+    P = ceil(max_len / c) chunk slots; a slot not yet filled has ``valid`` False, so retrieval
+    never sees it. acc = ``sizing.acc_dtype`` (fp32 for half-precision inputs).
+    F (b,h,P,e,d) acc, hk (b,h,P,d), valid (b,P): completed chunks' states and meta keys.
+    last_summary (b,D): summary of the last completed chunk (zeros before the first).
+    k/v (b,h,o+c,d), m (b,o+c): the open chunk's context, [previous chunk's last o tokens | the
+    chunk's c rows]; rows past the current token are stale and never attended to.
+    x (b,c,D): the open chunk's layer inputs (its summary at close).
+    S (b,h,e,d) acc: the open chunk's retrieval state, always current (zeros with no past).
+    pos () long: tokens seen, as a tensor (the one-token step reads only this);
+    length: the same count as a Python int, for multi-token calls and the max_len check.
+    """
+
+    F: torch.Tensor
+    hk: torch.Tensor
+    valid: torch.Tensor
+    last_summary: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    m: torch.Tensor
+    x: torch.Tensor
+    S: torch.Tensor
+    pos: torch.Tensor
+    max_len: int
+    length: int = 0
 
 
 def _own(*ts):
@@ -178,15 +211,23 @@ class BSBRAttention(TokenMixer):
         if cache is not None:
             if key is not None or value is not None:
                 raise ValueError("cache is supported for self-attention only (pass key=value=None)")
-            o = self._forward_cached(query, mask, cache)
+            if isinstance(cache, BSBRStaticCache):
+                o = self._forward_static(query, mask, cache)
+            else:
+                o = self._forward_cached(query, mask, cache)
         else:
             o = self.op(*self.op_inputs(query, mask, key, value), mask=mask)
         return self.output(o, query)  # (b, n, D); no dropout here: the block owns it
 
     # ---- decoding -----------------------------------------------------------------------------
 
-    def init_cache(self, batch_size: int, device=None, dtype=None, max_len=None) -> BSBRCache:
+    def init_cache(self, batch_size: int, device=None, dtype=None, max_len=None):
+        """``max_len=None``: a ``BSBRCache`` that grows by one chunk state per completed chunk, for
+        eager streaming of unknown length. ``max_len``: a ``BSBRStaticCache`` for at most that many
+        tokens, allocated once (shape-static decode; more tokens raise a ValueError)."""
         b, h, d, e, D = batch_size, self.num_heads, self.head_dim, self.key_dim, self.hidden_dim
+        if max_len is not None:
+            return self._init_static_cache(b, device, dtype, max_len)
         z = lambda *s: torch.zeros(*s, device=device, dtype=dtype)  # noqa: E731
         nb = lambda *s: torch.zeros(*s, device=device, dtype=torch.bool)  # noqa: E731
         return BSBRCache(F=z(b, h, 0, e, d), hk=z(b, h, 0, d), valid=nb(b, 0), last_summary=z(b, D),
@@ -260,4 +301,131 @@ class BSBRAttention(TokenMixer):
             cache.cur_k, cache.cur_v, cache.cur_m, cache.cur_x = _own(ks[:, :, full * c:], vs[:, :, full * c:],
                                                                       mm[:, full * c:], xs[:, full * c:])
             cache.S = st["S"][:, :, full].clone() if rem else None
+        return torch.cat(outs, dim=2)  # (b, h, n, d)
+
+    # ---- decoding into the preallocated cache (max_len) ---------------------------------------
+
+    def _init_static_cache(self, b: int, device, dtype, max_len: int) -> BSBRStaticCache:
+        h, d, e, D = self.num_heads, self.head_dim, self.key_dim, self.hidden_dim
+        c, o = self.chunk_size, self.chunk_overlap
+        dtype = torch.get_default_dtype() if dtype is None else dtype
+        acc = sizing.acc_dtype(dtype)
+        P = -(-max_len // c)
+        z = lambda *s, dt=dtype: torch.zeros(*s, device=device, dtype=dt)  # noqa: E731
+        return BSBRStaticCache(F=z(b, h, P, e, d, dt=acc), hk=z(b, h, P, d), valid=z(b, P, dt=torch.bool),
+                               last_summary=z(b, D), k=z(b, h, o + c, d), v=z(b, h, o + c, d),
+                               m=z(b, o + c, dt=torch.bool), x=z(b, c, D), S=z(b, h, e, d, dt=acc),
+                               pos=z((), dt=torch.long), max_len=max_len)
+
+    def _open_state(self, cache: BSBRStaticCache) -> torch.Tensor:
+        """S of the chunk that opens after the last completed one: its meta query (from that
+        chunk's summary) retrieves over every valid slot. (b, h, e, d) in the accumulation dtype."""
+        b, h, P, e, d = cache.F.shape
+        r = split_heads(self.meta_query(cache.last_summary)[:, None], h)    # (b, h, 1, d)
+        w = retrieval_weights(r, cache.hk, cache.valid, P)                  # (b, h, 1, P)
+        return (w.to(cache.F.dtype) @ cache.F.flatten(-2)).view(b, h, e, d)
+
+    def _close_static(self, cache: BSBRStaticCache, j: torch.Tensor, full: Optional[torch.Tensor]) -> None:
+        """Fold the open chunk (its c rows) into chunk slot ``j`` (1,) long, keep its last o tokens
+        as the next tail and make the next chunk's S. ``full`` None: the chunk is known complete
+        (a multi-token call decided it in Python); a (1,) bool tensor: do all of it only where
+        True (``torch.where`` / masked writes, so the one-token step has no branch on a value)."""
+        c, o = self.chunk_size, self.chunk_overlap
+        keep = (lambda new, old: new) if full is None else (lambda new, old: torch.where(full, new, old))  # noqa: E731
+        cm = cache.m[:, o:]                                                  # (b, c)
+        Fj = chunk_states(cache.k[:, :, o:], cache.v[:, :, o:], c, cm, self.compress)  # (b, h, 1, e, d)
+        s = chunk_summaries(cache.x, cm, c)[:, 0]                            # (b, D)
+        hkj = split_heads(self.meta_key(s)[:, None], self.num_heads)        # (b, h, 1, d)
+        cache.F.index_copy_(2, j, keep(Fj.to(cache.F.dtype), cache.F.index_select(2, j)))
+        cache.hk.index_copy_(2, j, keep(hkj, cache.hk.index_select(2, j)))
+        cache.valid.index_copy_(1, j, keep(cm.any(-1, keepdim=True), cache.valid.index_select(1, j)))
+        cache.last_summary.copy_(keep(s, cache.last_summary))
+        if o:  # the chunk's last o tokens (slots c .. c+o-1) become the tail (slots 0 .. o-1)
+            cache.k[:, :, :o] = keep(cache.k[:, :, c:], cache.k[:, :, :o])
+            cache.v[:, :, :o] = keep(cache.v[:, :, c:], cache.v[:, :, :o])
+            cache.m[:, :o] = keep(cache.m[:, c:], cache.m[:, :o])
+        cache.S.copy_(keep(self._open_state(cache), cache.S))
+
+    def _step_static(self, cache: BSBRStaticCache, x, m, q, k, v) -> torch.Tensor:
+        """One token, shape-static and with no Python branch on a value: write its row at
+        ``r = pos % c`` (context slot o + r), attend to the slots up to it plus ``q S``, then fold the
+        chunk when r = c - 1 (a where). The fold (state, summary, meta key, the next S over all
+        P slots) is computed every step: O(c e d + P e d) per token, the price of one static graph."""
+        c, o = self.chunk_size, self.chunk_overlap
+        r = cache.pos.remainder(c).view(1)                                  # (1,) long
+        slot = r + o
+        cache.k.index_copy_(2, slot, k)                                     # (b, h, o + c, d)
+        cache.v.index_copy_(2, slot, v)
+        cache.m.index_copy_(1, slot, m)                                     # (b, o + c)
+        cache.x.index_copy_(1, r, x)                                        # (b, c, D)
+        out = bsbr_open_chunk(q, cache.k, cache.v, cache.m, slot, cache.S, self.compress, self.gamma)
+        j = cache.pos.div(c, rounding_mode="floor").view(1).clamp(max=cache.F.shape[2] - 1)  # (1,) chunk slot
+        self._close_static(cache, j, r == c - 1)
+        return out                                                          # (b, h, 1, d)
+
+    def _forward_static(self, x: torch.Tensor, mask: Optional[torch.Tensor], cache: BSBRStaticCache) -> torch.Tensor:
+        b, n, _ = x.shape
+        if cache.length + n > cache.max_len:
+            raise ValueError(f"the cache was made for max_len={cache.max_len} tokens; this call reaches "
+                             f"{cache.length + n}")
+        m = torch.ones(b, n, dtype=torch.bool, device=x.device) if mask is None else mask
+        q = split_heads(self.q_proj(x), self.num_heads)  # (b, h, n, d)
+        k = split_heads(self.k_proj(x), self.num_heads)
+        v = split_heads(self.v_proj(x), self.num_heads)
+        if n == 1:
+            out = self._step_static(cache, x, m, q, k, v)
+        else:
+            out = self._piece_static(cache, x, mask, m, q, k, v)
+        cache.length += n
+        cache.pos += n
+        return out
+
+    def _piece_static(self, cache: BSBRStaticCache, x, mask, m, q, k, v) -> torch.Tensor:
+        """Several tokens (a prefill): the open chunk's part through the open-chunk form, the rest
+        from a chunk boundary through the chunkwise-parallel op with the cached past; positions
+        come from the Python count ``length``, so nothing here reads a tensor's value."""
+        n = x.shape[1]
+        c, o = self.chunk_size, self.chunk_overlap
+        P, L = divmod(cache.length, c)  # completed chunks, tokens in the open chunk
+        outs, i0 = [], 0
+        if L:  # 1) finish the open chunk
+            t = min(c - L, n)
+            cache.k[:, :, o + L:o + L + t] = k[:, :, :t]
+            cache.v[:, :, o + L:o + L + t] = v[:, :, :t]
+            cache.m[:, o + L:o + L + t] = m[:, :t]
+            cache.x[:, L:L + t] = x[:, :t]
+            e = o + L + t
+            outs.append(bsbr_open_chunk(q[:, :, :t], cache.k[:, :, :e], cache.v[:, :, :e], cache.m[:, :e], o + L,
+                                        cache.S, self.compress, self.gamma))
+            i0 = t
+            if L + t == c:
+                self._close_static(cache, torch.full((1,), P, device=x.device), None)
+                P += 1
+        if i0 < n:  # 2) the rest starts on a chunk boundary
+            xs, ms = x[:, i0:], (None if mask is None else m[:, i0:])
+            ks, vs, mm = k[:, :, i0:], v[:, :, i0:], m[:, i0:]
+            s = chunk_summaries(xs, ms, c)  # (b, C, D)
+            r, hk = self._meta(torch.cat([cache.last_summary[:, None], s[:, :-1]], dim=1), s)
+            past = BSBRPast(cache.F[:, :, :P], cache.hk[:, :, :P], cache.valid[:, :P],
+                            cache.k[:, :, :o], cache.v[:, :, :o], cache.m[:, :o])
+            out, st = self.op(q[:, :, i0:], ks, vs, r, hk, mask=ms, past=past, return_states=True)
+            outs.append(out)
+            full, rem = divmod(n - i0, c)
+            if full:
+                cache.F[:, :, P:P + full] = st["F"][:, :, :full]
+                cache.hk[:, :, P:P + full] = hk[:, :, :full]
+                cache.valid[:, P:P + full] = st["valid"][:, :full]
+                cache.last_summary.copy_(s[:, full - 1])
+                end = full * c
+                if o:
+                    cache.k[:, :, :o], cache.v[:, :, :o] = ks[:, :, end - o:end], vs[:, :, end - o:end]
+                    cache.m[:, :o] = mm[:, end - o:end]
+            if rem:
+                cache.k[:, :, o:o + rem] = ks[:, :, full * c:]
+                cache.v[:, :, o:o + rem] = vs[:, :, full * c:]
+                cache.m[:, o:o + rem] = mm[:, full * c:]
+                cache.x[:, :rem] = xs[:, full * c:]
+                cache.S.copy_(st["S"][:, :, full])
+            else:  # ends on a boundary: the next chunk's S now, so a step always finds it current
+                cache.S.copy_(self._open_state(cache))
         return torch.cat(outs, dim=2)  # (b, h, n, d)

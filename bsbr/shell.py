@@ -390,9 +390,9 @@ class CausalLM(nn.Module):
         """An empty decoding cache; pass it to ``forward`` to stream a sequence in pieces.
 
         ``max_len``: the most tokens the cache will hold. The key/value caches (Standard, Hopfield)
-        then allocate it once and never grow, so a compiled decode step keeps one shape; a longer
-        sequence raises a ValueError. The fixed-size caches (Linear, DeltaNet, SlidingWindow) do not
-        need it; BSBR's and GAU's caches do not use it yet (they grow per chunk).
+        and BSBR's chunk-state cache then allocate it once and never grow, so a compiled decode
+        step keeps one shape; a longer sequence raises a ValueError. The fixed-size caches (Linear,
+        DeltaNet, SlidingWindow, GAU) do not need it. Without it BSBR's cache grows per chunk.
         """
         check_positive_int("batch_size", batch_size)
         if max_len is not None:

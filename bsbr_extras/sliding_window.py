@@ -169,14 +169,15 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
 
 def sliding_window_step(q: torch.Tensor, k_ring: torch.Tensor, v_ring: torch.Tensor, valid: torch.Tensor,
-                        slot: int, scale: Optional[float] = None) -> torch.Tensor:
+                        slot, scale: Optional[float] = None) -> torch.Tensor:
     """One decoding step over a ring buffer that already holds the current token.
 
     Args:
         q: (b, h, 1, d) the current query.
         k_ring, v_ring: (b, h, w, d) the last w keys/values in slot order (softmax is order-free).
         valid: (b, w) bool, slots holding a real (filled, unmasked) token.
-        slot: the current token's slot; it is always allowed (see ``allowed_keys``).
+        slot: the current token's slot (an int or a (1,) long tensor); it is always allowed (see
+            ``allowed_keys``).
 
     Returns (b, h, 1, d). O(w d).
     """
@@ -196,7 +197,8 @@ class RingKVCache:
         self.batch_size, self.window_size, self.device, self.dtype = batch_size, window_size, device, dtype
         self.k = self.v = None  # (b, h, w, d), allocated on first use with the inputs' shape and dtype
         self.valid = None       # (b, w) bool
-        self.pos = 0            # tokens seen so far
+        self.pos = 0            # tokens seen so far (multi-token calls slice with it)
+        self.pos_t = None       # () long on the device: the same count, which the one-token step reads
 
     def allocate(self, k, v):
         b, h, _, d = k.shape
@@ -206,6 +208,7 @@ class RingKVCache:
             w = self.window_size
             self.k, self.v = k.new_zeros(b, h, w, d), v.new_zeros(b, h, w, v.shape[-1])
             self.valid = torch.zeros(b, w, dtype=torch.bool, device=k.device)
+            self.pos_t = torch.full((), self.pos, dtype=torch.long, device=k.device)
 
     def prefix(self):
         """Chronological keys/values/validity of the last min(pos, w-1) tokens: all a new query can see."""
@@ -222,6 +225,19 @@ class RingKVCache:
         self.v[:, :, idx] = v[:, :, m - keep:]
         self.valid[:, idx] = mask[:, m - keep:] if exists(mask) else True
         self.pos += m
+        self.pos_t += m
+
+    def step(self, k, v, mask) -> torch.Tensor:
+        """Store one token's (b, h, 1, d) key/value at slot ``pos_t % w``, read from the tensor
+        count (no Python int in the step, so a compiled step keeps one graph); returns the slot (1,)."""
+        slot = self.pos_t.remainder(self.window_size).view(1)
+        self.k.index_copy_(2, slot, k)
+        self.v.index_copy_(2, slot, v)
+        real = mask.bool() if exists(mask) else torch.ones(k.shape[0], 1, dtype=torch.bool, device=k.device)
+        self.valid.index_copy_(1, slot, real)
+        self.pos += 1
+        self.pos_t += 1
+        return slot
 
 
 # ----------------------------------------------------------------------------- mixer
@@ -247,8 +263,7 @@ class SlidingWindowAttention(StandardAttention):
         elif q.shape[-2] == 1:
             # decode step: write the token into its slot, then attend over the ring as it stands
             cache.allocate(k, v)
-            slot = cache.pos % cache.window_size
-            cache.write(k, v, mask)
+            slot = cache.step(k, v, mask)  # (1,) long tensor
             out = sliding_window_step(q, cache.k, cache.v, cache.valid, slot)
         else:
             # a piece of several tokens: the ring's last w-1 tokens in order, then this piece

@@ -95,30 +95,40 @@ def causal_softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 class KVCache:
     """Keys and values of every token seen so far, for one layer.
 
-    With ``max_len`` the buffer holds ``max_len`` tokens from the first append on and never grows
-    (the gpt-fast pattern: one static shape, so a compiled decode step is not recompiled when the
-    buffer would grow; more tokens raise a ValueError). Without it the buffer grows by 25% when
-    full, so appending a token copies O(d) amortised instead of re-concatenating the whole prefix,
-    and a prefill of n tokens leaves room for n/4 decode steps before the first regrowth.
-    ``key_mask`` stays None until some token is padding.
+    With ``max_len`` the buffer is allocated once, zero-filled, with ``max_len + 1`` slots, and never
+    grows (the gpt-fast pattern; more tokens raise a ValueError). A one-token step then keeps one
+    static shape: it writes the token at slot ``pos`` (a tensor) and also at the last slot, and
+    attends to the whole buffer with the key mask ``[slots < pos (and real) | the last slot]``. The
+    query is thereby bottom-right aligned with its own key, as every op here expects
+    (``causal_softmax_attention``, Hopfield's retrieval), so the ops run unchanged; a step costs
+    O(max_len d) instead of O(pos d), the price of the static shape.
+    Without ``max_len`` the buffer grows by 25% when full, so appending a token copies O(d) amortised
+    instead of re-concatenating the whole prefix, and a prefill of n tokens leaves room for n/4
+    decode steps before the first regrowth. ``key_mask`` stays None until some token is padding.
     """
 
     def __init__(self, batch_size: int, device=None, dtype=None, max_len: Optional[int] = None):
         self.batch_size, self.device, self.dtype, self.max_len = batch_size, device, dtype, max_len
         self.k = self.v = None          # (b, h, capacity, d)
         self.key_mask = None            # (b, capacity) bool, or None while every token is real
-        self.length = 0
+        self.length = 0                 # tokens held (multi-token calls slice with it)
+        self.pos = None                 # with max_len: () long on the device, the same count for the step
 
-    def append(self, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]):
-        """Add this call's (b, h, m, d) keys/values; return views of all (b, h, n, d) and the (b, n) mask."""
-        b, h, m, d = k.shape
+    def _reserve(self, k: torch.Tensor, v: torch.Tensor, m: int) -> int:
+        """Check the batch and max_len, make room for ``m`` more tokens; returns the new length."""
+        b, h, _, d = k.shape
         if b != self.batch_size:
             raise ValueError(f"cache was made for batch_size={self.batch_size}, got {b}")
         need = self.length + m
         if exists(self.max_len) and need > self.max_len:
             raise ValueError(f"the cache was made for max_len={self.max_len} tokens; this call reaches {need}")
-        if self.k is None or need > self.k.shape[-2]:
-            cap = self.max_len if exists(self.max_len) else max(need + need // 4, 16)
+        if exists(self.max_len) and self.k is None:
+            # zeros, not empty: a masked slot still enters softmax(...) @ V with weight 0, and 0 * NaN
+            cap = self.max_len + 1
+            self.k, self.v = k.new_zeros(b, h, cap, d), v.new_zeros(b, h, cap, v.shape[-1])
+            self.pos = torch.full((), self.length, dtype=torch.long, device=k.device)
+        elif self.k is None or need > self.k.shape[-2]:
+            cap = max(need + need // 4, 16)
             new_k, new_v = k.new_empty(b, h, cap, d), v.new_empty(b, h, cap, v.shape[-1])
             if self.k is not None:
                 new_k[:, :, :self.length] = self.k[:, :, :self.length]
@@ -128,15 +138,43 @@ class KVCache:
                 new_mask[:, :self.length] = self.key_mask[:, :self.length]
                 self.key_mask = new_mask
             self.k, self.v = new_k, new_v
-        self.k[:, :, self.length:need] = k
-        self.v[:, :, self.length:need] = v
+        if exists(self.pos):
+            self.pos += m
+        return need
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]):
+        """Add this call's (b, h, m, d) keys/values; return views of all (b, h, n, d) and the (b, n) mask."""
+        b, m = k.shape[0], k.shape[2]
+        start, need = self.length, self._reserve(k, v, m)
+        self.k[:, :, start:need] = k
+        self.v[:, :, start:need] = v
         if exists(mask) and self.key_mask is None:
             self.key_mask = torch.ones(b, self.k.shape[-2], dtype=torch.bool, device=k.device)
         if self.key_mask is not None:
-            self.key_mask[:, self.length:need] = mask if exists(mask) else True
+            self.key_mask[:, start:need] = mask if exists(mask) else True
         self.length = need
         key_mask = self.key_mask[:, :need] if self.key_mask is not None else None
         return self.k[:, :, :need], self.v[:, :, :need], key_mask
+
+    def step(self, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]):
+        """One token into the ``max_len`` buffer, with no Python int in the graph: returns the whole
+        (b, h, max_len + 1, d) buffers and their (b, max_len + 1) key mask (see the class docstring)."""
+        b = k.shape[0]
+        self._reserve(k, v, 1)
+        at = (self.pos - 1).view(1)                                            # (1,) this token's slot
+        self.k.index_copy_(2, at, k)                                           # history, for later steps
+        self.v.index_copy_(2, at, v)
+        self.k[:, :, -1:] = k                                                  # the query's own key, last
+        self.v[:, :, -1:] = v
+        if exists(mask) and self.key_mask is None:
+            self.key_mask = torch.ones(b, self.k.shape[-2], dtype=torch.bool, device=k.device)
+        real = mask.bool() if exists(mask) else torch.ones(b, 1, dtype=torch.bool, device=k.device)
+        if self.key_mask is not None:
+            self.key_mask.index_copy_(1, at, real)
+        self.length += 1
+        before = torch.arange(self.max_len, device=k.device) < at            # (max_len,) slots < pos
+        hist = before if self.key_mask is None else self.key_mask[:, :-1] & before
+        return self.k, self.v, torch.cat([hist.expand(b, -1), real], dim=1)  # (b, max_len + 1)
 
 
 # ----------------------------------------------------------------------------- mixer
@@ -168,7 +206,8 @@ class StandardAttention(TokenMixer):
         q, k, v = self.op_inputs(x, mask)  # (b, h, m, d) each
         if exists(cache):
             # the new queries attend to the whole cached prefix plus themselves; nothing is recomputed
-            k, v, mask = cache.append(k, v, mask)  # (b, h, n, d), (b, n) or None
+            step = q.shape[-2] == 1 and exists(cache.max_len)  # the shape-static one-token step
+            k, v, mask = (cache.step if step else cache.append)(k, v, mask)  # (b, h, n, d), (b, n) or None
         return self.output(self.op(q, k, v, mask=mask), x)  # (b, m, D)
 
     def init_cache(self, batch_size: int, device=None, dtype=None, max_len: Optional[int] = None) -> KVCache:

@@ -149,6 +149,74 @@ def test_cache_grows_per_chunk_not_per_token():
     assert sizes[47] < kv_cache
 
 
+def test_preallocated_cache_size_law():
+    # init_cache(max_len): P = ceil(max_len / c) chunk slots, allocated once. Bytes are an affine
+    # function of P (nothing depends on max_len otherwise) and never change as tokens arrive.
+    D, H, c, o, layers = 16, 2, 8, 3, 2
+    model = _model(compression_factor=2, chunk_overlap=o)
+    d, e = D // H, D // H // 2
+    per_chunk = layers * (H * (e * d + d) * 8 + 1)      # a state and a meta key per head, a valid flag
+    fixed = layers * (D * 8                             # last summary
+                      + 2 * H * (o + c) * d * 8 + (o + c)  # open chunk's [tail | c rows] keys, values, mask
+                      + c * D * 8                       # its layer inputs, for its summary
+                      + H * e * d * 8                   # its retrieval state S
+                      + 8)                              # the position counter
+    for max_len in (1, 8, 9, 47, 48, 200):
+        cache = model.init_cache(1, max_len=max_len)
+        before = cache.nbytes()
+        assert before == fixed + -(-max_len // c) * per_chunk, max_len
+        with torch.no_grad():
+            model(torch.randint(0, 41, (1, max_len - 1)) if max_len > 1 else torch.randint(0, 41, (1, 1)), cache=cache)
+            if max_len > 1:
+                model(torch.randint(0, 41, (1, 1)), cache=cache)
+        assert cache.nbytes() == before  # filled to max_len: not one byte more
+        with pytest.raises(ValueError, match="max_len=%d" % max_len):
+            model(torch.randint(0, 41, (1, 1)), cache=cache)
+    # the growing cache (max_len=None) pays the same per completed chunk: see the test above
+    grown = model.init_cache(1)
+    with torch.no_grad():
+        model(torch.randint(0, 41, (1, 48)), cache=grown)
+    assert grown.nbytes() - model.init_cache(1).nbytes() == 6 * per_chunk + layers * (2 * H * o * d * 8 + o)  # + tail
+
+
+@pytest.mark.parametrize("p", VARIANTS, ids=VID)
+def test_preallocated_cache_streaming_with_padding_equals_one_shot(p):
+    # the shape-static cache (max_len) against the one-shot forward: one token at a time (every
+    # chunk closed by the step's where), pieces ending on and across boundaries,
+    # a hole longer than a chunk and right padding
+    attn = BSBRAttention(16, 2, 8, compression_factor=p["f"], chunk_overlap=p["overlap"]).double().eval()
+    n = 37
+    x = torch.randn(2, n, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    mask = torch.ones(2, n, dtype=torch.bool)
+    mask[0, 3:14] = False
+    mask[1, 29:] = False
+    with torch.no_grad():
+        full = attn(x, mask=mask)
+        for cuts in ([*range(1, n)], [8, 16, 24, 32], [1, 8, 9, 17, 19, 33], [5, 30]):
+            static = attn.init_cache(2, dtype=torch.float64, max_len=n)
+            got, prev = [], 0
+            for cut in cuts + [n]:
+                got.append(attn(x[:, prev:cut], mask=mask[:, prev:cut], cache=static))
+                prev = cut
+            got = torch.cat(got, 1)
+            assert torch.allclose(got[mask], full[mask], atol=1e-12, rtol=1e-10), f"split {cuts}"
+            assert static.length == n == int(static.pos) and static.F.shape[2] == -(-n // 8)
+
+
+def test_preallocated_cache_decodes_bf16_with_fp32_states():
+    # bf16 inputs: the chunk states and S are held in fp32 (sizing.acc_dtype); token-by-token decode
+    # stays within bf16's rounding of the one-shot bf16 forward (measured 0.004; bound 1e-2)
+    torch.manual_seed(0)
+    attn = BSBRAttention(16, 2, 8, compression_factor=2, chunk_overlap=3).to(torch.bfloat16).eval()
+    x = torch.randn(2, 37, 16, dtype=torch.bfloat16)
+    cache = attn.init_cache(2, dtype=torch.bfloat16, max_len=37)
+    assert cache.F.dtype == cache.S.dtype == torch.float32
+    with torch.no_grad():
+        got = torch.cat([attn(x[:, t:t + 1], cache=cache) for t in range(37)], 1)
+        assert got.dtype == torch.bfloat16
+        assert rel_err(got, attn(x)) <= 1e-2
+
+
 def test_decode_step_cost_does_not_depend_on_prefix_length():
     model = _model()
     flops = []
