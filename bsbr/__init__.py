@@ -2,14 +2,14 @@
 
 Softmax attention inside fixed-size chunks plus strictly-causal retrieval of compressed per-chunk
 states between chunks; sub-quadratic, causal, and decodable from a cache that grows with the
-number of chunks. See README.md and design/architectures.md.
+number of chunks. See README.md and docs/.
 """
 
-from .attention import BSBRAttention, BSBRCache
+from .attention import BSBRAttention, BSBRCache, BSBRStaticCache
 from .model import BSBRLayer, BSBRModel
 from .ops import bsbr_attention, bsbr_attention_flops
 from .shell import CausalLM, ModelCache
 
-__all__ = ["BSBRAttention", "BSBRCache", "BSBRLayer", "BSBRModel", "CausalLM", "ModelCache",
+__all__ = ["BSBRAttention", "BSBRCache", "BSBRStaticCache", "BSBRLayer", "BSBRModel", "CausalLM", "ModelCache",
            "bsbr_attention", "bsbr_attention_flops"]
 __version__ = "0.2.0"
