@@ -107,7 +107,7 @@ def chunk_summaries(x: torch.Tensor, mask: Optional[torch.Tensor], chunk_size: i
 
 
 class BSBRAttention(TokenMixer):
-    """Block Sparse attention with Block Retrieval (design/architectures.md s.1).
+    """Block Sparse attention with Block Retrieval (README.md, "What BSBR computes").
 
     Args:
         hidden_dim: model width D.

@@ -6,7 +6,7 @@ Axis legend:
     o  overlap        L  keys seen by one chunk's queries (c + o)
     e  compressed key size d / f
 
-For token t in chunk i the output is (design/architectures.md s.1)
+For token t in chunk i the output is (README.md, "What BSBR computes")
 
     local_t     = sum_{s in W(t)} softmax_s(q_t . k_s / sqrt(d)) v_s,
                   W(t) = { s real : max(i c - o, 0) <= s <= t }

@@ -3,7 +3,7 @@
 GPT-2 (Radford et al., 2019) is a pre-norm decoder: ``x + attn(ln_1(x))``, ``x + mlp(ln_2(x))``,
 final ``ln_f``, LM head tied to the token embedding ``wte``, learned absolute positions ``wpe``.
 :class:`bsbr.BSBRModel` is built on the same shell (``bsbr/shell.py``), so everything but the token
-mixer carries over weight for weight. The mixer is BSBR (design/architectures.md s.1): inside a
+mixer carries over weight for weight. The mixer is BSBR (README.md, "What BSBR computes"): inside a
 chunk it is exactly causal softmax attention with scale ``1/sqrt(head_dim)``, so
 
 * with ``chunk_size >= seq_len`` the converted model IS the GPT-2 (tests pin max |diff| <= 1e-4);

@@ -2,7 +2,7 @@
 
 A 2-core machine shared with other jobs is noisy, so only what is deterministic fails a build
 outright, and a timing change has to clear two independent bars before it is called a regression
-(design/evaluation.md, "Performance regression in CI"):
+(docs/evaluation.md, "bsbr-eval regress"):
 
 1. **Exact metrics** (``flops``, ``params``, and ``peak_memory_mb`` when it comes from a
    deterministic trace) must equal the baseline's. Any difference is a failure until the baseline
