@@ -1,4 +1,4 @@
-"""Naive BSBR oracle, written straight from design/architectures.md s.1 (tests only).
+"""Naive BSBR oracle, written straight from README.md ("What BSBR computes") (tests only).
 
 A loop over tokens and over chunks, in float64, with no batching tricks: slow and obviously right.
 """

@@ -1,5 +1,5 @@
 """Naive oracles for the linear family (Linear, DeltaNet, GAU), straight from the formulas in
-design/architectures.md. Slow and obviously correct; imported by tests only.
+docs/architectures_linear.md. Slow and obviously correct; imported by tests only.
 
 Each builds either a full masked (n x n) matrix or loops over tokens, never chunks, so it shares
 no structure with the fast forms it checks.

@@ -1,6 +1,6 @@
 """Naive oracles for the softmax family (Standard, SlidingWindow, Hopfield); imported by tests only.
 
-Written straight from the formulas in design/architectures.md with a loop over tokens and explicit
+Written straight from the formulas in docs/architectures_*.md with a loop over tokens and explicit
 exp / sum, sharing no code with bsbr_extras. Outputs at masked query positions are unspecified by the
 contract, so these return zeros there and the tests compare real positions only.
 """

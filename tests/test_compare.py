@@ -23,7 +23,7 @@ from tests.test_measure import TOY_CFG, register_toys
 
 runner = CliRunner()
 
-# The contract's required columns, in order (design/evaluation.md), written out independently.
+# The contract's required columns, in order (docs/evaluation.md, "The CSV"), written out independently.
 CONTRACT = ("run_id model device mode level dtype batch_size seq_len hidden_dim num_layers num_heads chunk_size "
             "status time_ms time_ms_p20 time_ms_p80 repeats timer peak_memory_mb memory_method flops params "
             "error").split()
