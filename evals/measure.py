@@ -381,13 +381,7 @@ def build_workload(case: Case) -> Workload:
         params = _unique_params(model)
         if case.mode == "forward":
             model.eval()
-
-            def make(m):
-                def fn():
-                    with torch.no_grad():
-                        return m(ids)
-                return fn
-            return _workload(make, model, case, params)
+            return _workload(_no_grad_call(ids), model, case, params)
         if case.mode == "train":
             model.train()
             targets = ids.roll(-1, dims=1)  # next-token targets (the last wraps; cost is what counts)
@@ -422,12 +416,7 @@ def build_workload(case: Case) -> Workload:
     if case.level == "layer":
         x.requires_grad_(train)
         if not train:
-            def make(m):
-                def fn():
-                    with torch.no_grad():
-                        return m(x)
-                return fn
-            return _workload(make, mixer, case, params)
+            return _workload(_no_grad_call(x), mixer, case, params)
 
         def make(m):
             def fn():
@@ -439,6 +428,16 @@ def build_workload(case: Case) -> Workload:
 
     fn, eager = _both(lambda op: op_call(mixer, op, x, train), mixer.op, _compiled(case))
     return Workload(fn, None, params, 1, eager)
+
+
+def _no_grad_call(inp: torch.Tensor) -> Callable[[Callable], Callable]:
+    """``make`` for a forward workload: ``m(inp)`` without autograd."""
+    def make(m):
+        def fn():
+            with torch.no_grad():
+                return m(inp)
+        return fn
+    return make
 
 
 def _compiled(case) -> bool:

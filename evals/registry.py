@@ -86,7 +86,7 @@ REGISTRY: dict[str, ModelSpec] = {
     s.name: s
     for s in [
         ModelSpec(
-            "BSBR", "Block Sparse attention with Block Retrieval (this project; README.md, "What BSBR computes")",
+            "BSBR", "Block Sparse attention with Block Retrieval (this project; README.md, 'What BSBR computes')",
             "O(n(c+o)d + n d^2/f + C^2 d^2/f)", "n", MODES, "bsbr.model:BSBRModel",
             lambda c: dict(_common(c), chunk_size=c.chunk_size, compression_factor=c.compression_factor,
                            chunk_overlap=c.chunk_overlap),

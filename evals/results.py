@@ -285,23 +285,8 @@ def append_row(path: Path | str, row: dict, columns: Sequence[str] = COLUMNS) ->
 
 
 def write_text(path: Path | str, text: str) -> Path:
-    """Replace ``path`` with ``text`` atomically: a temporary file beside it, fsync, rename.
-    Nothing is left behind if it fails (``OutputError``)."""
-    path = Path(path)
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        if tmp is not None:
-            with suppress(OSError):
-                os.unlink(tmp)
-        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
-    return path
+    """Replace ``path`` with ``text`` (UTF-8) atomically, as ``write_bytes``."""
+    return write_bytes(path, text.encode("utf-8"))
 
 
 def write_frame(path: Path | str, df, float_format: Optional[str] = None) -> Path:
@@ -317,6 +302,8 @@ def write_figure(fig, path: Path | str, **kwargs) -> Path:
 
 
 def write_bytes(path: Path | str, data: bytes) -> Path:
+    """Replace ``path`` with ``data`` atomically: a temporary file beside it, fsync, rename.
+    Nothing is left behind if it fails (``OutputError``)."""
     path = Path(path)
     tmp = None
     try:
