@@ -40,7 +40,7 @@ Device = enum.Enum("Device", {v: v for v in ("cpu", "cuda")}, type=str)
 SdpaBackend = enum.Enum("SdpaBackend", {v: v for v in SDPA_BACKENDS}, type=str)
 
 # Flags that take several values, space- or comma-separated (``--seq-lengths 64 128`` or ``64,128``).
-LIST_FLAGS = ("--models", "--seq-lengths", "--devices", "--modes", "--num-pairs", "--hidden-dims", "--sizes",
+LIST_FLAGS = ("--models", "--seq-lengths", "--devices", "--modes", "--num-pairs", "--hidden-dims", "--sizes", "--lrs",
               "--chunk-sizes", "--chunk_size")
 
 

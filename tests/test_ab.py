@@ -142,7 +142,7 @@ def test_cli_self_test_exit_code_and_report(tmp_path, rows, monkeypatch):
     from evals.regress import ABResult, OK, run_frame
 
     base = tmp_path / "base.csv"
-    run_frame(rows).to_csv(base, index=False)
+    run_frame(rows).assign(time_ms=1.0).to_csv(base, index=False)  # a baseline's ok rows carry a time
     seen = {}
 
     def fake_against(ref, rows, *, findings_verdict, **kw):

@@ -124,7 +124,7 @@ def test_resume_refuses_a_foreign_folder_and_leaves_it_byte_identical(tmp_path, 
     (foreign / "notes.txt").write_bytes(b"keep me")
     before = _snapshot(foreign)
     line = _one_line(_cli("--output-dir", str(foreign), "--resume"))
-    assert "is not a recall CSV" in line
+    assert "is not a bsbr-eval results file" in line
     assert _snapshot(foreign) == before, "not even a lock file is added"
     other = tmp_path / "other"
     other.mkdir()
