@@ -8,8 +8,9 @@ tree for both: ``python <working tree>/evals/ab_worker.py TREE``. What comes fro
   working tree for side B): ``bsbr``, ``bsbr_extras``, ``evals.registry`` and ``evals.grid``.
   The registry is how a tree builds its models, so it belongs to the code under test;
 - **the harness** comes from the directory of this file, the working tree, on *both* sides:
-  ``evals.measure`` (workload building, ``time_fn``, FLOP counting, memory trace, injection) and
-  ``evals.regress`` (``RunqueueWait``, ``steady_memory``, ``case_from_row``). The accepted commit
+  ``evals.results`` (sample statistics, case keys, the one-line error), ``evals.measure``
+  (workload building, ``time_fn``, FLOP counting, memory trace, injection) and ``evals.regress``
+  (``RunqueueWait``, ``steady_memory``, ``case_from_row``). The accepted commit
   may carry an older harness; timing both sides with the same one means a change to the harness
   cannot read as a change of the models. (The price: the working tree's harness has to be able
   to build the accepted commit's models; when it cannot, the check says so and exits 2.)
@@ -38,7 +39,8 @@ import sys
 from pathlib import Path
 
 HARNESS = Path(__file__).resolve().parent  # the working tree's evals/
-HARNESS_MODULES = ("measure", "regress")
+# in import order: measure and regress import the results layer (sample statistics, case keys)
+HARNESS_MODULES = ("results", "measure", "regress")
 
 
 def _one_line(err: BaseException) -> str:
