@@ -312,3 +312,21 @@ def test_cli_against_bad_input_is_one_line_exit_2(tmp_path, args, word):
     r = CliRunner().invoke(app, ["regress", "--baseline", str(base), *args])
     assert r.exit_code == 2, r.output
     assert word in r.output and "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1
+
+
+def test_runqueue_wait_is_not_subtracted_from_cuda_event_times(monkeypatch):
+    # On CUDA the sample is GPU time from CUDA events; the host thread's pre-emption is not in it.
+    import evals.measure as M
+    from evals import regress as R
+
+    class FakeWait:
+        def __init__(self):
+            self.t = 0
+
+        def __call__(self):
+            self.t += 5_000_000  # 5 ms of run-queue wait between any two reads
+            return self.t
+
+    monkeypatch.setattr(M, "time_fn", lambda fn, **kw: (fn(), fn(), [10.0])[-1])
+    assert R._timed_once(lambda: None, FakeWait(), device="cuda", threads=1) == 10.0
+    assert R._timed_once(lambda: None, FakeWait(), device="cpu", threads=1) == pytest.approx(5.0)
