@@ -12,7 +12,7 @@ code? Both are measured, on the machine the guard runs on, with the guard's own 
   ``s`` pairs. The re-measurement is simulated with the next trial of the same factor (run
   ``j`` is confirmed by run ``j + 1``, cyclically): an independent measurement of the same
   configuration, which is what the live re-measurement is.
-- ``choose``: the settings that flagged no clean run (not even before the re-measurement) and
+- ``choose``: the settings that failed no clean run (and re-measured at most ``FIRST_PASS_MAX`` of them) and
   caught 1.5x in every model, level and mode on every run; among those, the smallest threshold
   (most power at 1.1-1.3x), then the fewest pairs (fastest). ``evals.regress.ab_settings``
   reads the choice back.
@@ -36,6 +36,7 @@ FACTORS = (1.1, 1.2, 1.3, 1.5)
 THRESHOLDS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3)
 ROUND_CHOICES = (8, 12, 16, 20, 24)
 COLLECT = 24  # pairs kept per configuration and trial: enough to evaluate every ROUND_CHOICES
+FIRST_PASS_MAX = 0.1  # clean runs that may need the re-measurement (``choose``)
 
 
 def measure_power(session, *, runs: int, rounds: int = COLLECT, factors=FACTORS,
@@ -145,14 +146,18 @@ def choose(table: pd.DataFrame) -> dict:
         cand.append(dict(threshold=float(t), rounds=int(s), false_alarm=false_alarm, false_alarm_first_pass=first,
                          worst_detection_top=worst_top))
     c = pd.DataFrame(cand)
-    # Zero false alarms even before the re-measurement: 0 of 10 clean runs only bounds a rate
-    # below ~26% (95%), and the re-measurement squares that; picking the smallest threshold that
-    # happened to pass the confirmed rate alone would select for luck.
-    good = c[(c["false_alarm"] == 0) & (c["false_alarm_first_pass"] == 0) & (c["worst_detection_top"] == 1)]
+    # Few false alarms even before the re-measurement: 0 of 10 confirmed only bounds a rate below
+    # ~26% (95%), and the re-measurement squares that; picking the smallest threshold that happened
+    # to pass the confirmed rate alone would select for luck. Zero first-pass alarms is too strict
+    # on a shared 2-core machine (one noisy configuration in ten runs flagged at every threshold
+    # up to 0.3 in the committed curve), so one clean run in ten may need its re-measurement.
+    good = c[(c["false_alarm"] == 0) & (c["false_alarm_first_pass"] <= FIRST_PASS_MAX)
+             & (c["worst_detection_top"] == 1)]
     if len(good):
         pick = good.sort_values(["threshold", "rounds"]).iloc[0]
-        why = ("the smallest threshold, then the fewest pairs, with no clean run flagged (even before the "
-               "re-measurement) and every model, level and mode caught at the largest factor on every run")
+        why = (f"the smallest threshold, then the fewest pairs, with no clean run failed, at most "
+               f"{FIRST_PASS_MAX:.0%} of clean runs needing the re-measurement, and every model, level and mode "
+               "caught at the largest factor on every run")
     else:  # nothing met both: fewest false alarms, then most detection, then smallest threshold
         pick = c.sort_values(["false_alarm", "worst_detection_top", "threshold", "rounds"],
                              ascending=[True, False, True, True]).iloc[0]
@@ -191,3 +196,21 @@ def write_power(out_dir, samples: pd.DataFrame, *, alpha: float, ref: str, ref_s
     written.append(results.write_sidecar(out / "power.csv", info))
     written.extend(plots.plot_power(table, chosen, out))
     return written
+
+
+def reanalyse(out_dir) -> list:
+    """Decide the kept raw pairs (``samples.csv.gz``) again with the current rule and rewrite
+    ``power.csv``, ``power.png`` and the sidecar's ``chosen``, keeping the sidecar's record of the
+    measurement (machine, code, command). For a change of the decision rule, not of the data."""
+    import json
+
+    from evals import plots, results
+
+    out = Path(out_dir)
+    samples = pd.read_csv(out / "samples.csv.gz")
+    info = json.loads((out / "power.json").read_text(encoding="utf-8"))
+    table = power_table(decisions(samples, alpha=float(info["alpha"])))
+    info["chosen"] = choose(table)
+    info["reanalysed_utc"] = results.utc_now()
+    written = [results.write_frame(out / "power.csv", table), results.write_sidecar(out / "power.csv", info)]
+    return written + list(plots.plot_power(table, info["chosen"], out))
