@@ -169,13 +169,7 @@ def time_fn(fn: Callable[[], object], *, device: str = "cpu", repeats: int = 10,
     try:
         t_call = math.inf  # the fastest warm-up call sizes the blocks; without warm-up, 1 call a block
         for _ in range(warmup):
-            if setup is not None:
-                setup()
-            _sync(device)
-            t0 = time.perf_counter()
-            call()
-            _sync(device)
-            t_call = min(t_call, time.perf_counter() - t0)
+            t_call = min(t_call, one_call_ms(call, device, setup) / 1e3)
         number = 1
         if setup is None and warmup:
             number = max(1, min(10_000, math.ceil(_MIN_SAMPLE_S / max(t_call, 1e-9))))
@@ -519,8 +513,9 @@ def sdpa_backend(name: str):
     return sdpa_kernel(backends[name])
 
 
-def first_call_ms(fn: Callable[[], object], device: str, setup: Optional[Callable[[], None]] = None) -> float:
-    """Wall time of one call, synchronised: with ``--compile`` the call that compiles."""
+def one_call_ms(fn: Callable[[], object], device: str, setup: Optional[Callable[[], None]] = None) -> float:
+    """Wall time of one call (``setup`` first, untimed), synchronised: a warm-up call, or with
+    ``--compile`` the call that compiles."""
     if setup is not None:
         setup()
     _sync(device)
@@ -556,7 +551,7 @@ def measure(case: Case, *, repeats: int = 10, warmup: int = 1, min_run_time: flo
             row = dict(case.fields(), **base, inject_factor=factor, params=work.params, error="", warmup=warmup)
             row["flops"] = round(count_flops(work.counted, work.setup) / k) if flops else ""
             if _compiled(case):  # compilation (and autotuning) happen here, outside every figure
-                row["compile_ms"] = first_call_ms(work.fn, case.device, work.setup)
+                row["compile_ms"] = one_call_ms(work.fn, case.device, work.setup)
             if memory:
                 row["peak_memory_mb"], row["memory_method"] = peak_memory(work.fn, device=case.device,
                                                                           setup=work.setup)
