@@ -174,7 +174,7 @@ def write_power(out_dir, samples: pd.DataFrame, *, alpha: float, ref: str, ref_s
     ``power.csv`` (``power_table``), ``power.json`` (its sidecar: the machine, the code, the
     command and ``chosen``, which ``regress --against`` then uses) and ``power.png``.
     Each file is written to a temporary name and renamed; returns the paths."""
-    import os
+    import gzip
 
     from evals import plots, results
 
@@ -184,12 +184,9 @@ def write_power(out_dir, samples: pd.DataFrame, *, alpha: float, ref: str, ref_s
     table = power_table(dec)
     chosen = choose(table)
     written = []
-    for name, df in (("samples.csv.gz", samples), ("power.csv", table)):
-        path = out / name
-        tmp = path.with_name(path.name + ".tmp")
-        df.to_csv(tmp, index=False, compression="gzip" if name.endswith(".gz") else None)
-        os.replace(tmp, path)
-        written.append(path)
+    written.append(results.write_bytes(out / "samples.csv.gz",
+                                       gzip.compress(samples.to_csv(index=False).encode("utf-8"))))
+    written.append(results.write_frame(out / "power.csv", table))
     info = dict(results.environment(), ref=ref, ref_sha=ref_sha, working_tree=tree, baseline=baseline, alpha=alpha,
                 factors=list(FACTORS), thresholds=list(THRESHOLDS), round_choices=list(ROUND_CHOICES),
                 runs=int(samples["run"].nunique()) if len(samples) else 0, chosen=chosen)
