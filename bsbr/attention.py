@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from . import sizing
-from .ops import BSBRPast, bsbr_attention, bsbr_open_chunk, chunk_states, default_gamma, retrieval_weights
+from .ops import BSBRPast, bsbr_attention, bsbr_attention_unchecked, bsbr_open_chunk, chunk_states, default_gamma, retrieval_weights
 from .shell import TokenMixer, check_dropout, check_heads, check_positive_int, split_heads
 
 
@@ -216,7 +216,10 @@ class BSBRAttention(TokenMixer):
             else:
                 o = self._forward_cached(query, mask, cache)
         else:
-            o = self.op(*self.op_inputs(query, mask, key, value), mask=mask)
+            # the op's inputs are right by construction here: skip its argument checks
+            o = bsbr_attention_unchecked(*self.op_inputs(query, mask, key, value), chunk_size=self.chunk_size,
+                                         overlap=self.chunk_overlap, mask=mask, compress=self.compress,
+                                         gamma=self.gamma)
         return self.output(o, query)  # (b, n, D); no dropout here: the block owns it
 
     # ---- decoding -----------------------------------------------------------------------------

@@ -313,6 +313,15 @@ def bsbr_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r: torch.T
         not a positive int, an overlap outside [0, chunk_size], a bad compress, gamma or mask.
     """
     mask = check_bsbr_inputs(q, k, v, r, hk, chunk_size, overlap, mask, compress, gamma)
+    return bsbr_attention_unchecked(q, k, v, r, hk, chunk_size=chunk_size, overlap=overlap, mask=mask,
+                                    compress=compress, gamma=gamma, past=past, return_states=return_states)
+
+
+def bsbr_attention_unchecked(q, k, v, r, hk, *, chunk_size: int, overlap: int = 0, mask=None, compress=None,
+                             gamma=None, past=None, return_states: bool = False):
+    """:func:`bsbr_attention` without its argument checks, for callers that build the arguments
+    themselves (``BSBRAttention``, whose shapes, dtypes and bool mask are right by construction):
+    the checks are ~30 Python-level tests per call, a few percent of a small model's forward."""
     b, h, n, d = q.shape
     o = overlap
     # A call shorter than one chunk holds a single partial chunk: its blocks need only be n long

@@ -119,8 +119,11 @@ def check_input_ids(input_ids, vocab_size: int) -> None:
         # asynchronously instead; a bad id then fails the next synchronising call
         torch._assert_async(((input_ids >= 0) & (input_ids < vocab_size)).all(),
                             f"input_ids must lie in [0, vocab_size={vocab_size})")
-    elif int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size:
-        raise ValueError(f"input_ids must lie in [0, vocab_size={vocab_size}), got range [{int(input_ids.min())}, {int(input_ids.max())}]")
+        return
+    ext = torch.aminmax(input_ids)  # one pass over the ids (min() and max() made two)
+    lo, hi = int(ext.min), int(ext.max)
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"input_ids must lie in [0, vocab_size={vocab_size}), got range [{lo}, {hi}]")
 
 
 # ----------------------------------------------------------------------------- positions
@@ -234,7 +237,8 @@ class RecurrentStateMixer(TokenMixer):
         else:
             o, new = (self.step if x.shape[1] == 1 else self.chunk)(*inputs, mask=mask, state=cache.state)
             for held, value in zip(cache.state, new):
-                held.copy_(value)  # in place: the cache keeps its tensors
+                if value is not held:  # a step that updated the state in place returns it as is
+                    held.copy_(value)  # in place: the cache keeps its tensors
         return self.output(o, x)
 
 

@@ -265,7 +265,14 @@ class GatedAttentionUnit(TokenMixer):
     def _step(self, cache: GAUCache, quad_q, quad_k, lin_q, lin_k, v) -> torch.Tensor:
         """One token, with no Python branch on the position: write its row at ``r = pos % c``,
         attend to rows ``<= r``, add its K_lin^T V / c to ``pending``, and fold ``pending`` into
-        ``state`` when the chunk is then complete (a ``where``, not an ``if``). O(c (s + e) + s e)."""
+        ``state`` when the chunk is then complete (a ``where``, not an ``if``). O(c (s + e) + s e).
+
+        Eager calls take :meth:`_step_eager` instead: the same arithmetic on the filled rows only,
+        indexed by the host-side ``cache.length`` (no device read), which on a CPU does half the
+        kernel work on average and ~10 fewer small ops per token. Compiled calls keep this
+        shape-static form, so that one graph serves every position."""
+        if not torch.compiler.is_compiling():
+            return self._step_eager(cache, quad_q, quad_k, lin_q, lin_k, v)
         c = self.chunk_size
         r = cache.pos.remainder(c).view(1)                                  # (1,) long
         cache.quad_k.index_copy_(1, r, quad_k)                             # (b, c, s)
@@ -277,6 +284,20 @@ class GatedAttentionUnit(TokenMixer):
         full = r == c - 1                                                  # (1,) bool: the chunk is complete
         cache.state.copy_(torch.where(full, cache.state + cache.pending, cache.state))
         cache.pending.masked_fill_(full, 0.0)
+        return o
+
+    def _step_eager(self, cache: GAUCache, quad_q, quad_k, lin_q, lin_k, v) -> torch.Tensor:
+        """:meth:`_step` for eager calls: rows ``[0, r]`` sliced by the host's ``cache.length``."""
+        c = self.chunk_size
+        r = cache.length % c
+        cache.quad_k[:, r] = quad_k[:, 0]
+        cache.v[:, r] = v[:, 0]
+        kernel = F.relu((quad_q @ cache.quad_k[:, :r + 1].transpose(-1, -2)) / c).square()  # (b, 1, r+1)
+        o = kernel @ cache.v[:, :r + 1] + lin_q @ cache.state              # (b, 1, e)
+        cache.pending.add_(lin_k.transpose(-1, -2) @ v / c)               # (b, s, e)
+        if r == c - 1:  # the chunk is complete: fold it into the cross-chunk state
+            cache.state.add_(cache.pending)
+            cache.pending.zero_()
         return o
 
     def _piece(self, cache: GAUCache, quad_q, quad_k, lin_q, lin_k, v) -> torch.Tensor:

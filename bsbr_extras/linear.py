@@ -222,7 +222,8 @@ class LinearAttention(RecurrentStateMixer):
 
     def op_inputs(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> tuple:
         q, k, v = self.qkv(x).chunk(3, dim=-1)                        # 3 x (b, n, D)
-        return tuple(split_heads(t, self.num_heads) for t in (q, k, v))  # 3 x (b, h, n, d)
+        h = self.num_heads
+        return split_heads(q, h), split_heads(k, h), split_heads(v, h)  # 3 x (b, h, n, d)
 
     def op(self, q, k, v, *, mask=None) -> torch.Tensor:
         return linear_attention(q, k, v, self.chunk_size, mask=mask)

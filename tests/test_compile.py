@@ -112,6 +112,25 @@ def test_max_len_caches_stream_with_padding_equal_to_one_shot(name):
                 mixer(x[:, :1], mask=mask[:, :1], cache=cache)
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["sliced-eager-step", "shape-static-step"])
+def test_gau_both_step_forms_stream_equal_to_one_shot(static, monkeypatch):
+    # GAU's one-token step has two forms: eager calls slice the filled rows by the host-side length,
+    # compiled calls take the shape-static masked form. Both stream exactly as the one-shot forward
+    # (the static one forced here by making the step believe it is being compiled)
+    if static:
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    mixer = REGISTRY["GAU"].build_mixer(TINY).double().eval()
+    with torch.no_grad():
+        mixer.scale_offset.gamma.normal_(0, 1.0)
+    n = 27
+    x = torch.randn(2, n, TINY.hidden_dim, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        full = mixer(x)
+        cache = mixer.init_cache(2, dtype=torch.float64, max_len=n)
+        out = torch.cat([mixer(x[:, :5], cache=cache)] + [mixer(x[:, t:t + 1], cache=cache) for t in range(5, n)], 1)
+    assert torch.allclose(out, full, atol=1e-12, rtol=1e-10)
+
+
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_twenty_decode_steps_compile_at_most_three_graphs_and_match_eager(name):
     errs, graphs = _decode(name, steps=20)
