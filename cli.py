@@ -184,6 +184,12 @@ def compare(
                      "slices cover it exactly once.", show_default=False)] = None,
     threads: ThreadsOpt = 1,
     seed: SeedOpt = 0,
+    executor: Annotated[str, typer.Option(help="local: measure in this process, one case at a time. ray: "
+                        "one Ray task per case, each holding its device's timing slot (one timed CPU case "
+                        "per node, one case per GPU), rows streamed into --output as they finish.")] = "local",
+    address: Annotated[Optional[str], typer.Option(help="With --executor ray: join this cluster (auto or "
+                       "host:port); each node must declare the resource bsbr_cpu_timer=1. Default: start a "
+                       "local Ray.", show_default=False)] = None,
 ) -> None:
     """Sweep models x lengths x devices x modes; write one tidy CSV row per configuration + a JSON sidecar.
 
@@ -197,7 +203,7 @@ def compare(
             dtype=dtype.value, batch_size=batch_size, repeats=repeats, min_run_time=min_run_time,
             warmup=warmup, compile=compile, sdpa_backend=sdpa_backend.value,
             decode_tokens=decode_tokens, output=output, resume=resume, shard=shard, threads=threads, seed=seed,
-            hidden_dim=hidden_dim, num_layers=num_layers, num_heads=num_heads, ff_dim=ff_dim,
+            executor=executor, address=address, hidden_dim=hidden_dim, num_layers=num_layers, num_heads=num_heads, ff_dim=ff_dim,
             vocab_size=vocab_size, chunk_size=chunk_size, window_size=window_size,
             compression_factor=compression_factor)
     Console().print(sweep.summary_table(rows))

@@ -14,7 +14,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -23,6 +25,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from evals.executors import EXECUTORS, RayExecutor
 from evals.grid import DEVICES, DTYPES, SDPA_BACKENDS, Case, expand_grid, parse_shard, shard as take_shard
 from evals.measure import calibrate, empty_row, measure, parse_inject
 from evals.options import check_fraction, check_positive, choose, positive_ints
@@ -54,26 +57,46 @@ class Rows(list):
 def run_sweep(cases: Sequence[Case], output: Path | str, *, resume: bool = False, repeats: int = 10,
               warmup: int = 1, min_run_time: float = 0.2, threads: Optional[int] = None,
               inject: Optional[dict] = None, show_progress: bool = True, console: Optional[Console] = None,
-              settings: Optional[dict] = None) -> Rows:
+              settings: Optional[dict] = None, executor=None) -> Rows:
     """Measure ``cases`` in order, appending one row per case to ``output``; returns every row
     of the CSV (kept ones first when resuming). Writes the JSON sidecar next to the CSV.
 
     ``output`` is claimed for the whole sweep (``results.claim_output``): checked, locked, and
     refused with a ``ResultsError`` if it already holds rows and ``resume`` is False, or if it is
     not a results CSV. A failed write raises ``results.OutputError``; the rows before it stay.
+
+    ``executor``: None measures in this process, one case after another. A
+    ``evals.executors.RayExecutor`` measures each case as a Ray task (see :func:`_ray_rows`).
     """
     output = Path(output)
     inject = parse_inject() if inject is None else inject
     threads = threads or torch.get_num_threads()
-    with claim_output(output, resume=resume, columns=COLUMNS, exact=True) as kept:
+    with claim_output(output, resume=resume, columns=COLUMNS, exact=True) as kept, _started(executor):
         rows = _sweep(cases, output, kept, repeats=repeats, warmup=warmup, min_run_time=min_run_time,
                       threads=threads, inject=inject, show_progress=show_progress, console=console,
-                      settings=settings)
+                      settings=settings, executor=executor)
     return rows
 
 
+@contextlib.contextmanager
+def _started(executor):
+    """Start ``executor`` (after the output is claimed: a refused output starts no cluster) and
+    stop it at the end, also on Ctrl-C; a cluster that cannot start is one line, exit 2."""
+    if executor is None:
+        yield
+        return
+    try:
+        executor.__enter__()
+    except ValueError as e:
+        raise ResultsError(str(e)) from None
+    try:
+        yield
+    finally:
+        executor.close()
+
+
 def _sweep(cases, output: Path, kept: list[dict], *, repeats, warmup, min_run_time, threads, inject,
-           show_progress, console, settings) -> Rows:
+           show_progress, console, settings, executor=None) -> Rows:
     done = completed_keys(kept)
     oom_at = {}  # group -> first length that ran out of memory
     for r in kept:
@@ -105,6 +128,19 @@ def _sweep(cases, output: Path, kept: list[dict], *, repeats, warmup, min_run_ti
                         console=console or Console(stderr=True), disable=not show_progress)
     with progress:
         task = progress.add_task("starting", total=len(todo))
+        if executor is not None:
+            kw = dict(repeats=repeats, warmup=warmup, min_run_time=min_run_time, threads=threads, inject=inject,
+                      run_id=run_id)
+            machines = info.setdefault("machines", {})
+            for row, mach in _ray_rows(executor, todo, oom_at, kw):
+                if mach:
+                    machines[mach["hostname"]] = mach
+                append_row(output, row)
+                rows.append(row)
+                progress.update(task, description=f"{row['model']} {row['device']} {row['mode']} "
+                                f"n={row['seq_len']}: {row['status']}")
+                progress.advance(task)
+            todo = []
         for case in todo:
             progress.update(task, description=case.label())
             g = _group(case_key(case.fields()))
@@ -133,12 +169,81 @@ def _sweep(cases, output: Path, kept: list[dict], *, repeats, warmup, min_run_ti
     return rows
 
 
+# Ray: the custom resource that admits one timed CPU case per node at a time. A cluster started by
+# ``--executor ray`` declares it; each node of a cluster joined with ``--address`` must declare it
+# itself (``ray start ... --resources='{"bsbr_cpu_timer": 1}'``). A GPU is one ``num_gpus`` unit.
+CPU_TIMER = "bsbr_cpu_timer"
+
+
+def _measure_task(job: tuple) -> tuple:
+    """One case measured in a Ray task: its row and the facts of the machine that measured it."""
+    from evals.results import machine
+
+    case, kw = job
+    return measure(case, **kw), machine()
+
+
+def ray_options(case: Case, threads: int) -> dict:
+    """The Ray resources of one timed case: its threads, and the whole timing slot of its device
+    (the node's CPU timer, or one GPU), so that no two timed cases ever share a device."""
+    if case.device.startswith("cuda"):
+        return {"num_cpus": threads, "num_gpus": 1}
+    return {"num_cpus": threads, "resources": {CPU_TIMER: 1}}
+
+
+def check_ray_cluster(executor, cases: Sequence[Case]) -> None:
+    """Refuse, in one line, a joined cluster that cannot run the CPU cases in isolation."""
+    have = executor.cluster_resources()
+    if any(not c.device.startswith("cuda") for c in cases) and have.get(CPU_TIMER, 0) < 1:
+        raise ResultsError(f"--executor ray: the Ray cluster at {executor.address} declares no {CPU_TIMER!r} "
+                           f"resource, which admits one timed CPU case per node; start each node with "
+                           f"ray start ... --resources='{{\"{CPU_TIMER}\": 1}}'")
+
+
+def _ray_rows(executor, todo: Sequence[Case], oom_at: dict, kw: dict):
+    """``(row, machine)`` for every case of ``todo`` as Ray finishes them.
+
+    Each case is one Ray task holding its device's timing slot (:func:`ray_options`): on a node,
+    at most one CPU case and one case per GPU are timed at any moment. The lengths of one
+    (model, device, mode, ...) group run in ascending order, one at a time, so that an
+    out-of-memory skips the longer ones exactly as a local sweep does; groups run side by side.
+    CUDA cases need a GPU somewhere in the cluster, else they are ``skipped`` rows.
+    """
+    common = lambda c: dict(run_id=kw["run_id"], threads=kw["threads"],  # noqa: E731
+                            inject=float(kw["inject"].get(c.model, 1.0)))
+    if executor.address is not None:
+        check_ray_cluster(executor, todo)
+    gpus = executor.cluster_resources().get("GPU", 0)
+    chains: dict = {}
+    for case in todo:
+        g = _group(case_key(case.fields()))
+        if case.device.startswith("cuda") and gpus < 1:
+            yield empty_row(case, "skipped", "the Ray cluster has no GPU", **common(case)), None
+        elif g in oom_at and case.seq_len > oom_at[g]:
+            yield empty_row(case, "skipped", f"a shorter length (n={oom_at[g]}) of this model, device and mode "
+                            "ran out of memory", **common(case)), None
+        else:
+            chains.setdefault(g, []).append((case, kw))
+    for (case, _), result in executor.map_chains(
+            _measure_task, [sorted(ch, key=lambda j: j[0].seq_len) for ch in chains.values()],
+            options=lambda job: ray_options(job[0], kw["threads"]),
+            stop=lambda job, res: res[0]["status"] == "oom"):
+        if result is None:
+            yield empty_row(case, "skipped", "a shorter length of this model, device and mode ran out of memory",
+                            **common(case)), None
+        else:
+            row, mach = result
+            if row["status"] in ("oom", "error"):
+                log.warning("%s: %s %s", case.label(), row["status"], row["error"])
+            yield row, mach
+
+
 def run_compare(*, models=None, seq_lengths=None, devices=None, modes=None, level: str = "model",
                 dtype: str = "float32", batch_size: int = 1, repeats: int = 10, min_run_time: float = 0.2,
                 warmup: int = 1, compile: bool = False, sdpa_backend: str = "auto",
                 decode_tokens: int = 16, output: Optional[Path] = None, resume: bool = False,
                 shard: Optional[str] = None, threads: int = 1, seed: int = 0, console: Optional[Console] = None,
-                **config) -> tuple[Rows, int, str]:
+                executor: str = "local", address: Optional[str] = None, **config) -> tuple[Rows, int, str]:
     """``bsbr-eval compare``: check the options (``ResultsError`` names the bad one), build the grid,
     sweep it into ``output``; returns the rows, the exit code and the closing line.
 
@@ -166,6 +271,9 @@ def run_compare(*, models=None, seq_lengths=None, devices=None, modes=None, leve
         slice_ = parse_shard(shard) if shard else None
     except ValueError as e:
         raise ResultsError(str(e)) from None
+    executor = choose("--executor", [executor], EXECUTORS)[0]
+    if address is not None and executor != "ray":
+        raise ResultsError("--address only applies to --executor ray")
     if resume and output is None:
         raise ResultsError("--resume needs --output naming the CSV to continue")
     output = Path(output) if output else Path("results") / f"compare_{utc_stamp()}.csv"
@@ -177,11 +285,17 @@ def run_compare(*, models=None, seq_lengths=None, devices=None, modes=None, leve
     settings = dict(models=names, seq_lengths=lengths, devices=devs, modes=mode_list, level=level, dtype=dtype,
                     batch_size=batch_size, config=cfg.as_dict(), repeats=repeats, min_run_time=min_run_time,
                     decode_tokens=decode_tokens, threads=threads, seed=seed, shard=shard, warmup=warmup,
-                    compile=compile, sdpa_backend=sdpa_backend)
+                    compile=compile, sdpa_backend=sdpa_backend, executor=executor, address=address)
     torch.manual_seed(seed)
-    rows = run_sweep(cases, output, resume=resume, repeats=repeats, min_run_time=min_run_time, threads=threads,
-                     warmup=warmup,
-                     inject=inject, settings=settings, console=console)
+    ex = None
+    if executor == "ray":
+        try:  # a cluster started here: every CPU, one timing slot for the CPU (GPUs count themselves)
+            ex = RayExecutor(address, threads=threads, num_cpus=os.cpu_count(), resources={CPU_TIMER: 1})
+        except ValueError as e:
+            raise ResultsError(str(e)) from None
+    rows = run_sweep(cases, output, resume=resume, repeats=repeats, min_run_time=min_run_time,
+                     threads=threads, warmup=warmup, inject=inject, settings=settings, console=console,
+                     executor=ex)
     code, words = outcome(rows.new)
     summary = f"wrote {len(rows)} rows to {output} (+ {sidecar_path(output).name})"
     return rows, code, summary + (f"; {words}" if words else "")

@@ -163,12 +163,13 @@ class RayExecutor:
     name = "ray"
 
     def __init__(self, address: Optional[str] = None, *, threads: int = 1, gpu: bool = False,
-                 num_cpus: Optional[int] = None):
+                 num_cpus: Optional[int] = None, resources: Optional[dict] = None):
         try:
             import ray  # noqa: F401
         except ImportError:
             raise ValueError('--executor ray needs Ray: pip install -e ".[ray]"') from None
         self.address, self.threads, self.gpu, self.num_cpus = address, threads, gpu, num_cpus
+        self.resources = resources  # custom resources of a cluster started here (none when joining)
         self._reaper = None
         self._pending: list = []
 
@@ -183,6 +184,7 @@ class RayExecutor:
                 stdin=subprocess.DEVNULL, start_new_session=True)  # a Ctrl-C to the terminal spares it
         try:
             ray.init(address=self.address, num_cpus=None if self.address else self.num_cpus,
+                     resources=None if self.address else self.resources,
                      include_dashboard=False, log_to_driver=False, logging_level="ERROR")
         except Exception as e:
             self.close()
@@ -203,6 +205,50 @@ class RayExecutor:
                 item = refs.pop(ref)
                 self._pending = list(refs)
                 yield item, ray.get(ref)
+
+    def map_chains(self, fn: Callable, chains: Iterable[Iterable], *, options: Callable[[object], dict],
+                   stop: Callable[[object, object], bool]) -> Iterator[tuple]:
+        """Run each chain's items in order, one at a time, the chains side by side; yield
+        ``(item, result)`` as each finishes. ``options(item)`` gives the item's Ray task options (its
+        resources); once ``stop(item, result)`` is true the chain's later items are not run and are
+        yielded as ``(item, None)``.
+
+        Why chains: ``compare`` runs a (model, device, mode) group's lengths in ascending order so
+        that an out-of-memory at one length skips the longer ones, as a local sweep does.
+        """
+        import ray
+
+        task = ray.remote(_call)
+        fn_ref = ray.put(fn)
+        queues = [list(c) for c in chains]
+        refs: dict = {}
+
+        def submit(i: int) -> None:
+            item = queues[i].pop(0)
+            refs[task.options(max_retries=0, **options(item)).remote(fn_ref, item)] = (i, item)
+            self._pending = list(refs)
+
+        for i, q in enumerate(queues):
+            if q:
+                submit(i)
+        while refs:
+            done, _ = ray.wait(list(refs), num_returns=1)
+            for ref in done:
+                i, item = refs.pop(ref)
+                self._pending = list(refs)
+                result = ray.get(ref)
+                yield item, result
+                if queues[i] and stop(item, result):
+                    rest, queues[i] = queues[i], []
+                    for later in rest:
+                        yield later, None
+                elif queues[i]:
+                    submit(i)
+
+    def cluster_resources(self) -> dict:
+        import ray
+
+        return dict(ray.cluster_resources())
 
     def close(self) -> None:
         try:

@@ -49,6 +49,7 @@ import contextlib
 import copy
 import math
 import os
+import platform
 import statistics
 import sys
 import time
@@ -498,7 +499,7 @@ def empty_row(case: Case, status: str, error: str = "", *, run_id: str = "", thr
     """A row for a case that was not measured (``oom``, ``error`` or ``skipped``)."""
     row = dict(case.fields(), run_id=run_id, status=status, error=error,
                timer="cuda_event" if case.device.startswith("cuda") else "cpu_wall",
-               threads=threads or torch.get_num_threads(), inject_factor=inject)
+               threads=threads or torch.get_num_threads(), inject_factor=inject, host=platform.node())
     return row
 
 
@@ -542,13 +543,15 @@ def measure(case: Case, *, repeats: int = 10, warmup: int = 1, min_run_time: flo
     factor = float(inject.get(case.model, 1.0))
     threads = threads or torch.get_num_threads()
     base = dict(run_id=run_id, threads=threads)
+    host = platform.node()
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         with sdpa_backend(getattr(case, "sdpa_backend", "auto")):
             work = build_workload(case)
             k = work.tokens_per_call
-            row = dict(case.fields(), **base, inject_factor=factor, params=work.params, error="", warmup=warmup)
+            row = dict(case.fields(), **base, inject_factor=factor, params=work.params, error="", warmup=warmup,
+                       host=host)
             row["flops"] = round(count_flops(work.counted, work.setup) / k) if flops else ""
             if _compiled(case):  # compilation (and autotuning) happen here, outside every figure
                 row["compile_ms"] = one_call_ms(work.fn, case.device, work.setup)

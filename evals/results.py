@@ -74,7 +74,7 @@ REQUIRED_COLUMNS = (
 # Then: the raw samples and what reproduces the row (seed, threads, every hyperparameter).
 EXTRA_COLUMNS = ("samples_ms", "seed", "threads", "decode_tokens", "inject_factor", "compile", "sdpa_backend",
                  "warmup", "compile_ms") + tuple(
-    c for c in CONFIG_COLUMNS if c not in REQUIRED_COLUMNS)
+    c for c in CONFIG_COLUMNS if c not in REQUIRED_COLUMNS) + ("host",)
 COLUMNS = REQUIRED_COLUMNS + EXTRA_COLUMNS
 STATUSES = ("ok", "oom", "error", "skipped")
 # ``bsbr-eval forms``: one row per (model, mode, length, form) of an op.
@@ -552,11 +552,11 @@ def gpu() -> Optional[dict]:
             "cudnn_version": torch.backends.cudnn.version()}
 
 
-def environment() -> dict:
-    """Software, machine and code facts for the sidecar."""
+def machine() -> dict:
+    """The facts about this machine and its software that move timings: what a row measured on
+    another node of a cluster needs beside it (``compare --executor ray`` records one per ``host``)."""
     import torch
 
-    sha = git_sha()
     cuda = torch.cuda.is_available()
     return {
         "torch_version": torch.__version__,
@@ -568,13 +568,22 @@ def environment() -> dict:
         "cpu_count": os.cpu_count(),
         "torch_num_threads": torch.get_num_threads(),
         "hostname": platform.node(),
-        "git_sha": sha or None,
-        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")) if sha else None,
-        "command": shlex.join([Path(sys.argv[0]).name] + sys.argv[1:]),
         "numerics": numerics(),
         # settings outside the command line that change timings (allocator, thread pools, CUDA, compiler)
         "perf_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(_PERF_ENV_PREFIXES)},
     }
+
+
+def environment() -> dict:
+    """Software, machine and code facts for the sidecar."""
+    sha = git_sha()
+    env = machine()
+    env.update({
+        "git_sha": sha or None,
+        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")) if sha else None,
+        "command": shlex.join([Path(sys.argv[0]).name] + sys.argv[1:]),
+    })
+    return env
 
 
 def write_sidecar(csv_path: Path | str, info: dict) -> Path:
