@@ -151,3 +151,24 @@ def test_shards_split_configurations_not_their_rates():
     for part in parts:  # each configuration in a shard carries every rate
         for g in {c.group() for c in part}:
             assert sorted(c.lr for c in part if c.group() == g) == sorted(p.lrs)
+
+
+@pytest.mark.parametrize("name", ["Standard", "GAU", "BSBR", "DeltaNet"])
+def test_the_recipe_starts_every_model_with_unit_variance_logits(name):
+    # the recipe's rule: unit-variance outputs for every map, the logits included. A tied N(0, 1)
+    # embedding read by the final norm's unit-variance output gives logits of variance d (std 8
+    # at d = 64, initial loss ~34 at vocabulary 1,024) unless the norm's gain starts at d^-1/2
+    from evals.recall.training import reinit_for_recall
+    from evals.registry import ModelConfig, resolve_model
+
+    torch.manual_seed(0)
+    d = 64
+    model = resolve_model(name).build(ModelConfig(vocab_size=1024, hidden_dim=d, num_layers=2, num_heads=2,
+                                                  ff_dim=2 * d, dropout=0.0, chunk_size=16, qk_dim=64))
+    reinit_for_recall(model)
+    assert model.lm_head.weight is model.embed.weight and float(model.embed.weight.std()) == pytest.approx(1, abs=0.02)
+    with torch.no_grad():
+        logits = model(torch.randint(0, 1024, (8, 64), generator=torch.Generator().manual_seed(1)))
+    assert 0.5 < float(logits.std()) < 2.0
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), torch.randint(0, 1024, (8 * 64,)))
+    assert float(loss) < 2 * torch.log(torch.tensor(1024.0))  # near ln V, not ~34

@@ -19,10 +19,12 @@ def reinit_for_recall(model: torch.nn.Module) -> None:
 
     Rule: every multiplicative map that mixes a token's features starts with unit-variance outputs.
     ``nn.Linear`` weights are drawn from N(0, 1/fan_in) (LeCun et al., 1998), the token embedding
-    from N(0, 1) (Vaswani et al. 2017 multiply it by sqrt(D) to the same end), and the
-    per-dimension scales of GAU's scale-offset (``gamma`` of ``bsbr_extras.gau.ScaleOffset``, a
-    diagonal map, fan_in = 1) from N(0, 1). Offsets, biases, norm gains and every other parameter
-    a mixer sets itself (gates, temperatures) keep the model's own values.
+    from N(0, 1) (Vaswani et al. 2017 multiply it by sqrt(D) to the same end), the per-dimension
+    scales of GAU's scale-offset (``gamma`` of ``bsbr_extras.gau.ScaleOffset``, a diagonal map,
+    fan_in = 1) from N(0, 1), and the tied LM head's logits through the final norm's gain, set to
+    d^-1/2 (each logit is a sum of d unit-variance products). Offsets, biases, the blocks' norm
+    gains and every other parameter a mixer sets itself (gates, temperatures) keep the model's own
+    values.
 
     Why: the shared shell initialises like GPT-2 (every weight N(0, 0.02^2)) and adds
     unit-amplitude sinusoidal positions. From there a 2-layer model sits on MQAR's plateau (it
@@ -47,6 +49,14 @@ def reinit_for_recall(model: torch.nn.Module) -> None:
         embed = getattr(model, "embed", None)
         if isinstance(embed, torch.nn.Embedding):
             torch.nn.init.normal_(embed.weight, std=1.0)  # also the tied LM head's weight
+            norm = getattr(model, "norm", None)
+            if head is not None and head.weight is embed.weight and isinstance(norm, torch.nn.LayerNorm) \
+                    and norm.weight is not None:
+                # unit-variance logits: the final norm's output has unit variance per feature and the
+                # tied rows N(0, 1), so each logit would have variance d (initial loss ~34 at d = 64);
+                # T5 (Raffel et al., 2020) scales the output by d^-1/2 before its tied projection for
+                # the same reason. A learned gain, so the model can still sharpen its logits.
+                norm.weight.fill_(norm.weight.shape[0] ** -0.5)
 
 
 @torch.no_grad()
