@@ -1,5 +1,6 @@
-"""One side of an A/B regression check: a long-lived process that builds the guard's
-configurations once and then answers "one timed sample of configuration i" requests.
+"""One side of an A/B regression check: a long-lived process that checks the guard's
+configurations once and then answers "one timed sample of configuration i" requests, holding one
+built configuration at a time (``Side._workload`` says why).
 
 ``evals.ab`` starts two of these, one per side, and runs this file *by path* from the working
 tree for both: ``python <working tree>/evals/ab_worker.py TREE``. What comes from where:
@@ -32,11 +33,13 @@ corrupt the replies). The first reply, sent unasked, is ``{"ready": ...}`` or ``
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 HARNESS = Path(__file__).resolve().parent  # the working tree's evals/
 # in import order: measure and regress import the results layer (sample statistics, case keys)
@@ -80,11 +83,11 @@ class Side:
     """The built workloads of one side and how to take one sample of each."""
 
     def __init__(self):
-        self.works: list = []     # per case: a Workload, or None when it failed to build
-        self.cases: list = []
+        self.cases: list = []     # per case: the Case, or None when it failed to build
         self.inject: dict = {}
         self.threads = 1
         self.wait = None
+        self.current: Optional[tuple] = None  # (i, Workload): the one configuration held now
 
     def build(self, rows: list, threads: int, inject: dict, exact: bool) -> list:
         import pandas as pd
@@ -96,11 +99,10 @@ class Side:
         self.threads, self.inject = int(threads), dict(inject or {})
         torch.set_num_threads(self.threads)
         self.wait = self.wait or RunqueueWait()
-        self.cases, self.works, out = [], [], []
+        self.cases, self.current, out = [], None, []
         for row in rows:
             self.cases.append(None)
-            self.works.append(None)
-            info = dict(status="ok", error="")
+            info, work = dict(status="ok", error=""), None
             try:
                 case = case_from_row(pd.Series(row))
                 work = build_workload(case)
@@ -108,22 +110,47 @@ class Side:
                     k = work.tokens_per_call
                     info.update(params=work.params, flops=round(count_flops(work.fn, work.setup) / k))
                     info["peak_memory_mb"], info["memory_method"] = steady_memory(work, case.device, self.threads)
-                else:  # the first call pays for lazy initialisation: keep it out of every sample
+                else:  # a configuration that cannot run is an error row now, not a failed sample later
                     if work.setup is not None:
                         work.setup()
                     work.fn()
-                self.cases[-1], self.works[-1] = case, work
+                self.cases[-1] = case
             except Exception as err:  # a configuration that cannot be built is a row, not a crash
                 info = dict(status="error", error=_one_line(err))
+            del work
             out.append(info)
+        gc.collect()
         return out
+
+    def _workload(self, i: int):
+        """Case ``i``'s workload, built when it is first sampled, the previous one dropped first.
+
+        Why not keep all 63 built from the start: measured in one process, a workload's time drifts
+        with what else the heap holds (SlidingWindow's layer train step went from 6.5 to 10 ms as
+        eight copies of it were built and run), and the two sides' heaps drift apart, which read as
+        a per-configuration bias of up to ±25% between A and B and let a 1.5x injection read +13%.
+        Holding one workload at a time keeps both heaps small and alike; the re-check of a
+        regression rebuilds it, so the re-check also sees a fresh allocation.
+        """
+        if self.current is None or self.current[0] != i:
+            self.current = None
+            gc.collect()
+            from evals.measure import build_workload
+
+            work = build_workload(self.cases[i])
+            if work.setup is not None:  # the first call pays for lazy initialisation: keep it out
+                work.setup()
+            work.fn()
+            self.current = (i, work)
+        return self.current[1]
 
     def sample(self, i: int) -> float:
         from evals.regress import _timed_once
 
-        work, case = self.works[i], self.cases[i]
-        if work is None:
+        case = self.cases[i]
+        if case is None:
             raise ValueError(f"case {i} did not build")
+        work = self._workload(i)
         ms = _timed_once(work.fn, self.wait, device=case.device, threads=self.threads, setup=work.setup,
                          inject=float(self.inject.get(case.model, 1.0)))
         return ms / max(1, work.tokens_per_call)  # per token in decode mode, as the harness reports
