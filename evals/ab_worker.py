@@ -79,8 +79,15 @@ def load(tree: Path) -> dict:
                 torch=torch.__version__, pid=os.getpid())
 
 
+def _first_call(work) -> None:
+    """One untimed call of ``work`` (after its setup)."""
+    if work.setup is not None:
+        work.setup()
+    work.fn()
+
+
 class Side:
-    """The built workloads of one side and how to take one sample of each."""
+    """One side's configurations and how to take one sample of each."""
 
     def __init__(self):
         self.cases: list = []     # per case: the Case, or None when it failed to build
@@ -111,9 +118,7 @@ class Side:
                     info.update(params=work.params, flops=round(count_flops(work.fn, work.setup) / k))
                     info["peak_memory_mb"], info["memory_method"] = steady_memory(work, case.device, self.threads)
                 else:  # a configuration that cannot run is an error row now, not a failed sample later
-                    if work.setup is not None:
-                        work.setup()
-                    work.fn()
+                    _first_call(work)
                 self.cases[-1] = case
             except Exception as err:  # a configuration that cannot be built is a row, not a crash
                 info = dict(status="error", error=_one_line(err))
@@ -138,9 +143,7 @@ class Side:
             from evals.measure import build_workload
 
             work = build_workload(self.cases[i])
-            if work.setup is not None:  # the first call pays for lazy initialisation: keep it out
-                work.setup()
-            work.fn()
+            _first_call(work)  # it pays for lazy initialisation: keep it out of every sample
             self.current = (i, work)
         return self.current[1]
 
