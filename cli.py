@@ -40,7 +40,7 @@ Device = enum.Enum("Device", {v: v for v in ("cpu", "cuda")}, type=str)
 SdpaBackend = enum.Enum("SdpaBackend", {v: v for v in SDPA_BACKENDS}, type=str)
 
 # Flags that take several values, space- or comma-separated (``--seq-lengths 64 128`` or ``64,128``).
-LIST_FLAGS = ("--models", "--seq-lengths", "--devices", "--modes", "--num-pairs", "--hidden-dims", "--sizes", "--lrs",
+LIST_FLAGS = ("--models", "--seq-lengths", "--lengths", "--devices", "--modes", "--num-pairs", "--hidden-dims", "--sizes", "--lrs",
               "--chunk-sizes", "--chunk_size")
 
 
@@ -441,6 +441,45 @@ def recall(
                       f"the other models' numbers there mean nothing")
     finish(code, f"wrote {len(res['rows'])} rows to {res['csv']} (+ recall.json, summary.md, "
                  f"{len(res['figures'])} figures)" + (f"; {words}" if words else ""))
+
+
+@app.command(cls=Command)
+def frontier(
+    run_dir: Annotated[Path, typer.Argument(help="A finished recall run's folder (recall.csv + recall.json).",
+                                            show_default=False)],
+    lengths: _list("--lengths", "Prefill lengths before the timed decode steps. Default: 4096 16384.") = None,
+    device: Annotated[Device, typer.Option(case_sensitive=False, help="cpu or cuda.")] = Device.cpu,
+    decode_tokens: Annotated[int, typer.Option(help="One-token steps timed per sample.")] = 16,
+    repeats: Annotated[int, typer.Option(help="Timed samples per configuration (at least).")] = 10,
+    min_run_time: MinRunTimeOpt = 0.2,
+    threads: ThreadsOpt = 1,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue RUN_DIR/frontier.csv: keep its rows and "
+                      "measure only the missing cases.")] = False,
+) -> None:
+    """The cost x recall frontier: decode ms/token (batch 1, after each prefill length) and decoding-state
+    bytes of every configuration a recall run trained, measured through compare's harness, joined with
+    its accuracy. Writes frontier.csv (the timed rows), frontier_table.csv, frontier.md and frontier.png
+    into RUN_DIR. See docs/recall.md."""
+    from evals.recall import frontier as fr
+
+    with exit_codes():
+        try:
+            lens = fr.check_lengths(positive_ints("--lengths", lengths) if lengths else None)
+            for flag, v in (("--decode-tokens", decode_tokens), ("--repeats", repeats), ("--threads", threads)):
+                if v <= 0:
+                    raise ValueError(f"{flag} must be a positive integer, got {v}")
+            if device.value == "cuda" and not __import__("torch").cuda.is_available():
+                raise ValueError("--device: CUDA is not available on this machine; valid: cpu")
+            res = fr.run_frontier(run_dir, lengths=lens, device=device.value, decode_tokens=decode_tokens,
+                                  repeats=repeats, min_run_time=min_run_time, threads=threads, resume=resume)
+        except ValueError as e:
+            if isinstance(e, (ResultsError, OutputError)):
+                raise
+            raise ResultsError(str(e)) from None
+    t = res["table"]
+    bad = t[t["status"] != "ok"]
+    finish(0, f"wrote {len(t)} configurations to {res['csv']} (+ frontier.md, {len(res['figures'])} figure(s))"
+              + (f"; {len(bad)} with a status other than ok" if len(bad) else ""))
 
 
 def main() -> None:

@@ -191,7 +191,7 @@ def _cli(*args):
     (["--seq-lengths", "32", "8", "--num-pairs", "4"], "seq_len=8 fits no requested pair count"),
     (["--vocab-size", "9", "--num-pairs", "8"], "vocab_size=9 is too small for num_pairs=8"),
     (["--models", "Transformer"], "--models: unknown value 'Transformer'; valid: BSBR, Standard"),
-    (["--preset", "huge"], "--preset: unknown value 'huge'; valid: quick, cpu, zoology"),
+    (["--preset", "huge"], "--preset: unknown value 'huge'; valid: quick, cpu, cpu-v1024, zoology"),
     (["--quick", "--preset", "cpu"], "--quick conflicts with --preset cpu"),
     (["--lrs", "fast"], "--lrs: 'fast' is not a number"),
     (["--lrs", "0"], "--lrs must be numbers > 0"),
