@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import os
 import statistics
@@ -351,7 +352,11 @@ def value_problem(column: str, text: str) -> Optional[str]:
     """Why ``text`` cannot be the value of ``column`` (not a number, or out of its range), or None."""
     v = _number(text)
     if v is None:
-        return f"{column} {text!r} is not a number"
+        try:
+            float(text)
+        except ValueError:
+            return f"{column} {text!r} is not a number"
+        return f"{column} {text!r} is not a finite number"
     low, high, integer, low_open = VALUE_RANGES.get(column, (-COUNT_MAX, COUNT_MAX, False, False))
     if integer and not v.is_integer():
         return f"{column} {text!r} is not an integer"
@@ -461,6 +466,23 @@ def read_table(path: Path | str, *, required: Sequence[str] = REQUIRED_COLUMNS,
     if "status" in df:
         df["status"] = df["status"].astype(str).str.strip().str.lower()
     return Table(df, dropped, lines)
+
+
+# ----------------------------------------------------------------------------- resuming
+
+
+def check_same_settings(old: Optional[dict], new: dict, path: Path | str, *, flag: str = "--resume") -> None:
+    """Refuse to resume ``path`` unless its recorded settings ``old`` equal ``new`` on every key of
+    ``new`` (values compared as JSON would store them), naming each that differs. A file whose
+    settings were not recorded cannot be proved to match and is refused as well."""
+    if not isinstance(old, dict):
+        raise ResultsError(f"{flag}: {path} records no settings (its sidecar is missing or older), so it cannot be "
+                           f"shown that this run measures the same way; start a new output")
+    plain = lambda v: json.loads(json.dumps(v, default=str))  # noqa: E731 (tuples as lists, 1e-3 as 0.001)
+    differ = [f"{k} {plain(old.get(k))!r} -> {plain(v)!r}" for k, v in new.items() if plain(old.get(k)) != plain(v)]
+    if differ:
+        raise ResultsError(f"{flag}: {path} was run with other settings ({'; '.join(differ)}); resume with the "
+                           f"recorded ones, or start a new output; it was left untouched")
 
 
 # ----------------------------------------------------------------------------- the run's outcome
