@@ -445,9 +445,10 @@ def recall(
     console.print(recall_report.summary_table(res["summary"], f"MQAR held-out accuracy (%) at the best rate, "
                                               f"vocab {p.vocab_size}: mean ± std (min) over seeds @rate"))
     code, words = results.outcome(res["rows"])
-    if res["broken"]:
+    if res["broken"]:  # the sanity anchor failed: the run's numbers cannot be trusted, so it fails
         console.print(f"[bold red]BROKEN RUN[/]: Standard failed to learn at {', '.join(res['broken'])}; "
                       f"the other models' numbers there mean nothing")
+        code, words = 1, f"BROKEN RUN: Standard, the sanity anchor, failed at {', '.join(res['broken'])}"
     finish(code, f"wrote {len(res['rows'])} rows to {res['csv']} (+ recall.json, summary.md, "
                  f"{len(res['figures'])} figures)" + (f"; {words}" if words else ""))
 
