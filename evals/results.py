@@ -408,6 +408,9 @@ def read_table(path: Path | str, *, required: Sequence[str] = REQUIRED_COLUMNS,
 
     path = Path(path)
     name = f"{what} {path}".strip()
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.csv"))[:3]
+        raise ResultsError(f"{name} is a folder; give a results CSV" + (f", e.g. {path / inside[0]}" if inside else ""))
     if not path.is_file():
         raise ResultsError(f"{name} does not exist; give a results CSV")
     try:
