@@ -97,6 +97,17 @@ def exit_codes():
         raise typer.Exit(2) from None
 
 
+@contextmanager
+def interrupted(hint: str):
+    """Ctrl-C (or SIGTERM, which the long commands turn into it) ends in one line saying what was
+    kept, and exit code 130."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        typer.echo(f"interrupted: {hint}", err=True)
+        raise typer.Exit(130) from None
+
+
 def finish(code: int, summary: str) -> None:
     """The closing line; exit 1 (first error on stderr) when nothing succeeded."""
     if code:
@@ -197,7 +208,8 @@ def compare(
     succeeded exits 1. Set BSBR_EVAL_INJECT_SLOWDOWN="MODEL=FACTOR" to slow a model down on
     purpose (regression self-test).
     """
-    with exit_codes():
+    with exit_codes(), interrupted(f"every finished row is in {output}; --resume continues it" if output else
+                                   "every finished row is in the output CSV named above; --resume continues it"):
         rows, code, summary = sweep.run_compare(
             models=models, seq_lengths=seq_lengths, devices=devices, modes=modes, level=level.value,
             dtype=dtype.value, batch_size=batch_size, repeats=repeats, min_run_time=min_run_time,
@@ -234,7 +246,8 @@ def forms(
     parallel form is. The recurrence is slow by nature: keep lengths modest.
     """
     console = Console()
-    with exit_codes():
+    with exit_codes(), interrupted("the rows finished so far are in the output CSV; forms cannot resume, "
+                                   "so rerun it with a new --output"):
         rows, _, code, summary = fm.run_forms(
             models=models, seq_lengths=seq_lengths, modes=modes, hidden_dim=hidden_dim, num_heads=num_heads,
             chunk_size=chunk_size, batch_size=batch_size, repeats=repeats, min_run_time=min_run_time,
@@ -421,7 +434,7 @@ def recall(
     from evals.recall import launch, report as recall_report
 
     console = Console()
-    try:
+    with interrupted("every finished run is in the output folder's recall.csv; --resume continues it"):
         with exit_codes():
             res, p = launch.recall_command(
                 quick=quick, preset=preset, models=models, seq_lengths=seq_lengths, num_pairs=num_pairs,
@@ -429,16 +442,13 @@ def recall(
                 batch_size=batch_size, lrs=lrs, seeds=seeds, target_acc=target_acc, device=device.value,
                 threads=threads, jobs=jobs, executor=executor, address=address, shard=shard, seed=seed,
                 output_dir=output_dir, resume=resume)
-    except KeyboardInterrupt:
-        typer.echo("interrupted: every finished run is in the output folder's recall.csv; --resume continues it",
-                   err=True)
-        raise typer.Exit(130)
     console.print(recall_report.summary_table(res["summary"], f"MQAR held-out accuracy (%) at the best rate, "
                                               f"vocab {p.vocab_size}: mean ± std (min) over seeds @rate"))
     code, words = results.outcome(res["rows"])
-    if res["broken"]:
+    if res["broken"]:  # the sanity anchor failed: the run's numbers cannot be trusted, so it fails
         console.print(f"[bold red]BROKEN RUN[/]: Standard failed to learn at {', '.join(res['broken'])}; "
                       f"the other models' numbers there mean nothing")
+        code, words = 1, f"BROKEN RUN: Standard, the sanity anchor, failed at {', '.join(res['broken'])}"
     finish(code, f"wrote {len(res['rows'])} rows to {res['csv']} (+ recall.json, summary.md, "
                  f"{len(res['figures'])} figures)" + (f"; {words}" if words else ""))
 

@@ -339,14 +339,48 @@ def load_gpt2(model_name_or_path: str):
     _, GPT2LMHeadModel = _gpt2_classes()
     from transformers import AutoConfig
 
+    local = _check_local(model_name_or_path)
     try:
         config = AutoConfig.from_pretrained(model_name_or_path)
     except Exception as e:  # transformers raises OSError / ValueError variants
-        raise ValueError(f"cannot load a model config from {model_name_or_path!r}: {str(e).splitlines()[0]}") from None
+        raise ValueError(f"cannot load a model config from {model_name_or_path!r}: {_first_line(e)}") from None
     if getattr(config, "model_type", None) != "gpt2":
         raise ValueError(f"{model_name_or_path!r} is a {getattr(config, 'model_type', '?')!r} model; "
                          "only GPT-2 (model_type 'gpt2') can be converted")
-    return GPT2LMHeadModel.from_pretrained(model_name_or_path).eval()
+    if local and not any((Path(model_name_or_path).expanduser() / w).is_file() for w in LOCAL_WEIGHTS):
+        raise ValueError(f"{model_name_or_path} holds config.json but no weights ({' or '.join(LOCAL_WEIGHTS[:2])}); "
+                         "save the model with save_pretrained into it")
+    try:
+        return GPT2LMHeadModel.from_pretrained(model_name_or_path).eval()
+    except Exception as e:  # noqa: BLE001 - OSError, SafetensorError, a truncated pickle: one line each
+        where = f"the weights in {model_name_or_path}" if local else f"the weights of {model_name_or_path!r}"
+        raise ValueError(f"cannot load {where}: {type(e).__name__}: {_first_line(e)}") from None
+
+
+LOCAL_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+                 "pytorch_model.bin.index.json")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def _first_line(e: BaseException) -> str:
+    return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)[:300]
+
+
+def _check_local(name: str) -> bool:
+    """Whether ``name`` is a local folder (checked: a GPT-2 folder holds config.json and weights);
+    False for a hub name. A path that does not exist and cannot be a hub name (``./x``, ``/x``,
+    ``x/y/z``) is one ValueError naming it, not the hub's "Repo id" message."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{name} holds no config.json; a local GPT-2 folder is what save_pretrained "
+                             f"writes (config.json and {LOCAL_WEIGHTS[0]})")
+        return True
+    if path.exists():
+        raise ValueError(f"{name} is a file; give a local GPT-2 folder (save_pretrained's) or a hub name like gpt2")
+    if not HUB_ID.fullmatch(name):
+        raise ValueError(f"{name}: no such folder, and not a hub name (like gpt2 or openai-community/gpt2)")
+    return False
 
 
 def convert_to_bsbr(model_name_or_path, chunk_size: int = 128, compression_factor: Optional[int] = None,
@@ -392,12 +426,19 @@ def load_converted(path, device=None) -> nn.Module:
     cfg_file = path / CONFIG_NAME
     if not cfg_file.is_file() or not (path / WEIGHTS_NAME).is_file():
         raise ValueError(f"{str(path)!r} is not a converted-BSBR directory (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
-    cfg = json.loads(cfg_file.read_text())
-    if cfg.get("format") != FORMAT:
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{str(cfg_file)!r} is not readable JSON: {_first_line(e)}") from None
+    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
+        cfg = cfg if isinstance(cfg, dict) else {}
         raise ValueError(f"{str(cfg_file)!r} has format {cfg.get('format')!r}, expected {FORMAT!r}")
     kwargs = cfg["bsbr_model_kwargs"]
     model = _bsbr_model_class()(**kwargs)
-    sd = load_file(str(path / WEIGHTS_NAME), device=str(device) if device is not None else "cpu")
+    try:
+        sd = load_file(str(path / WEIGHTS_NAME), device=str(device) if device is not None else "cpu")
+    except Exception as e:  # noqa: BLE001 - a corrupt or truncated file: SafetensorError, OSError
+        raise ValueError(f"cannot read {path / WEIGHTS_NAME}: {type(e).__name__}: {_first_line(e)}") from None
     result = model.load_state_dict(sd, strict=False)
     expected_missing = ["lm_head.weight"] if kwargs["tie_embeddings"] else []
     if sorted(result.missing_keys) != expected_missing or result.unexpected_keys:

@@ -28,9 +28,11 @@ from rich.table import Table
 from evals.executors import EXECUTORS, RayExecutor
 from evals.grid import DEVICES, DTYPES, SDPA_BACKENDS, Case, expand_grid, parse_shard, shard as take_shard
 from evals.measure import calibrate, empty_row, measure, parse_inject
-from evals.options import check_fraction, check_positive, choose, positive_ints
+from evals.interrupts import sigterm_as_interrupt
+from evals.options import check_fraction, check_positive, check_seed, choose, positive_ints
 from evals.registry import LEVELS, MODES, REGISTRY, ModelConfig
-from evals.results import (COLUMNS, KEY_COLUMNS, ResultsError, append_row, case_key, claim_output, completed_keys,
+from evals.results import (COLUMNS, KEY_COLUMNS, ResultsError, append_row, case_key, check_same_settings,
+                           claim_output, completed_keys,
                            environment, new_run_id, outcome, read_sidecar, sidecar_path, utc_now, utc_stamp,
                            write_sidecar)
 
@@ -71,7 +73,8 @@ def run_sweep(cases: Sequence[Case], output: Path | str, *, resume: bool = False
     output = Path(output)
     inject = parse_inject() if inject is None else inject
     threads = threads or torch.get_num_threads()
-    with claim_output(output, resume=resume, columns=COLUMNS, exact=True) as kept, _started(executor):
+    with sigterm_as_interrupt(), claim_output(output, resume=resume, columns=COLUMNS, exact=True) as kept, \
+            _started(executor):
         rows = _sweep(cases, output, kept, repeats=repeats, warmup=warmup, min_run_time=min_run_time,
                       threads=threads, inject=inject, show_progress=show_progress, console=console,
                       settings=settings, executor=executor)
@@ -104,10 +107,15 @@ def _sweep(cases, output: Path, kept: list[dict], *, repeats, warmup, min_run_ti
             g = _group(case_key(r))
             oom_at[g] = min(oom_at.get(g, int(r["seq_len"])), int(r["seq_len"]))
 
+    measured_as = dict(repeats=repeats, warmup=warmup, min_run_time=min_run_time, threads=threads,
+                       inject_slowdown=inject)
+    before = read_sidecar(output) if kept else None
+    if kept:
+        check_same_settings(_measured_as(before), measured_as, output)
     env = environment()
     # what every measurement ran with (pinned), and what torch would have used unpinned
     env["torch_num_threads_default"], env["torch_num_threads"] = env["torch_num_threads"], threads
-    info = dict((read_sidecar(output) if kept else None) or {}, **env)
+    info = dict(before or {}, **env, measured_as=measured_as)
     run_id = kept[0]["run_id"] if kept else new_run_id(env.get("git_sha") or "")
     session = {"command": env["command"], "git_sha": env["git_sha"], "git_dirty": env["git_dirty"],
                "started_utc": utc_now(), "ended_utc": None,
@@ -167,6 +175,20 @@ def _sweep(cases, output: Path, kept: list[dict], *, repeats, warmup, min_run_ti
     session["ended_utc"] = info["ended_utc"] = utc_now()
     write_sidecar(output, info)
     return rows
+
+
+def _measured_as(meta: Optional[dict]) -> Optional[dict]:
+    """How a recorded run measured (what a resumed run must repeat): from its sidecar's
+    ``measured_as``, or, in a sidecar written before that existed, from its settings."""
+    if not meta:
+        return None
+    if isinstance(meta.get("measured_as"), dict):
+        return meta["measured_as"]
+    old = meta.get("settings")
+    if not isinstance(old, dict) or "repeats" not in old:
+        return None
+    return {k: old.get(k) for k in ("repeats", "warmup", "min_run_time", "threads")} | {
+        "inject_slowdown": meta.get("inject_slowdown")}
 
 
 # Ray: the custom resource that admits one timed CPU case per node at a time. A cluster started by
@@ -260,8 +282,9 @@ def run_compare(*, models=None, seq_lengths=None, devices=None, modes=None, leve
                            "(give 'cpu cuda' to record the cuda rows as skipped)")
     check_positive(batch_size=batch_size, repeats=repeats, decode_tokens=decode_tokens, threads=threads, **config)
     check_fraction("--min-run-time", min_run_time)
-    if not (isinstance(warmup, int) and warmup >= 0):
-        raise ResultsError(f"--warmup must be a non-negative integer, got {warmup!r}")
+    check_seed(seed)
+    if not (isinstance(warmup, int) and 0 <= warmup <= 10**6):
+        raise ResultsError(f"--warmup must be an integer from 0 to 1000000, got {warmup!r}")
     cfg = ModelConfig().with_(**{k: v for k, v in config.items() if v is not None})
     from bsbr.shell import check_heads
 

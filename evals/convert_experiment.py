@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from bsbr_extras.convert import convert_to_bsbr, load_gpt2, save_converted
 from evals.measure import peak_memory, time_fn  # the one module that reads a clock
 from evals.train import TrainConfig, fit
+from evals.options import check_positive
 from evals.results import (ResultsError, check_output_dir, environment, locked, sample_stats, utc_now, write_frame,
                            write_sidecar)
 
@@ -480,6 +481,7 @@ def run_convert(*, model_name: Optional[str] = None, chunk_sizes: Sequence[int] 
         raise ResultsError("--experiment trains its own GPT-2; do not pass --model-name with it")
     if not experiment and model_name is None:
         raise ResultsError("give --model-name (a hub name or a local GPT-2 directory) or --experiment")
+    check_positive(seq_len=seq_len, compression_factor=compression_factor)  # bounded, before any loading
     try:
         check_comparison_args(list(chunk_sizes), seq_len, compression_factor)
     except ValueError as e:

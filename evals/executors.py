@@ -33,6 +33,8 @@ from typing import Callable, Iterable, Iterator, Optional
 
 EXECUTORS = ("local", "ray")
 _PR_SET_PDEATHSIG = 1
+CONNECT_TIMEOUT_S = 5.0   # the TCP probe of a cluster's address
+RAY_REQUEST_TIMEOUT_S = "20"  # Ray's own GCS request timeout when joining (its default is 60 s)
 
 
 def die_with_parent(parent_pid: Optional[int] = None) -> None:
@@ -154,6 +156,50 @@ class LocalExecutor:
         self.close()
 
 
+def split_address(address: str) -> tuple[str, int]:
+    """``host:port`` (or ``ray://host:port``, ``[v6]:port``) -> (host, port); ValueError, one line,
+    naming the valid forms otherwise."""
+    rest = address.split("://", 1)[1] if "://" in address else address
+    host, sep, port = rest.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"--address: {address!r} is not host:port (a port from 1 to 65535) or auto")
+    return host, int(port)
+
+
+def probe_address(address: str, timeout: float = CONNECT_TIMEOUT_S) -> str:
+    """Prove that a cluster's head answers before Ray is asked to join it, within ``timeout``
+    seconds; returns the ``host:port`` probed. Ray itself, given an address where nothing listens,
+    retries and warns for minutes; a closed port is refused here at once, a host that does not
+    answer after ``timeout``. ``auto`` is the address of the cluster ``ray start`` last recorded on
+    this machine (none: refused). ValueError, one line, when the address is unusable."""
+    if address == "auto":
+        from ray._private.services import canonicalize_bootstrap_address
+
+        try:
+            found = canonicalize_bootstrap_address("auto")
+        except Exception as e:  # noqa: BLE001 - Ray's own lookup; any failure means no cluster
+            raise ValueError(f"--address auto: no running Ray cluster found ({' '.join(str(e).split())[:120]}); "
+                             f"start one with ray start --head, or give host:port") from None
+        if not found:
+            raise ValueError("--address auto: no running Ray cluster found on this machine; start one with "
+                             "ray start --head, or give host:port")
+        address = found
+    import socket
+
+    host, port = split_address(address)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except socket.timeout:
+        raise ValueError(f"--address {address}: no answer within {timeout:g} s; is the Ray head running "
+                         f"there and reachable?") from None
+    except OSError as e:
+        raise ValueError(f"--address {address}: cannot connect ({e.strerror or e}); is the Ray head running "
+                         f"there (ray start --head --port {port})?") from None
+    return f"{host}:{port}"
+
+
 class RayExecutor:
     """Each item is one Ray task with declared resources: ``num_cpus=threads``, plus ``num_gpus=1``
     on a GPU. Without ``address`` ``ray.init`` starts a local cluster of ``num_cpus`` CPUs (default:
@@ -164,10 +210,15 @@ class RayExecutor:
 
     def __init__(self, address: Optional[str] = None, *, threads: int = 1, gpu: bool = False,
                  num_cpus: Optional[int] = None, resources: Optional[dict] = None):
+        if address is not None:
+            # bound Ray's own waits too (read when ray is first imported), unless the user set them
+            os.environ.setdefault("RAY_gcs_server_request_timeout_seconds", RAY_REQUEST_TIMEOUT_S)
         try:
             import ray  # noqa: F401
         except ImportError:
             raise ValueError('--executor ray needs Ray: pip install -e ".[ray]"') from None
+        if address is not None:
+            probe_address(address)  # before anything starts: an unreachable cluster is one line, at once
         self.address, self.threads, self.gpu, self.num_cpus = address, threads, gpu, num_cpus
         self.resources = resources  # custom resources of a cluster started here (none when joining)
         self._reaper = None

@@ -24,7 +24,8 @@ import torch
 
 from evals.grid import DEVICES, DTYPES as DTYPE_NAMES
 from evals.measure import DTYPES, op_call, time_fn
-from evals.options import check_fraction, check_positive, choose, positive_ints
+from evals.interrupts import sigterm_as_interrupt
+from evals.options import check_fraction, check_positive, check_seed, choose, positive_ints
 from evals.registry import REGISTRY, ModelConfig
 from evals.results import (FORMS_COLUMNS as COLUMNS, ResultsError, append_row, check_output, claim_output, environment, new_run_id,
                            one_line, outcome, sample_stats, sidecar_path, utc_now, utc_stamp,
@@ -67,7 +68,7 @@ def run(models: Sequence[str], seq_lengths: Sequence[int], modes: Sequence[str],
     not exist yet (``ResultsError``); it is locked for the whole run.
     """
     output = Path(output)
-    with claim_output(output, columns=COLUMNS[:4], can_resume=False):
+    with sigterm_as_interrupt(), claim_output(output, columns=COLUMNS[:4], can_resume=False):
         return _run(models, seq_lengths, modes, output, config=config, batch_size=batch_size, threads=threads,
                     repeats=repeats, min_run_time=min_run_time, seed=seed, run_id=run_id, settings=settings,
                     progress=progress, device=device, dtype=dtype)
@@ -136,6 +137,7 @@ def run_forms(*, models=None, seq_lengths=None, modes=None, hidden_dim: int = 51
     check_positive(hidden_dim=hidden_dim, num_heads=num_heads, chunk_size=chunk_size, batch_size=batch_size,
                    repeats=repeats, threads=threads)
     check_fraction("--min-run-time", min_run_time)
+    check_seed(seed)
     try:
         check_heads(hidden_dim, num_heads)
     except ValueError as e:

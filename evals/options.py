@@ -7,6 +7,7 @@ errors as the command line.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Iterable, Optional, Sequence
 
@@ -42,8 +43,8 @@ def positive_ints(flag: str, values: Optional[Iterable], default: Sequence[int] 
         return list(default)
     out = []
     for v in split_list(values):
-        if not re.fullmatch(r"[+-]?\d+", v) or int(v) <= 0:
-            raise ResultsError(f"{flag}: {v!r} is not a positive integer; give values like {example}")
+        if not re.fullmatch(r"[+-]?\d+", v) or not 0 < int(v) <= INT_MAX:
+            raise ResultsError(f"{flag}: {v!r} is not a positive integer (at most {INT_MAX}); give values like {example}")
         out.append(int(v))
     if not out:
         raise ResultsError(f"{flag} needs at least one value when given, like {example}")
@@ -51,13 +52,85 @@ def positive_ints(flag: str, values: Optional[Iterable], default: Sequence[int] 
 
 
 def check_positive(**flags) -> None:
-    """``check_positive(batch_size=1, ...)``: each given (not None) value must be a positive integer."""
+    """``check_positive(batch_size=1, ...)``: each given (not None) value must be a positive integer
+    that fits a C int (``threads`` at most ``THREADS_MAX``)."""
     for name, value in flags.items():
-        if value is not None and not (isinstance(value, int) and value > 0):
-            raise ResultsError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+        if value is not None:
+            flag, high = f"--{name.replace('_', '-')}", THREADS_MAX if name == "threads" else INT_MAX
+            try:
+                check_finite(flag, value, low=1, high=high, integer=True)
+            except ResultsError:
+                raise ResultsError(f"{flag} must be a positive integer (at most {high}), got {value}") from None
+
+
+def check_seed(value, flag: str = "--seed") -> int:
+    """A seed torch, numpy and Python all take: an integer in [0, 2**63 - 1]."""
+    return check_finite(flag, value, low=0, high=SEED_MAX, integer=True)
 
 
 def check_fraction(flag: str, value: float, low: float = 0.0, high: Optional[float] = None) -> None:
-    if not value >= low or (high is not None and not value <= high):
-        bound = f">= {low:g}" + (f" and <= {high:g}" if high is not None else "")
-        raise ResultsError(f"{flag} must be {bound}, got {value}")
+    """A finite number in ``[low, high]`` (``high`` defaults to a day's seconds: every such
+    option here is a duration or a fraction)."""
+    check_finite(flag, value, low=low, high=SECONDS_MAX if high is None else high)
+
+
+# Bounds that no sensible value reaches, so that a typo like ``--threads 99999999999`` is one line
+# here rather than an overflow deep inside torch (``set_num_threads`` takes a C int, ``manual_seed``
+# a 64-bit one).
+INT_MAX = 2**31 - 1
+SEED_MAX = 2**63 - 1
+THREADS_MAX = 4096
+SECONDS_MAX = 24 * 3600.0
+
+
+def _bound(low, high, low_open: bool, high_open: bool) -> str:
+    parts = []
+    if low is not None:
+        parts.append(f"{'>' if low_open else '>='} {low:g}" if isinstance(low, float) else
+                     f"{'>' if low_open else '>='} {low}")
+    if high is not None:
+        parts.append(f"{'<' if high_open else '<='} {high:g}" if isinstance(high, float) else
+                     f"{'<' if high_open else '<='} {high}")
+    return " and ".join(parts)
+
+
+def check_finite(name: str, value, *, low=None, high=None, low_open: bool = False, high_open: bool = False,
+                 integer: bool = False):
+    """The one check of a number typed on the command line or read from the environment: it must be
+    a finite number (an integer if ``integer``) within ``[low, high]`` (``low_open``/``high_open``:
+    the bound itself excluded). Accepts numbers and their text; returns the value as an int (with
+    ``integer``) or a float, else raises a one-line ``ResultsError`` naming ``name``, what is valid
+    and what was given. ``inf``, ``nan``, ``1e309`` and ints too large for a float all fail here.
+    """
+    bound = _bound(low, high, low_open, high_open)
+    kind = "an integer" if integer else "a finite number"
+    want = f"{name} must be {kind}" + (f" {bound}" if bound else "")
+    shown = repr(value) if isinstance(value, str) else str(value)
+    if len(shown) > 40:
+        shown = shown[:37] + "..."
+    if isinstance(value, bool):
+        raise ResultsError(f"{want}, got {shown}")
+    if integer:
+        if isinstance(value, str):
+            if not re.fullmatch(r"\s*[+-]?\d+\s*", value):
+                raise ResultsError(f"{want}, got {shown}")
+            value = int(value)
+        elif isinstance(value, float):
+            if not (math.isfinite(value) and value.is_integer()):
+                raise ResultsError(f"{want}, got {shown}")
+            value = int(value)
+        elif not isinstance(value, int):
+            raise ResultsError(f"{want}, got {shown}")
+        num = value
+    else:
+        try:
+            num = float(value)
+        except (TypeError, ValueError, OverflowError):
+            raise ResultsError(f"{want}, got {shown}") from None
+        if not math.isfinite(num):
+            raise ResultsError(f"{want}, got {shown}")
+    if low is not None and (num < low or (low_open and num == low)):
+        raise ResultsError(f"{want}, got {shown}")
+    if high is not None and (num > high or (high_open and num == high)):
+        raise ResultsError(f"{want}, got {shown}")
+    return num

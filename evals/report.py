@@ -266,7 +266,18 @@ def run_analyze(csvs: Optional[Sequence[Path]] = None, output_dir: Optional[Path
             raise ResultsError("no CSV given and no results CSV found under results/; "
                                "pass CSV paths, e.g. bsbr-eval analyze results/run.csv")
         csvs = [newest]
-    out = check_output_dir(output_dir or default_output_dir(csvs[0]))
+    target = Path(output_dir or default_output_dir(csvs[0]))
+    created = not target.exists()
+    out = check_output_dir(target)
+    try:
+        return _analyze_into(csvs, out, command)
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):  # refused or failed: no empty folder left
+            out.rmdir()
+        raise
+
+
+def _analyze_into(csvs: Sequence[Path], out: Path, command: Optional[str]) -> tuple[Analysis, Path, dict]:
     with locked(out / "report.md", "--output-dir"):
         report = out / "report.md"
         ours = report.is_file() and report.read_text(encoding="utf-8", errors="replace").startswith(REPORT_TITLE)

@@ -6,19 +6,22 @@ Writing:
 
 - ``claim_output`` validates an output path before any work (a CSV ends in ``.csv``, so its JSON
   sidecar can never be the same file; no path under a regular file; no directory where a file
-  goes; a place we can write), takes an exclusive lock (``filelock``, a ``<name>.lock`` file beside
-  it) for the whole run, refuses to replace existing output without ``resume``, and on ``resume``
-  checks the header *before* touching the file, so a file this tool did not write stays
-  byte-identical.
+  goes; a place we can write), takes an exclusive lock (``evals.locking``: a ``<name>.lock`` file
+  beside it, removed at the end) for the whole run, refuses to replace existing output without
+  ``resume``, and on ``resume`` checks the header and every row *before* touching the file, so a
+  file this tool did not write, or a torn one, stays byte-identical. A run stopped before its
+  first row leaves nothing behind.
 - ``append_row`` writes one whole row in one ``write`` (flushed and fsync'ed); if the write fails
   part-way the file is cut back to its previous size, so only whole rows are ever on disk.
   ``write_text``/``write_frame`` replace a whole file through a temporary file and a rename; the
   temporary file is removed if anything fails.
+- Whole-file writes, output-path checks and the sidecar live in ``evals.files``; errors in
+  ``evals.errors``; machine facts in ``evals.machine`` (all re-exported here).
 - A failed write raises ``OutputError`` (one line, exit 1: the rows already written are kept);
   bad input raises ``ResultsError`` (one line, exit 2).
 
 Reading: ``read_table`` refuses (or, for ``analyze``, drops and reports) torn rows, missing
-columns, unknown statuses and non-numeric values; ``read_sidecar`` tells a missing sidecar (None)
+columns, unknown statuses, non-numeric or out-of-range values (``VALUE_RANGES``); ``read_sidecar`` tells a missing sidecar (None)
 from a corrupt one (``ResultsError``).
 """
 
@@ -26,40 +29,22 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import os
-import platform
-import shlex
 import statistics
-import subprocess
-import sys
-import tempfile
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence
 
-from filelock import FileLock, Timeout
-
+from evals.errors import OutputError, ResultsError, one_line  # noqa: F401 (re-exported)
+from evals.resume import check_same_settings  # noqa: F401 (re-exported)
+from evals.files import (check_output, check_output_dir, read_sidecar, sidecar_path, write_bytes,  # noqa: F401
+                         write_figure, write_frame, write_sidecar, write_text)
 from evals.grid import CONFIG_COLUMNS, KEY_COLUMNS
-
-
-class ResultsError(ValueError):
-    """Bad input about a results file or output path: one line, exit code 2."""
-
-
-class OutputError(ResultsError):
-    """Writing an output failed part-way (disk full, permission): one line, exit code 1."""
-
-
-def one_line(err: BaseException | str, *, kind: bool = False, limit: int = 500) -> str:
-    """The one-line text of an error, whitespace collapsed (``kind`` prefixes the type name)."""
-    text = " ".join(str(err).split())
-    if kind and isinstance(err, BaseException):
-        text = f"{type(err).__name__}: {text}"
-    return text[:limit]
+from evals.locking import LockHeld, acquire, lock_path, release
+from evals.machine import (environment, git_sha, gpu, machine, new_run_id, numerics, utc_now,  # noqa: F401
+                           utc_stamp)
 
 
 # ----------------------------------------------------------------------------- schema
@@ -126,84 +111,82 @@ def sample_stats(samples: Sequence[float]) -> dict:
 # ----------------------------------------------------------------------------- output paths and locks
 
 
-def sidecar_path(csv_path: Path | str) -> Path:
-    """``run.csv`` -> ``run.json``. ``check_output`` guarantees the two are different files."""
-    return Path(csv_path).with_suffix(".json")
-
-
-def lock_path(path: Path | str) -> Path:
-    return Path(str(path) + ".lock")
-
-
-def _parent_dir(path: Path, flag: str) -> None:
-    """Refuse a path below a regular file; create the missing directories."""
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ResultsError(f"{flag}: {parent} is a file, so nothing can be written under it ({path})")
-            break
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ResultsError(f"{flag}: cannot create directory {path.parent}: {e.strerror or e}") from None
-
-
-def check_output(path: Path | str, flag: str = "--output", suffix: str = ".csv") -> Path:
-    """Validate a file to be written, before any work: the right suffix (so the data file and its
-    ``.json`` sidecar differ), not a directory, not under a file. Creates missing parents."""
-    path = Path(path)
-    if path.suffix.lower() != suffix:
-        raise ResultsError(f"{flag}: {path} must end in {suffix} (its JSON sidecar "
-                           f"{path.with_suffix('.json').name} is written beside it)")
-    if path.is_dir():
-        raise ResultsError(f"{flag}: {path} is a directory; give a file path such as {path / ('run' + suffix)}")
-    _parent_dir(path, flag)
-    return path
-
-
-def check_output_dir(path: Path | str, flag: str = "--output-dir") -> Path:
-    """Validate a directory to be written: not a file, not under a file; created if missing."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise ResultsError(f"{flag}: {path} is a file, not a directory")
-    _parent_dir(path / "x", flag)
-    return path
-
-
 @contextmanager
-def locked(path: Path | str, flag: str = "--output") -> Iterator[Path]:
-    """Hold the exclusive lock of ``path`` (the file ``<path>.lock``) for the body; a second writer
-    gets a ``ResultsError`` naming the lock at once instead of waiting."""
-    lock = FileLock(str(lock_path(path)), timeout=0)
+def locked(path: Path | str, flag: str = "--output", lock_file: Optional[Path | str] = None) -> Iterator[Path]:
+    """Hold the exclusive lock of ``path`` (the file ``<path>.lock``, or ``lock_file``) for the body
+    and remove the lock file after it; a second writer gets a ``ResultsError`` naming the lock at
+    once instead of waiting."""
+    lf = Path(lock_file) if lock_file is not None else lock_path(path)
     try:
-        lock.acquire()
-    except Timeout:
-        raise ResultsError(f"{flag}: {path} is being written by another run (lock {lock.lock_file} is held); "
+        fd = acquire(lf)
+    except LockHeld:
+        raise ResultsError(f"{flag}: {path} is being written by another run (lock {lf} is held); "
                            f"wait for it to finish or choose another {flag}") from None
     except OSError as e:  # the first write into the place: a read-only or full location ends here
-        raise ResultsError(f"{flag}: cannot write in {Path(path).parent}: {e.strerror or e}") from None
+        raise ResultsError(f"{flag}: cannot write in {lf.parent}: {e.strerror or e}") from None
     try:
         yield Path(path)
     finally:
-        lock.release()
+        release(lf, fd)
+
+
+def _first_line(path: Path) -> list[str]:
+    with open(path, "rb") as f:
+        first = f.readline(1 << 16)
+    try:
+        return next(csv.reader([first.decode("utf-8")]), [])
+    except (UnicodeDecodeError, csv.Error):
+        return []
 
 
 def check_header(path: Path, columns: Sequence[str] = REQUIRED_COLUMNS, flag: str = "--resume",
                  exact: bool = False) -> None:
     """Refuse a file whose first line is not a results header (``exact``: exactly ``columns``, so
-    that rows appended with ``columns`` line up). Reads only; never modifies it."""
-    with open(path, "rb") as f:
-        first = f.readline(1 << 16)
-    try:
-        header = next(csv.reader([first.decode("utf-8")]), [])
-    except (UnicodeDecodeError, csv.Error):
-        header = []
-    if tuple(header[: len(columns)]) != tuple(columns):
+    that rows appended with ``columns`` line up). A results file of an older version (the required
+    columns, other ones after them) is told apart from a foreign file. Reads only."""
+    header = tuple(_first_line(path))
+    columns = tuple(columns)
+    older = columns[:len(REQUIRED_COLUMNS)] == REQUIRED_COLUMNS and header[:len(REQUIRED_COLUMNS)] == REQUIRED_COLUMNS
+    if header[: len(columns)] != columns and not older:
         raise ResultsError(f"{flag}: {path} is not a bsbr-eval results file (its first line is not the header "
                            f"{','.join(columns[:4])},...); it was left untouched")
-    if exact and tuple(header) != tuple(columns):
-        raise ResultsError(f"{flag}: {path} was written by another version of bsbr-eval (its columns differ from "
-                           f"this version's {len(columns)}); it was left untouched: start a new output")
+    if (exact or older) and header != columns:
+        lacks = [c for c in columns if c not in header]
+        what = f"it lacks {', '.join(lacks[:4])}" + (f" (+{len(lacks) - 4} more)" if len(lacks) > 4 else "") \
+            if lacks else f"its {len(header)} columns are not this version's {len(columns)}"
+        raise ResultsError(f"{flag}: {path} was written by an older or other version of bsbr-eval ({what}), so "
+                           f"rows cannot be appended to it; it was left untouched: start a new output (analyze "
+                           f"reads both files together)")
+
+
+def resume_problem(path: Path, columns: Sequence[str]) -> Optional[str]:
+    """The first row of a file being resumed that cannot be kept as it is, as ``line N: why``; None
+    if every row is whole and valid. An unterminated last line is not a problem: ``repair`` cuts
+    it (a crash mid-append). Reads only."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader, [])
+        numeric = [c for c in NUMERIC_COLUMNS if c in header]
+        start = reader.line_num + 1
+        for rec in reader:
+            if any(f.strip() for f in rec):
+                problem = (f"torn row: {len(rec)} of {len(header)} fields" if len(rec) != len(header)
+                           else row_problem(dict(zip(header, rec)), numeric))
+                if problem:
+                    return f"line {start}: {problem}"
+            start = reader.line_num + 1
+    except csv.Error as e:
+        return f"line {reader.line_num}: not readable as CSV ({e})"
+    return None
+
+
+def _ours(meta) -> bool:
+    """Whether a parsed sidecar was written by this tool (it records a run id, a start and the
+    software), so a run that wrote no row may replace it."""
+    return isinstance(meta, dict) and "run_id" in meta and "torch_version" in meta and "command" in meta
 
 
 def repair(path: Path | str) -> int:
@@ -219,28 +202,66 @@ def repair(path: Path | str) -> int:
     return len(data) - keep
 
 
+def _has_rows(path: Path, columns: Sequence[str]) -> bool:
+    """Whether ``path`` holds anything but (at most) this tool's header line: a file that is only
+    our header is a run that was stopped before its first row, and holds nothing to lose."""
+    if not path.exists() or path.stat().st_size == 0:
+        return False
+    with open(path, "rb") as f:
+        f.readline(1 << 16)
+        rest = f.read(1)
+    return bool(rest) or tuple(_first_line(path)[: len(columns)]) != tuple(columns)
+
+
+def _sidecar_is_ours(path: Path) -> bool:
+    try:
+        return _ours(read_sidecar(path))
+    except ResultsError:
+        return False
+
+
 @contextmanager
 def claim_output(path: Path | str, *, resume: bool = False, columns: Sequence[str] = REQUIRED_COLUMNS,
                  flag: str = "--output", can_resume: bool = True, exact: bool = False) -> Iterator[list[dict]]:
     """Everything a writing command does before its first measurement, and the lock it holds to
     the end: validate ``path``, lock it, refuse existing output unless ``resume``, and on
-    ``resume`` check that the file is ours before repairing a torn last line. Yields the rows
-    already in the file (empty for a new file)."""
+    ``resume`` check that the file is ours and every row whole and valid before repairing a torn
+    last line. Yields the rows already in the file (empty for a new file).
+
+    A run stopped before its first row (Ctrl-C, SIGTERM, an error) removes the header-only CSV and
+    the sidecar it wrote; one killed outright may leave them, and they are then replaced (they are
+    provably ours and hold no row), by a rerun as by ``--resume``."""
     path = check_output(path, flag)
     with locked(path, flag):
-        kept: list[dict] = []
-        has_rows = path.exists() and path.stat().st_size > 0
+        has_rows = _has_rows(path, columns)
+        side = sidecar_path(path)
         if has_rows and not resume:
             hint = "pass --resume to continue it, or choose another" if can_resume else "choose another"
             raise ResultsError(f"{flag}: {path} already exists; {hint} {flag}")
-        if not has_rows and sidecar_path(path).exists():
-            raise ResultsError(f"{flag}: {sidecar_path(path)} already exists and would be replaced by this run's "
+        if not has_rows and side.exists() and not _sidecar_is_ours(path):
+            raise ResultsError(f"{flag}: {side} already exists and would be replaced by this run's "
                                f"sidecar; choose another {flag}")
+        kept: list[dict] = []
         if has_rows:
             check_header(path, columns, exact=exact)
+            problem = resume_problem(path, columns)
+            if problem:
+                raise ResultsError(f"--resume: {path} {problem}; it was left untouched: fix or delete that "
+                                   f"line and resume, or start a new {flag}")
             repair(path)
             kept = read_rows(path, columns)
-        yield kept
+        else:
+            with suppress(FileNotFoundError):
+                path.unlink()  # empty, or our header only
+        try:
+            yield kept
+        except BaseException:
+            if not kept and not _has_rows(path, columns):  # stopped before its first row: leave nothing
+                with suppress(FileNotFoundError):
+                    path.unlink()
+                if _sidecar_is_ours(path):
+                    side.unlink()
+            raise
 
 
 # ----------------------------------------------------------------------------- writing
@@ -284,43 +305,6 @@ def append_row(path: Path | str, row: dict, columns: Sequence[str] = COLUMNS) ->
         os.close(fd)
 
 
-def write_text(path: Path | str, text: str) -> Path:
-    """Replace ``path`` with ``text`` (UTF-8) atomically, as ``write_bytes``."""
-    return write_bytes(path, text.encode("utf-8"))
-
-
-def write_frame(path: Path | str, df, float_format: Optional[str] = None) -> Path:
-    """A DataFrame as a whole CSV file, atomically."""
-    return write_text(path, df.to_csv(index=False, float_format=float_format, lineterminator="\n"))
-
-
-def write_figure(fig, path: Path | str, **kwargs) -> Path:
-    """A matplotlib figure, atomically (rendered to memory, then ``write_bytes``)."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format=Path(path).suffix.lstrip(".") or "png", **kwargs)
-    return write_bytes(path, buf.getvalue())
-
-
-def write_bytes(path: Path | str, data: bytes) -> Path:
-    """Replace ``path`` with ``data`` atomically: a temporary file beside it, fsync, rename.
-    Nothing is left behind if it fails (``OutputError``)."""
-    path = Path(path)
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        if tmp is not None:
-            with suppress(OSError):
-                os.unlink(tmp)
-        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
-    return path
-
-
 # ----------------------------------------------------------------------------- reading
 
 
@@ -349,21 +333,54 @@ def _samples_ok(cell: str) -> bool:
     return all(_number(t) is not None for t in text.split())
 
 
+# What a value in a results row may be: (lowest, highest, must be an integer, lowest excluded).
+# The highest values are far beyond any real measurement (a time of 1e10 ms is 116 days); they keep
+# a typo or a corrupt cell such as 1e308 from overflowing the fits' squares.
+TIME_MAX_MS, MEMORY_MAX_MB, COUNT_MAX = 1e10, 1e9, 1e30
+VALUE_RANGES = {
+    "batch_size": (1, 2**31 - 1, True, False), "seq_len": (1, 2**31 - 1, True, False),
+    "hidden_dim": (1, 2**31 - 1, True, False), "num_layers": (0, 2**31 - 1, True, False),
+    "num_heads": (1, 2**31 - 1, True, False), "chunk_size": (1, 2**31 - 1, True, False),
+    "repeats": (0, 2**31 - 1, True, False), "params": (0, COUNT_MAX, True, False),
+    "flops": (0, COUNT_MAX, False, False), "peak_memory_mb": (0, MEMORY_MAX_MB, False, False),
+    "time_ms": (0, TIME_MAX_MS, False, True), "time_ms_p20": (0, TIME_MAX_MS, False, False),
+    "time_ms_p80": (0, TIME_MAX_MS, False, False),
+}
+
+
+def value_problem(column: str, text: str) -> Optional[str]:
+    """Why ``text`` cannot be the value of ``column`` (not a number, or out of its range), or None."""
+    v = _number(text)
+    if v is None:
+        try:
+            float(text)
+        except ValueError:
+            return f"{column} {text!r} is not a number"
+        return f"{column} {text!r} is not a finite number"
+    low, high, integer, low_open = VALUE_RANGES.get(column, (-COUNT_MAX, COUNT_MAX, False, False))
+    if integer and not v.is_integer():
+        return f"{column} {text!r} is not an integer"
+    if v < low or (low_open and v == low) or v > high:
+        return f"{column} {text!r} is out of range ({'>' if low_open else '>='} {low:g}, <= {high:g})"
+    return None
+
+
 def row_problem(row: dict, numeric: Sequence[str]) -> Optional[str]:
-    """Why a parsed row cannot be trusted, or None."""
+    """Why a parsed row cannot be trusted, or None: an unknown status, a value that is not a number
+    or out of its column's range (``VALUE_RANGES``), a missing length, ``ok`` without a time."""
     status = row.get("status")
     if status is not None and status.strip().lower() not in STATUSES:
         return f"unknown status {status!r} (valid: {', '.join(STATUSES)})"
     for c in numeric:
-        v = row.get(c, "").strip()
-        if v and _number(v) is None:
-            return f"{c} {v!r} is not a number"
-    if "seq_len" in row and not ((_number(row["seq_len"]) or 0) > 0):
-        return f"seq_len {row['seq_len']!r} is not a positive integer"
+        v = (row.get(c) or "").strip()
+        if v and (problem := value_problem(c, v)):
+            return problem
+    if "seq_len" in row and not (row["seq_len"] or "").strip():
+        return "seq_len is empty"
     if status is not None and status.strip().lower() == "ok":
-        if "time_ms" in row and not ((_number(row["time_ms"]) or 0) > 0):
-            return f"status ok but time_ms {row['time_ms']!r} is not a positive number"
-        if row.get("samples_ms", "").strip() and not _samples_ok(row["samples_ms"]):
+        if "time_ms" in row and not (row["time_ms"] or "").strip():
+            return "status ok but time_ms is empty"
+        if (row.get("samples_ms") or "").strip() and not _samples_ok(row["samples_ms"]):
             return f"samples_ms {row['samples_ms'][:40]!r} is not a list of numbers"
     return None
 
@@ -391,6 +408,9 @@ def read_table(path: Path | str, *, required: Sequence[str] = REQUIRED_COLUMNS,
 
     path = Path(path)
     name = f"{what} {path}".strip()
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.csv"))[:3]
+        raise ResultsError(f"{name} is a folder; give a results CSV" + (f", e.g. {path / inside[0]}" if inside else ""))
     if not path.is_file():
         raise ResultsError(f"{name} does not exist; give a results CSV")
     try:
@@ -467,139 +487,3 @@ def outcome(rows: Sequence[dict]) -> tuple[int, str]:
                    f"{first.get('status')} {one_line(first.get('error') or '')}".rstrip())
     failed = [r for r in bad if r.get("status") in FAILED]
     return 0, f"{len(failed)} of {len(rows)} failed (see the error column)" if failed else ""
-
-
-# ----------------------------------------------------------------------------- sidecar
-
-
-def _git(*args: str) -> str:
-    try:
-        return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
-                              cwd=Path(__file__).resolve().parent).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
-def git_sha() -> str:
-    return _git("rev-parse", "HEAD")
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def utc_stamp() -> str:
-    """A file-name-safe UTC time, e.g. ``20260101T120000Z`` (default output names)."""
-    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-
-
-def new_run_id(sha: Optional[str] = None) -> str:
-    """``<UTC stamp>-<short sha>``: what ties a run's rows together."""
-    sha = git_sha() if sha is None else sha
-    return f"{utc_stamp()}-{sha[:7]}" if sha else utc_stamp()
-
-
-_PERF_ENV_PREFIXES = ("MALLOC_", "LD_PRELOAD", "OMP_", "MKL_", "KMP_", "GOMP_", "ATEN_", "TORCH_", "THP_", "C10_",
-                      "PYTORCH_", "CUDA_", "CUBLAS_", "CUDNN_", "NCCL_", "NVIDIA_TF32", "TRITON_")
-
-
-def numerics() -> dict:
-    """The switches that change what a GPU matmul or attention computes and how fast: TF32, the
-    fp32 matmul precision, and which SDPA backends torch may pick."""
-    import torch
-
-    b = torch.backends
-    return {
-        "float32_matmul_precision": torch.get_float32_matmul_precision(),
-        "cuda_matmul_allow_tf32": b.cuda.matmul.allow_tf32,
-        "cudnn_allow_tf32": b.cudnn.allow_tf32,
-        "cuda_matmul_allow_bf16_reduced_precision_reduction": b.cuda.matmul.allow_bf16_reduced_precision_reduction,
-        "cuda_matmul_allow_fp16_reduced_precision_reduction": b.cuda.matmul.allow_fp16_reduced_precision_reduction,
-        "sdpa_flash_enabled": b.cuda.flash_sdp_enabled(),
-        "sdpa_mem_efficient_enabled": b.cuda.mem_efficient_sdp_enabled(),
-        "sdpa_math_enabled": b.cuda.math_sdp_enabled(),
-        "sdpa_cudnn_enabled": b.cuda.cudnn_sdp_enabled(),
-    }
-
-
-def gpu() -> Optional[dict]:
-    """The GPU this process sees (None without CUDA): name, capability, memory, driver and CUDA."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return None
-    p = torch.cuda.get_device_properties(0)
-    driver = None
-    try:  # the driver version is not exposed by torch; nvidia-smi ships with every driver
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
-        driver = out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return {"name": p.name, "capability": f"{p.major}.{p.minor}", "memory_gib": round(p.total_memory / 2**30, 1),
-            "multiprocessors": p.multi_processor_count, "count": torch.cuda.device_count(),
-            "driver_version": driver, "cuda_runtime": torch.version.cuda,
-            "cudnn_version": torch.backends.cudnn.version()}
-
-
-def machine() -> dict:
-    """The facts about this machine and its software that move timings: what a row measured on
-    another node of a cluster needs beside it (``compare --executor ray`` records one per ``host``)."""
-    import torch
-
-    cuda = torch.cuda.is_available()
-    return {
-        "torch_version": torch.__version__,
-        "cuda_version": torch.version.cuda,
-        "python_version": platform.python_version(),
-        "device_name": torch.cuda.get_device_name(0) if cuda else _cpu_model(),
-        "gpu": gpu(),
-        "cpu_model": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "torch_num_threads": torch.get_num_threads(),
-        "hostname": platform.node(),
-        "numerics": numerics(),
-        # settings outside the command line that change timings (allocator, thread pools, CUDA, compiler)
-        "perf_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(_PERF_ENV_PREFIXES)},
-    }
-
-
-def environment() -> dict:
-    """Software, machine and code facts for the sidecar."""
-    sha = git_sha()
-    env = machine()
-    env.update({
-        "git_sha": sha or None,
-        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")) if sha else None,
-        "command": shlex.join([Path(sys.argv[0]).name] + sys.argv[1:]),
-    })
-    return env
-
-
-def write_sidecar(csv_path: Path | str, info: dict) -> Path:
-    """Write ``info`` as the CSV's JSON sidecar, atomically."""
-    return write_text(sidecar_path(csv_path), json.dumps(info, indent=2, default=str) + "\n")
-
-
-def read_sidecar(csv_path: Path | str) -> Optional[dict]:
-    """The sidecar's contents; None when there is none; ``ResultsError`` when it is corrupt."""
-    path = sidecar_path(csv_path)
-    if not path.is_file():
-        return None
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ResultsError(f"sidecar {path} is corrupt: {one_line(e)}") from None
-    if not isinstance(meta, dict):
-        raise ResultsError(f"sidecar {path} is corrupt: it holds a JSON {type(meta).__name__}, not an object")
-    return meta

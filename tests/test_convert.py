@@ -232,7 +232,8 @@ def test_not_a_gpt2_checkpoint(tmp_path):
 
 
 def test_missing_checkpoint(tmp_path):
-    with pytest.raises(ValueError, match="cannot load a model config"):
+    # a local path that does not exist is named as such, not sent to the hub ("Repo id ...")
+    with pytest.raises(ValueError, match="nowhere: no such folder, and not a hub name"):
         convert_to_bsbr(str(tmp_path / "nowhere"), chunk_size=8)
 
 
@@ -345,4 +346,4 @@ def test_example_module_bad_input_returns_2(tmp_path, capsys):
 
     assert convert_example.main(["--model_name", str(tmp_path / "missing"), "--chunk_size", "8"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("error:") and "cannot load a model config" in err
+    assert len(err.splitlines()) == 1 and err.startswith("error:") and "no such folder" in err

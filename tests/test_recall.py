@@ -194,7 +194,7 @@ def _cli(*args):
     (["--preset", "huge"], "--preset: unknown value 'huge'; valid: quick, cpu, cpu-v1024, zoology"),
     (["--quick", "--preset", "cpu"], "--quick conflicts with --preset cpu"),
     (["--lrs", "fast"], "--lrs: 'fast' is not a number"),
-    (["--lrs", "0"], "--lrs must be numbers > 0"),
+    (["--lrs", "0"], "--lrs must be a finite number > 0"),
     (["--seeds", "0"], "--seeds must be a positive integer"),
     (["--executor", "slurm"], "--executor: unknown value 'slurm'; valid: local, ray"),
     (["--address", "auto"], "--address only applies to --executor ray"),
@@ -202,7 +202,7 @@ def _cli(*args):
     (["--threads", "0"], "threads must be a positive integer"),
     (["--num-pairs", "0"], "--num-pairs: '0' is not a positive integer"),
     (["--hidden-dims", "63"], "hidden_dim (63) must be divisible by num_heads (2)"),
-    (["--target-acc", "1.5"], "--target-acc must lie in (0, 1]"),
+    (["--target-acc", "1.5"], "--target-acc must be a finite number > 0 and <= 1"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(args, needle, tmp_path):
     # --max-steps 1 --models Standard: should a case slip through, it costs a second, not a sweep
@@ -214,6 +214,12 @@ def test_cli_bad_input_exits_2_with_one_line(args, needle, tmp_path):
     assert not (tmp_path / "out").exists(), "bad input writes nothing"
 
 
+def _finished(res) -> bool:
+    """The run went to its end: exit 0, or exit 1 because Standard, the sanity anchor, did not learn
+    in the few steps these tiny runs take (a BROKEN RUN fails the command, issue 23)."""
+    return res.exit_code == 0 or (res.exit_code == 1 and "BROKEN RUN" in res.output)
+
+
 def test_cli_tiny_run_writes_csv_sidecar_and_figures(tmp_path):
     import json
 
@@ -223,7 +229,7 @@ def test_cli_tiny_run_writes_csv_sidecar_and_figures(tmp_path):
     res = _cli("--models", "Standard", "Linear", "--seq-lengths", "12,16", "--num-pairs", "2", "--hidden-dims", "16",
                "--sizes", "4", "8", "--vocab-size", "17", "--max-steps", "3", "--batch-size", "8", "--jobs", "1",
                "--output-dir", str(out))
-    assert res.exit_code == 0, res.output
+    assert _finished(res), res.output
     df = pd.read_csv(out / "recall.csv")
     # (12,2), (16,2) at the base width/size + size 4 and 8 at the base task (one of them is the base)
     assert len(df) == 2 * 3 and set(df["status"]) == {"ok"}
@@ -236,7 +242,7 @@ def test_cli_tiny_run_writes_csv_sidecar_and_figures(tmp_path):
     res = _cli("--models", "Standard", "Linear", "--seq-lengths", "12,16", "--num-pairs", "2", "--hidden-dims", "16",
                "--sizes", "4", "8", "--vocab-size", "17", "--max-steps", "3", "--batch-size", "8", "--jobs", "1",
                "--output-dir", str(out), "--resume")
-    assert res.exit_code == 0, res.output
+    assert _finished(res), res.output
     assert pd.read_csv(out / "recall.csv").equals(df)
 
 

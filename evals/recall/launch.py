@@ -11,17 +11,19 @@ Folder rules (issue 12):
 
 from __future__ import annotations
 
-import signal
+import math
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from evals import results
+from evals.interrupts import sigterm_as_interrupt
+from evals.locking import LockHeld, acquire, release
 from evals.recall.sweep import (COLUMNS, RecallCase, RecallPreset, recall_grid, row_key, run_case, seed_cases,
                                 shard_groups)
 
-CSV_NAME, LOCK_NAME = "recall.csv", "recall.lock"
+CSV_NAME, LOCK_NAME, SIDECAR_NAME = "recall.csv", "recall.lock", "recall.json"
 
 
 OutputError = results.ResultsError  # the output folder cannot be used as asked (one line: what, and what to do)
@@ -33,14 +35,12 @@ OutputError = results.ResultsError  # the output folder cannot be used as asked 
 @contextmanager
 def locked_output(out_dir, *, resume: bool):
     """Hold ``out_dir``'s lock for the block; yields the rows already there (``resume``) or []."""
-    from filelock import FileLock, Timeout
-
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise OutputError(f"--output-dir {out} is a file; give a folder (new, or a recall run with --resume)")
     lock_path, csv_path = out / LOCK_NAME, out / CSV_NAME
     # read-only checks first, so that a folder we refuse never gets even a lock file
-    if not resume and out.is_dir() and not lock_path.exists() and any(out.iterdir()):
+    if not resume and out.is_dir() and not lock_path.exists() and _holds_something(out):
         raise OutputError(f"--output-dir {out} already exists and is not empty; pass --resume to continue a "
                           f"recall run there, or choose a new folder")
     if resume:
@@ -51,26 +51,40 @@ def locked_output(out_dir, *, resume: bool):
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OutputError(f"--output-dir {out}: cannot create it ({e.strerror or e}); choose a writable folder") from None
-    lock = FileLock(str(lock_path), timeout=0)
     try:
-        lock.acquire()
-    except Timeout:
+        fd = acquire(lock_path)
+    except LockHeld:
         raise OutputError(f"--output-dir {out} is in use: another recall run holds {lock_path}; "
                           f"wait for it or choose another folder") from None
     except OSError as e:
         raise OutputError(f"--output-dir {out}: cannot lock {lock_path} ({e.strerror or e})") from None
     try:
-        others = [p.name for p in out.iterdir() if p.name != LOCK_NAME]
-        if not resume:
-            if others:  # the folder was filled between the check above and the lock
-                raise OutputError(f"--output-dir {out} already exists and is not empty; pass --resume to continue")
-            yield []
-        else:
-            if not csv_path.is_file():
-                raise OutputError(f"--resume: {out} holds no {CSV_NAME}; it is not a recall run (left untouched)")
-            yield read_rows(csv_path)
+        yield from_locked(out, csv_path, resume=resume)
     finally:
-        lock.release()
+        release(lock_path, fd)  # the lock file goes with the lock
+
+
+def from_locked(out: Path, csv_path: Path, *, resume: bool):
+    """The rows a locked folder already holds ([] for a new run), after checking it again."""
+    if not resume:
+        if _holds_something(out):  # the folder was filled between the check above and the lock
+            raise OutputError(f"--output-dir {out} already exists and is not empty; pass --resume to continue")
+        return []
+    if not csv_path.is_file():
+        raise OutputError(f"--resume: {out} holds no {CSV_NAME}; it is not a recall run (left untouched)")
+    return read_rows(csv_path)
+
+
+def _holds_something(out: Path) -> bool:
+    """Whether ``out`` holds anything but its lock and the row-less sidecar of a run killed before
+    its first row (ours, replaceable: it describes no result)."""
+    others = [p for p in out.iterdir() if p.name != LOCK_NAME]
+    if [p.name for p in others] == [SIDECAR_NAME]:
+        try:
+            return not results._ours(results.read_sidecar(out / CSV_NAME))
+        except results.ResultsError:
+            return True
+    return bool(others)
 
 
 def check_header(path) -> None:
@@ -94,25 +108,43 @@ def append_row(path, row: dict) -> None:
 # ----------------------------------------------------------------------------- the sweep
 
 
-@contextmanager
-def _sigterm_as_interrupt():
-    """SIGTERM stops the sweep like Ctrl-C: the executor is closed, every written row kept."""
-    def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    try:
-        old = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
-
-
 def _task(case: RecallCase, *, preset: RecallPreset, data_seed: int, device: str, threads: int) -> dict:
-    return run_case(case, preset, data_seed=data_seed, device=device, threads=threads)
+    return diverged_as_error(run_case(case, preset, data_seed=data_seed, device=device, threads=threads))
+
+
+def diverged_as_error(row: dict) -> dict:
+    """A training whose loss is not a finite number learned nothing that its accuracy can report
+    (a rate too high for the model, say): its row becomes an ``error`` saying so, never ``ok``."""
+    loss = row.get("final_loss")
+    try:
+        finite = loss is None or loss == "" or math.isfinite(float(loss))
+    except (TypeError, ValueError):
+        finite = False
+    if row.get("status") == "ok" and not finite:
+        row.update(status="error", error=f"training diverged: the final loss is {loss} (lr {row.get('lr')}); "
+                                         "its accuracy means nothing")
+    return row
+
+
+def resume_settings(preset: RecallPreset, *, data_seed: int, device: str, threads: int) -> dict:
+    """What a resumed run must share with the rows it keeps: the whole protocol (everything but how
+    many trainings run at once), the data seed, the device and the threads."""
+    from evals.recall.sweep import settings
+
+    return {k: v for k, v in settings(preset).items() if k != "jobs"} | dict(data_seed=data_seed, device=device,
+                                                                               threads=threads)
+
+
+def _recorded_settings(meta) -> Optional[dict]:
+    """``resume_settings`` as a recall.json recorded them (rebuilt for a sidecar that predates the key)."""
+    if not isinstance(meta, dict):
+        return None
+    if isinstance(meta.get("resume_settings"), dict):
+        return meta["resume_settings"]
+    if not isinstance(meta.get("settings"), dict):
+        return None
+    return {k: v for k, v in meta["settings"].items() if k != "jobs"} | {
+        k: meta.get(k) for k in ("data_seed", "device", "threads")}
 
 
 def run_recall(models: Sequence[str], preset: RecallPreset, out_dir, *, executor, data_seed: int = 0,
@@ -126,26 +158,44 @@ def run_recall(models: Sequence[str], preset: RecallPreset, out_dir, *, executor
     finishes, whatever the executor; ``on_row(row)`` is called after each append (progress), and
     ``on_row(None)`` once the folder is locked and the work begins.
     """
-    with locked_output(out_dir, resume=resume) as old_rows, _sigterm_as_interrupt():
+    with sigterm_as_interrupt(), locked_output(out_dir, resume=resume) as old_rows:
+        csv_path = Path(out_dir) / CSV_NAME
+        expected = resume_settings(preset, data_seed=data_seed, device=device, threads=threads)
+        if resume:
+            results.check_same_settings(_recorded_settings(results.read_sidecar(csv_path)), expected, out_dir)
+        else:  # recorded now, so that a run killed before its end can still be resumed
+            results.write_sidecar(csv_path, dict(results.environment(), run_id=run_id, task="mqar",
+                                                 resume_settings=expected))
         if on_row is not None:
             on_row(None)
-        csv_path = Path(out_dir) / CSV_NAME
-        rows = {row_key(r): r for r in old_rows}
-        tune = recall_grid(models, preset)
-        if shard is not None:
-            tune = shard_groups(tune, *shard)
-        fn = partial(_task, preset=preset, data_seed=data_seed, device=device, threads=threads)
-        with executor:
-            for phase in ("tune", "seed"):
-                todo = tune if phase == "tune" else seed_cases(tune, rows, preset)
-                todo = [c for c in todo if c.key() not in rows]
-                for case, row in executor.map_unordered(fn, todo):
-                    row["run_id"] = run_id
-                    append_row(csv_path, row)
-                    rows[case.key()] = row
-                    if on_row is not None:
-                        on_row(row)
-        return list(rows.values())
+        try:
+            return _run_phases(models, preset, csv_path, old_rows, executor=executor, data_seed=data_seed,
+                               device=device, threads=threads, run_id=run_id, shard=shard, on_row=on_row)
+        except BaseException:
+            if not resume and not csv_path.exists():  # stopped before its first row: leave the folder empty
+                results.sidecar_path(csv_path).unlink(missing_ok=True)
+            raise
+
+
+def _run_phases(models, preset, csv_path: Path, old_rows, *, executor, data_seed, device, threads, run_id, shard,
+                on_row) -> list:
+    """Phase 1 (tune) then phase 2 (seeds) of ``run_recall``, appending each row as it comes."""
+    rows = {row_key(r): r for r in old_rows}
+    tune = recall_grid(models, preset)
+    if shard is not None:
+        tune = shard_groups(tune, *shard)
+    fn = partial(_task, preset=preset, data_seed=data_seed, device=device, threads=threads)
+    with executor:
+        for phase in ("tune", "seed"):
+            todo = tune if phase == "tune" else seed_cases(tune, rows, preset)
+            todo = [c for c in todo if c.key() not in rows]
+            for case, row in executor.map_unordered(fn, todo):
+                row["run_id"] = run_id
+                append_row(csv_path, row)
+                rows[case.key()] = row
+                if on_row is not None:
+                    on_row(row)
+    return list(rows.values())
 
 
 # ----------------------------------------------------------------------------- from the command line
@@ -159,19 +209,19 @@ def configure(preset: str = "quick", *, seq_lens=None, num_pairs=None, hidden_di
     Giving ``seq_lens`` or ``num_pairs`` replaces a preset's explicit (length, pairs) points by
     lengths x pairs (all the points that fit for ``cross`` presets, one factor at a time otherwise).
     """
+    from evals.options import check_finite, check_positive
     from evals.recall.sweep import PRESETS
 
     if preset not in PRESETS:
         raise ValueError(f"--preset: unknown value {preset!r}; valid: {', '.join(PRESETS)}")
     base = PRESETS[preset]
-    for flag, value in (("--vocab-size", vocab_size), ("--max-steps", max_steps), ("--batch-size", batch_size),
-                        ("--seeds", seeds), ("--jobs", jobs)):
-        if value is not None and (not isinstance(value, int) or value <= 0):
-            raise ValueError(f"{flag} must be a positive integer, got {value}")
-    if lrs is not None and (not lrs or any(not v > 0 for v in lrs)):
-        raise ValueError(f"--lrs must be numbers > 0, got {' '.join(map(str, lrs)) or 'nothing'}")
-    if target_acc is not None and not 0 < target_acc <= 1:
-        raise ValueError(f"--target-acc must lie in (0, 1], got {target_acc}")
+    check_positive(vocab_size=vocab_size, max_steps=max_steps, batch_size=batch_size, seeds=seeds, jobs=jobs)
+    if lrs is not None and not lrs:
+        raise ValueError("--lrs must be finite numbers > 0, got nothing")
+    for v in lrs or ():
+        check_finite("--lrs", v, low=0, low_open=True)
+    if target_acc is not None:
+        check_finite("--target-acc", target_acc, low=0, low_open=True, high=1)
 
     def pick(given, values, base_value):
         vals = tuple(given) if given else values
@@ -211,14 +261,15 @@ def run_command(preset_name: str, preset: RecallPreset, models: Sequence[str], o
     from evals.recall import report
     from evals.recall.sweep import settings
     from evals.registry import resolve_model
-    from bsbr.shell import check_positive_int
+    from evals.options import check_positive, check_seed
 
     names = [resolve_model(m).name for m in models]
     if device not in ("cpu", "cuda"):
         raise ValueError(f"--device: unknown value {device!r}; valid: cpu, cuda")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device: CUDA is not available on this machine; valid: cpu")
-    check_positive_int("--threads", threads)
+    check_positive(threads=threads)
+    check_seed(data_seed)
     slice_ = parse_shard(shard) if shard else None
     ex = make_executor(executor, jobs=1 if device == "cuda" and executor == "local" else preset.jobs,
                        address=address, threads=threads, gpu=device == "cuda")
@@ -252,7 +303,9 @@ def run_command(preset_name: str, preset: RecallPreset, models: Sequence[str], o
     results.write_sidecar(csv_path, dict(results.environment(), utc_start=start, utc_end=results.utc_now(),
                                          task="mqar", preset=preset_name, settings=settings(preset), models=names,
                                          device=device, threads=threads, executor=executor, address=address,
-                                         jobs=preset.jobs, data_seed=data_seed, shard=shard, broken=broken))
+                                         jobs=preset.jobs, data_seed=data_seed, shard=shard, broken=broken,
+                                         resume_settings=resume_settings(preset, data_seed=data_seed, device=device,
+                                                                         threads=threads)))
     results.write_text(out / "summary.md", report.markdown_table(summary))
     figures = report.plot_run(summary, preset, out)
     return dict(rows=rows, summary=summary, figures=figures, broken=broken, csv=csv_path)
