@@ -442,6 +442,16 @@ def recall(
                  f"{len(res['figures'])} figures)" + (f"; {words}" if words else ""))
 
 
+def convert_example(argv: list) -> int:
+    """``python -m bsbr_extras.convert_example ARGS``: ``bsbr-eval convert ARGS`` (registered for the
+    library in pyproject.toml's ``bsbr_extras.commands`` entry points); its exit code."""
+    try:
+        app(["convert", *argv], prog_name="python -m bsbr_extras.convert_example")
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return 0
+
+
 def main() -> None:
     app()
 
