@@ -21,7 +21,7 @@ from rich.table import Table
 
 from evals import compare as sweep
 from evals import convert_experiment as conv
-from evals import guard
+from evals.guard import command as guard
 from evals import forms as fm
 from evals import report, results
 from evals.grid import DTYPES, SDPA_BACKENDS
@@ -292,24 +292,20 @@ def analyze(
 def regress(
     baseline: Annotated[Path, typer.Option(
         help="The committed baseline CSV (its JSON sidecar sits beside it): the guard's configurations and "
-             "their exact metrics.")] = Path("results/baselines/cpu.csv"),
+             "their exact metrics (FLOPs, parameters, traced memory).")] = Path("results/baselines/cpu.csv"),
     against: Annotated[Optional[str], typer.Option(
-        "--against", help="A git ref (e.g. $(cat results/baselines/ref)): measure it and the working tree "
-                          "side by side now, interleaved, and compare their times pair by pair.",
-        show_default=False)] = None,
-    current: Annotated[Optional[Path], typer.Option(
-        help="Compare this stored run (same machine only) instead of re-measuring the baseline's "
-             "configurations now.", show_default=False)] = None,
+        "--against", help="A git ref (e.g. $(cat results/baselines/ref), or a pull request's merge base): "
+                          "measure it and the working tree side by side now, interleaved, and compare their "
+                          "times pair by pair.", show_default=False)] = None,
     update: Annotated[bool, typer.Option(
-        "--update", help="Rewrite the baseline with this run (re-measured now, or --current) and exit 0. "
-                         "With no baseline file yet, measures the guard's default grid.")] = False,
+        "--update", help="Rewrite the baseline's exact metrics, measured now, and exit 0 (only a file whose "
+                         "sidecar says it is a baseline is replaced). With no baseline file yet, measures the "
+                         "guard's default grid.")] = False,
     threshold: Annotated[Optional[float], typer.Option(
-        help="Smallest slowdown that can count as a regression (0.2 = 20%). Default: with --against, the "
-             "one chosen from results/regress_power/ (0.2 until it exists); else 0.25.",
-        show_default=False)] = None,
+        help="Smallest slowdown that can count as a regression (0.2 = 20%). Default: the one chosen from "
+             "results/regress_power/ (0.2 until it exists).", show_default=False)] = None,
     alpha: Annotated[float, typer.Option(
-        help="Significance level of the one-sided test on the raw samples (Wilcoxon signed-rank on the "
-             "paired log ratios with --against, Mann-Whitney otherwise).")] = 0.01,
+        help="Significance level of the one-sided Wilcoxon signed-rank test on the paired log ratios.")] = 0.01,
     rounds: Annotated[Optional[int], typer.Option(
         help="With --against: interleaved A/B pairs per configuration. Default: chosen from "
              "results/regress_power/ (16 until it exists).", show_default=False)] = None,
@@ -321,25 +317,28 @@ def regress(
         "--power", help="With --against: measure the guard's power curve (detection of 1.1x-1.5x injected, "
                         "false alarms on clean runs) and write it to this folder.", show_default=False)] = None,
     power_runs: Annotated[int, typer.Option(help="With --power: runs per injected factor, and clean runs.")] = 10,
-    allow_other_machine: Annotated[bool, typer.Option(
-        "--allow-other-machine", help="Compare stored times although the runs' machine fingerprints "
-                                      "(CPU model, core count, torch build) differ.")] = False,
+    json_path: Annotated[Optional[Path], typer.Option(
+        "--json", help="With --against: write the verdicts as JSON (per configuration: ratio B/A, its 95% "
+                       "interval, p, verdict, machine; and the exit code).", show_default=False)] = None,
+    summary_path: Annotated[Optional[Path], typer.Option(
+        "--summary", help="With --against: write a Markdown summary (also appended to $GITHUB_STEP_SUMMARY "
+                          "when that is set).", show_default=False)] = None,
     show_all: Annotated[bool, typer.Option("--all", help="Show every check, not only what moved.")] = False,
 ) -> None:
-    """Guard performance: exit 0 pass, 1 regression, 2 usage error.
+    """Guard performance: exit 0 pass, 1 regression, 2 the check could not run, 143 SIGTERM.
 
     With --against REF (what CI runs): the accepted commit and the working tree are timed side by
     side, interleaved; a configuration regresses if the paired ratio exceeds 1 + --threshold with
     Wilcoxon p < --alpha, twice. FLOPs, parameters and the traced memory must match --baseline
-    exactly. Without it: a stored run (--current) or a re-measurement now is compared with the
-    stored baseline, from the same machine only. A baseline or run with a torn row, missing
-    columns or a non-numeric value is refused (exit 2), never passed.
+    exactly. No stored time is ever compared. A baseline with a torn row, missing columns or a
+    non-numeric value is refused (exit 2), never passed.
     """
     console = Console(width=None if sys.stdout.isatty() else 120)  # CI logs: one line per table row
+    opts = guard.Options(baseline=baseline, against=against, update=update, threshold=threshold, alpha=alpha,
+                         rounds=rounds, self_test=self_test, power=power, power_runs=power_runs, show_all=show_all,
+                         json_path=json_path, summary_path=summary_path)
     with exit_codes():
-        code = guard.run_regress(console, baseline=baseline, against=against, current=current, update=update,
-                                 threshold=threshold, alpha=alpha, rounds=rounds, self_test=self_test, power=power,
-                                 power_runs=power_runs, allow_other_machine=allow_other_machine, show_all=show_all)
+        code = guard.run_regress(console, opts)
     raise typer.Exit(code)
 
 
@@ -490,6 +489,16 @@ def frontier(
     bad = t[t["status"] != "ok"]
     finish(0, f"wrote {len(t)} configurations to {res['csv']} (+ frontier.md, {len(res['figures'])} figure(s))"
               + (f"; {len(bad)} with a status other than ok" if len(bad) else ""))
+
+
+def convert_example(argv: list) -> int:
+    """``python -m bsbr_extras.convert_example ARGS``: ``bsbr-eval convert ARGS`` (registered for the
+    library in pyproject.toml's ``bsbr_extras.commands`` entry points); its exit code."""
+    try:
+        app(["convert", *argv], prog_name="python -m bsbr_extras.convert_example")
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return 0
 
 
 def main() -> None:

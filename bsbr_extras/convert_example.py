@@ -1,36 +1,33 @@
 """``python -m bsbr_extras.convert_example``: the seed's command line for the GPT-2 -> BSBR
 comparison and the train -> convert -> fine-tune experiment.
 
-The experiment is evaluation code and lives in the suite (``evals/convert_experiment.py``);
-the library never depends on the suite, so this module imports nothing from it. Running it hands
-the command line to ``bsbr-eval convert``, the same command with the same options (the seed's
-spellings ``--model_name``, ``--chunk_size 512 128 32``, ``--seq_len``, ``--output_dir``,
-``--compression_factor``, ``--save_model`` are accepted there too) and the same one-line errors.
+The experiment is evaluation code and does not live in the library; the library depends on
+nothing outside it, not even by name. Whatever package provides this command registers it
+under the entry-point group ``bsbr_extras.commands`` with the name ``convert_example``: a
+function ``main(argv) -> exit code``. This module looks the command up there and runs it; the
+project's own ``pyproject.toml`` registers its convert command (same options, the seed's
+spellings included), so an installed project serves it.
 """
 
 from __future__ import annotations
 
-import importlib
 import sys
+from importlib.metadata import entry_points
 from typing import Optional, Sequence
 
 PROG = "python -m bsbr_extras.convert_example"
+GROUP, NAME = "bsbr_extras.commands", "convert_example"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run ``bsbr-eval convert`` with ``argv`` (default: this process's arguments); its exit code."""
-    try:  # at call time, by name: importing bsbr_extras never loads the suite
-        cli = importlib.import_module("cli")
-    except ImportError as e:
-        print(f"error: {PROG} runs the evaluation suite's convert command, which is not installed "
-              f"here ({e}); install the bsbr project (pip install -e .)", file=sys.stderr)
+    """Run the registered command with ``argv`` (default: this process's arguments); its exit code."""
+    found = list(entry_points(group=GROUP, name=NAME))
+    if not found:
+        print(f"error: {PROG}: no package registers the {NAME!r} command (entry-point group {GROUP!r}); "
+              "install the bsbr project with its evaluation suite (pip install -e .)", file=sys.stderr)
         return 2
     args = list(sys.argv[1:] if argv is None else argv)
-    try:
-        cli.app(["convert", *args], prog_name=PROG)
-    except SystemExit as e:
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    return 0
+    return int(found[0].load()(args) or 0)
 
 
 if __name__ == "__main__":

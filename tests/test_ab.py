@@ -13,8 +13,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from evals import ab
-from evals.regress import AB_TIME_METRIC, CHANGED, REGRESSION, failures
+from evals.guard import runner as ab
+from evals.guard.findings import AB_TIME_METRIC, failures
+from evals.guard.rule import CHANGED, REGRESSION
 
 TREE = Path(__file__).resolve().parents[1]
 
@@ -45,7 +46,18 @@ def repo(tmp_path_factory):
     git(root, "commit", "-qam", "old harness")
     git(root, "tag", "old-harness")
     harness.write_text(code)
-    git(root, "commit", "-qam", "fixed")
+    # a ref from before the guard moved into evals/guard/: flat modules under the old names, which
+    # must never be imported (the workers install the working tree's guard package instead)
+    shutil.rmtree(root / "evals" / "guard")
+    for name in ("guard", "regress", "ab", "ab_worker", "regress_power"):
+        (root / "evals" / f"{name}.py").write_text(f'raise ImportError("the old {name}.py was imported")\n')
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "old layout")
+    git(root, "tag", "old-layout")
+    git(root, "rm", "-q", *(f"evals/{n}.py" for n in ("guard", "regress", "ab", "ab_worker", "regress_power")))
+    shutil.copytree(TREE / "evals" / "guard", root / "evals" / "guard", ignore=shutil.ignore_patterns("__pycache__"))
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "fixed")
     return root
 
 
@@ -59,7 +71,7 @@ def rows():
     from evals.grid import expand_grid
     from evals.measure import build_workload, count_flops
     from evals.registry import ModelConfig
-    from evals.regress import steady_memory
+    from evals.guard.timing import steady_memory
 
     cfg = ModelConfig(vocab_size=64, hidden_dim=32, num_layers=1, num_heads=2, ff_dim=64, chunk_size=16)
     cases = expand_grid(["BSBR"], [64], modes=["forward", "decode"], config=cfg)
@@ -139,18 +151,16 @@ def test_cli_self_test_exit_code_and_report(tmp_path, rows, monkeypatch):
     from typer.testing import CliRunner
 
     from cli import app
-    from evals.regress import ABResult, OK, run_frame
+    from evals.guard.findings import ABResult, ab_findings
 
     base = tmp_path / "base.csv"
-    run_frame(rows).assign(time_ms=1.0).to_csv(base, index=False)  # a baseline's ok rows carry a time
+    rows.to_csv(base, index=False)  # a baseline: configurations and exact metrics, nothing timed
     seen = {}
 
     def fake_against(ref, rows, *, findings_verdict, **kw):
         seen.update(kw, ref=ref)
         built = {s: [dict(status="ok", error="") for _ in range(len(rows))] for s in "AB"}
         prs = {i: ([1.0] * 8, [2.0 if findings_verdict(i) else 1.0] * 8) for i in range(len(rows))}
-        from evals.regress import ab_findings
-
         f = ab_findings(rows, built, prs, threshold=kw["threshold"], alpha=kw["alpha"])
         return ab.Against(ABResult(f, prs, []), ref, "f" * 40, dict(sha="e" * 40, dirty=True), kw["inject"],
                           kw["rounds"], kw["threshold"], kw["alpha"])
@@ -165,3 +175,55 @@ def test_cli_self_test_exit_code_and_report(tmp_path, rows, monkeypatch):
         assert word in r.output and "uncommitted changes (dirty)" in r.output
     assert seen["inject"] == {m: 1.5 for m in __import__("evals.registry").registry.MODEL_NAMES}
     assert seen["exact"] is False and seen["rounds"] == 8
+
+
+def test_a_ref_from_before_the_guard_package_builds_with_the_working_trees_guard(repo, rows):
+    # old-layout has evals/guard.py, evals/regress.py, ... that raise on import; the A side must load
+    # its models from that tree and the guard (case_from_row, exact metrics) from the working tree.
+    with ab.ref_worktree("old-layout", repo) as (path, sha):
+        assert (path / "evals" / "guard.py").is_file() and not (path / "evals" / "guard").exists()
+        with ab.workers(path, repo, a_what="ref old-layout") as ws:
+            session = ab.open_session(ws, rows, threads=1, inject={}, exact=False)
+            assert [c["status"] for c in session.built["A"]] == ["ok"] * len(rows), session.built["A"]
+            assert session.testable() == list(range(len(rows)))
+            assert ws["A"].info["registry"].startswith(str(path))
+    assert worktrees(repo) == 1
+
+
+SIGTERM_CHILD = """
+import sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])
+from evals.guard import runner
+with runner.ref_worktree("good", Path(sys.argv[1])) as (path, sha):
+    print(path, flush=True)
+    time.sleep(60)
+"""
+
+
+def test_sigterm_during_a_check_removes_the_worktree_as_ctrl_c_does(repo):
+    # what timeout(1), CI runners and schedulers send: the worktree must go, and its record too
+    import signal
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", SIGTERM_CHILD, str(repo), str(TREE)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        path = Path(child.stdout.readline().strip())
+        assert path.is_dir() and worktrees(repo) == 2
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(timeout=60) == 128 + signal.SIGTERM, child.stderr.read()
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert not path.exists() and not path.parent.exists()
+    assert worktrees(repo) == 1
+
+
+def test_sigterm_handler_is_restored_after_the_worktree_is_gone(repo):
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    with ab.ref_worktree("good", repo):
+        assert signal.getsignal(signal.SIGTERM) is not before
+    assert signal.getsignal(signal.SIGTERM) is before

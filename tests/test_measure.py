@@ -249,6 +249,42 @@ def test_inject_env_is_parsed_and_recorded(monkeypatch):
             M.parse_inject(bad)
 
 
+@pytest.mark.parametrize("bad", ["BSBR=inf", "BSBR=1e309", "BSBR=nan", "BSBR=-inf", "BSBR=0", "BSBR=-2",
+                                 "Standard=2,BSBR=inf"])
+def test_a_non_finite_or_non_positive_factor_is_refused_naming_what_is_valid(bad):
+    # issue 23 item 1: inf passed ">= 1" and then busy-waited forever
+    with pytest.raises(ValueError, match="finite number >= 1") as err:
+        M.parse_inject(bad)
+    assert bad.split(",")[-1] in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("seconds", [math.inf, math.nan, -1.0])
+def test_the_busy_wait_refuses_an_unbounded_or_negative_request(seconds):
+    with pytest.raises(ValueError, match="finite, non-negative"):
+        M._spin(seconds)
+
+
+def test_the_busy_wait_is_capped(monkeypatch):
+    monkeypatch.setattr(M, "MAX_SPIN_S", 0.01)
+    t0 = time.thread_time()
+    M._spin(1e6)  # without the cap: eleven days of CPU
+    assert time.thread_time() - t0 < 1.0
+
+
+def test_an_infinite_factor_in_the_environment_is_one_line_exit_2_in_compare_and_regress(monkeypatch):
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    monkeypatch.setenv(M.INJECT_ENV, "BSBR=inf")
+    for args in (["compare", "--models", "BSBR", "--seq-lengths", "16"],
+                 ["regress", "--against", "HEAD", "--self-test", "1e309"]):
+        r = CliRunner().invoke(app, args)
+        assert r.exit_code == 2, (args, r.output)
+        assert "finite number" in r.output and "Traceback" not in r.output
+        assert len(r.output.strip().splitlines()) == 1, r.output
+
+
 def test_calibrate_matmul_is_a_plausible_rate():
     gflops = M.calibrate_matmul("cpu", n=128)
     assert 0.01 < gflops < 1e5

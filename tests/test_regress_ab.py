@@ -1,5 +1,5 @@
 """The A/B guard's decision rule (``regress --against``), on synthetic paired samples whose truth
-we set, and the same-machine check of stored runs.
+we set, and the command's options.
 
 A synthetic configuration is ``s`` pairs: pair ``k`` shares a machine factor ``m_k`` (how fast
 the machine is that moment: both sides see it), and each side gets its own log-normal noise.
@@ -13,9 +13,9 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from evals.ab import interleave, order
-from evals.regress import (AB_TIME_METRIC, CHANGED, FASTER, MISSING, NEW, OK, REGRESSION, TRANSIENT, UNTESTABLE,
-                           ab_check, ab_findings, ab_settings, failures, machine_mismatch, paired_verdict, self_test)
+from evals.guard.findings import AB_TIME_METRIC, ab_check, ab_findings, ab_settings, failures, self_test
+from evals.guard.rule import (CHANGED, FASTER, MISSING, NEW, OK, REGRESSION, TRANSIENT, UNTESTABLE, paired_verdict)
+from evals.guard.sampling import interleave, order
 
 
 def pairs(rng, s=16, *, factor=1.0, noise=0.05, drift=0.3, t=2.0):
@@ -250,65 +250,43 @@ def test_settings_come_from_the_power_curve_when_it_exists(tmp_path):
     assert ab_settings(tmp_path) == dict(threshold=0.15, rounds=20, source="results/regress_power/power.json")
 
 
-# ----------------------------------------------------------------------------- same machine only
-
-XEON = dict(device_name="Intel(R) Xeon(R) Processor", cpu_model="Intel(R) Xeon(R) Processor", cpu_count=2,
-            torch_version="2.13.0+cpu")
+# ----------------------------------------------------------------------------- the command's options
 
 
-def test_machine_fingerprint():
-    assert machine_mismatch(XEON, dict(XEON, hostname="other"), what_a="a", what_b="b") is None
-    msg = machine_mismatch(XEON, dict(XEON, cpu_model="AMD EPYC", cpu_count=4), what_a="a", what_b="b")
-    assert "cpu_model" in msg and "AMD EPYC" in msg and "cpu_count" in msg and "torch" not in msg
-    assert "torch_version" in machine_mismatch(XEON, dict(XEON, torch_version="2.13.0+cu126"), what_a="a", what_b="b")
-    assert "no JSON sidecar" in machine_mismatch(None, XEON, what_a="a", what_b="b")
-
-
-def _stored(tmp_path, name, df, env):
-    from evals.regress import run_frame
+def _stored(tmp_path, name, df):
+    from evals.guard.baseline import KIND
     from evals.results import write_sidecar
 
     path = tmp_path / name
-    run_frame(df).to_csv(path, index=False)
-    write_sidecar(path, env)
+    df.to_csv(path, index=False)
+    write_sidecar(path, dict(kind=KIND, rows=len(df)))
     return path
-
-
-def test_cli_refuses_stored_times_from_another_machine(tmp_path):
-    from cli import app
-    from tests.test_regress import synthetic_run
-
-    runner = CliRunner()
-    base = _stored(tmp_path, "base.csv", synthetic_run(0), XEON)
-    same = _stored(tmp_path, "same.csv", synthetic_run(1), XEON)
-    other = _stored(tmp_path, "other.csv", synthetic_run(1), dict(XEON, cpu_model="AMD EPYC"))
-    assert runner.invoke(app, ["regress", "--baseline", str(base), "--current", str(same)]).exit_code == 0
-    r = runner.invoke(app, ["regress", "--baseline", str(base), "--current", str(other)])
-    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
-    assert "different machines" in r.output and "--allow-other-machine" in r.output and "--against" in r.output
-    r = runner.invoke(app, ["regress", "--baseline", str(base), "--current", str(other), "--allow-other-machine"])
-    assert r.exit_code == 0, r.output
-    # re-measuring now on this machine against a baseline from another: refused before measuring
-    r = runner.invoke(app, ["regress", "--baseline", str(_stored(tmp_path, "far.csv", synthetic_run(0),
-                                                                 dict(XEON, cpu_model="nowhere")))])
-    assert r.exit_code == 2 and "this machine" in r.output and len(r.output.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("args, word", [
     (["--rounds", "8"], "only applies with --against"),
     (["--self-test", "1.5"], "only applies with --against"),
-    (["--against", "HEAD", "--self-test", "1"], "above 1"),
+    (["--json", "v.json"], "only applies with --against"),
+    (["--summary", "s.md"], "only applies with --against"),
+    ([], "needs --against REF"),
+    (["--against", "HEAD", "--self-test", "1"], "finite number > 1"),
+    (["--against", "HEAD", "--self-test", "inf"], "finite number > 1"),
+    (["--against", "HEAD", "--self-test", "nan"], "finite number > 1"),
+    (["--against", "HEAD", "--threshold", "inf"], "--threshold must be a finite number"),
+    (["--against", "HEAD", "--threshold", "-0.1"], "--threshold must be a finite number"),
     (["--against", "HEAD", "--rounds", "0"], "--rounds"),
-    (["--against", "HEAD", "--current", "x.csv"], "cannot be combined"),
+    (["--against", "HEAD", "--json", "v.csv"], "--json: v.csv must end in .json"),
+    (["--against", "HEAD", "--summary", "s.txt"], "--summary: s.txt must end in .md"),
+    (["--against", "HEAD", "--current", "x.csv"], "No such option"),
+    (["--against", "HEAD", "--allow-other-machine"], "No such option"),
     (["--against", "HEAD", "--update"], "cannot be combined"),
     (["--against", "no-such-ref-anywhere"], "no commit named 'no-such-ref-anywhere'"),
     (["--against", "HEAD", "--power", "P", "--power-runs", "1"], "--power-runs"),
 ])
 def test_cli_against_bad_input_is_one_line_exit_2(tmp_path, args, word):
     from cli import app
-    from tests.test_regress import synthetic_run
 
-    base = _stored(tmp_path, "base.csv", synthetic_run(0), XEON)
+    base = _stored(tmp_path, "base.csv", committed_rows())
     r = CliRunner().invoke(app, ["regress", "--baseline", str(base), *args])
     assert r.exit_code == 2, r.output
     assert word in r.output and "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1
@@ -317,7 +295,7 @@ def test_cli_against_bad_input_is_one_line_exit_2(tmp_path, args, word):
 def test_runqueue_wait_is_not_subtracted_from_cuda_event_times(monkeypatch):
     # On CUDA the sample is GPU time from CUDA events; the host thread's pre-emption is not in it.
     import evals.measure as M
-    from evals import regress as R
+    from evals.guard import timing as R
 
     class FakeWait:
         def __init__(self):
@@ -328,5 +306,5 @@ def test_runqueue_wait_is_not_subtracted_from_cuda_event_times(monkeypatch):
             return self.t
 
     monkeypatch.setattr(M, "time_fn", lambda fn, **kw: (fn(), fn(), [10.0])[-1])
-    assert R._timed_once(lambda: None, FakeWait(), device="cuda", threads=1) == 10.0
-    assert R._timed_once(lambda: None, FakeWait(), device="cpu", threads=1) == pytest.approx(5.0)
+    assert R.timed_once(lambda: None, FakeWait(), device="cuda", threads=1) == 10.0
+    assert R.timed_once(lambda: None, FakeWait(), device="cpu", threads=1) == pytest.approx(5.0)

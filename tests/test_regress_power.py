@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pandas as pd
 
-from evals.regress_power import FACTORS, choose, decisions, power_table, write_power
+from evals.guard.power import FACTORS, choose, decisions, power_table, write_power
 
 CONFIGS = [("BSBR", "model", "forward"), ("BSBR", "layer", "train"), ("GAU", "model", "decode")]
 
@@ -72,9 +72,8 @@ def test_cli_power_writes_the_curve_and_refuses_to_overwrite_it(tmp_path, monkey
     from typer.testing import CliRunner
 
     from cli import app
-    from evals import ab
-    from tests.test_regress_ab import XEON, _stored
-    from tests.test_regress import synthetic_run
+    from evals.guard import runner as ab
+    from tests.test_regress_ab import _stored, committed_rows
 
     seen = {}
 
@@ -84,7 +83,7 @@ def test_cli_power_writes_the_curve_and_refuses_to_overwrite_it(tmp_path, monkey
                           kw["rounds"], kw["threshold"], kw["alpha"])
 
     monkeypatch.setattr(ab, "against", fake_against)
-    base = _stored(tmp_path, "base.csv", synthetic_run(0), XEON)
+    base = _stored(tmp_path, "base.csv", committed_rows())
     args = ["regress", "--baseline", str(base), "--against", "good", "--power", str(tmp_path / "pw"),
             "--power-runs", "2", "--threshold", "0.3", "--rounds", "12"]
     r = CliRunner().invoke(app, args)
@@ -98,7 +97,7 @@ def test_cli_power_writes_the_curve_and_refuses_to_overwrite_it(tmp_path, monkey
 def test_measure_power_schedule_on_a_fake_session():
     # Each run: a clean trial, then one per factor with every model injected on B; B is left
     # uninjected afterwards; the pairs are what sample() returned, in order.
-    from evals.regress_power import measure_power
+    from evals.guard.power import measure_power
 
     class Session:
         rows = pd.DataFrame([dict(model=m, level=lv, mode=md, seq_len=128) for m, lv, md in CONFIGS])
@@ -126,7 +125,7 @@ def test_one_clean_run_in_ten_may_need_the_remeasurement():
     # A 1.4x outlier in one clean run of ten, gone when re-measured: 10% first-pass alarms is
     # within FIRST_PASS_MAX, so the smallest threshold is still chosen; in one run of four (25%)
     # it is not, and no setting meets the rule.
-    from evals.regress_power import FIRST_PASS_MAX
+    from evals.guard.power import FIRST_PASS_MAX
 
     ten = power_table(decisions(synthetic_samples(runs=10, wild=(1, 1.0, 2)), alpha=0.01, round_choices=(24,)))
     chosen = choose(ten)
@@ -137,7 +136,7 @@ def test_one_clean_run_in_ten_may_need_the_remeasurement():
 
 
 def test_reanalyse_redecides_the_kept_pairs_and_keeps_the_measurement_record(tmp_path):
-    from evals.regress_power import reanalyse
+    from evals.guard.power import reanalyse
 
     out = tmp_path / "p"
     write_power(out, synthetic_samples(runs=2), alpha=0.01, ref="good", ref_sha="a" * 40,

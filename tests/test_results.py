@@ -244,45 +244,51 @@ def _regress(*args):
 def test_a_torn_baseline_is_refused_never_passed(tmp_path):
     lines = BASELINE.read_text().splitlines(keepends=True)
     torn = _baseline_copy(tmp_path, "".join(lines[:5]) + lines[5][: len(lines[5]) // 2])
-    res = _regress("--baseline", torn)  # the live check: refused before measuring anything
+    res = _regress("--baseline", torn, "--against", "HEAD")  # refused before anything is measured
     assert res.exit_code == 2 and "torn row" in one_error_line(res) and "PASS" not in res.output
 
 
 def test_a_baseline_cut_between_rows_is_refused_by_its_sidecar_count(tmp_path):
     lines = BASELINE.read_text().splitlines(keepends=True)
     cut = _baseline_copy(tmp_path, "".join(lines[:5]), sidecar={"rows": len(lines) - 1})
-    res = _regress("--baseline", cut, "--current", BASELINE)
+    res = _regress("--baseline", cut, "--against", "HEAD")
     assert res.exit_code == 2 and f"sidecar records {len(lines) - 1}" in one_error_line(res)
 
 
 @pytest.mark.parametrize("edit, says", [
     (lambda df: df.assign(flops=df["flops"].astype(str).where(df.index != 2, "lots")), "flops 'lots' is not a number"),
-    (lambda df: df.drop(columns="samples_ms"), "lacks column(s) samples_ms"),
+    (lambda df: df.drop(columns="params"), "lacks column(s) params"),
     (lambda df: df.assign(status=df["status"].where(df.index != 0, "fine")), "unknown status 'fine'"),
-    (lambda df: df.assign(samples_ms=df["samples_ms"].where(df.index != 1, "[1.0, x]")), "samples_ms"),
-], ids=["non_numeric", "missing_column", "bad_status", "bad_samples"])
-def test_a_current_run_that_cannot_be_trusted_is_refused(tmp_path, edit, says):
-    cur = tmp_path / "cur.csv"
-    edit(pd.read_csv(BASELINE)).to_csv(cur, index=False)
-    res = _regress("--baseline", BASELINE, "--current", cur)
+], ids=["non_numeric", "missing_column", "bad_status"])
+def test_a_baseline_that_cannot_be_trusted_is_refused(tmp_path, edit, says):
+    base = tmp_path / "base.csv"
+    edit(pd.read_csv(BASELINE)).to_csv(base, index=False)
+    res = _regress("--baseline", base, "--against", "HEAD")
     assert res.exit_code == 2 and says in one_error_line(res), res.output
 
 
-def test_update_refuses_a_run_that_is_not_baseline_shaped(tmp_path):
-    base = _baseline_copy(tmp_path, BASELINE.read_text())
-    before = base.read_bytes()
-    compare_run = ROOT / "results" / "cpu_default" / "compare.csv"
-    res = _regress("--baseline", base, "--update", "--current", compare_run)
-    assert res.exit_code == 2 and "not a baseline-shaped run" in one_error_line(res)
-    assert base.read_bytes() == before
+def test_update_refuses_a_file_that_is_not_a_baseline(tmp_path):
+    compare_run = tmp_path / "compare.csv"
+    compare_run.write_bytes((ROOT / "results" / "cpu_default" / "compare.csv").read_bytes())
+    sidecar = ROOT / "results" / "cpu_default" / "compare.json"
+    if sidecar.is_file():
+        compare_run.with_suffix(".json").write_bytes(sidecar.read_bytes())
+    before = sorted((p.name, p.read_bytes()) for p in tmp_path.iterdir())
+    res = _regress("--baseline", compare_run, "--update")
+    assert res.exit_code == 2 and "is not a guard baseline" in one_error_line(res)
+    assert sorted((p.name, p.read_bytes()) for p in tmp_path.iterdir()) == before
 
 
 def test_update_writes_the_baseline_whole_with_its_row_count(tmp_path):
-    base = tmp_path / "new.csv"
-    res = _regress("--baseline", base, "--update", "--current", BASELINE)
+    # two configurations of the committed baseline, re-measured: their exact metrics reproduce
+    lines = BASELINE.read_text().splitlines(keepends=True)
+    base = _baseline_copy(tmp_path, "".join(lines[:3]), sidecar={"rows": 2})
+    res = _regress("--baseline", base, "--update")
     assert res.exit_code == 0, res.output
-    assert json.loads(base.with_suffix(".json").read_text())["rows"] == len(pd.read_csv(BASELINE))
-    assert _regress("--baseline", base, "--current", BASELINE).exit_code == 0
+    meta = json.loads(base.with_suffix(".json").read_text())
+    assert meta["rows"] == 2 and meta["kind"] == "baseline"
+    new, old = pd.read_csv(base), pd.read_csv(BASELINE).head(2)
+    assert new["flops"].tolist() == old["flops"].tolist() and new["params"].tolist() == old["params"].tolist()
     assert tmp_files(tmp_path) == []
 
 

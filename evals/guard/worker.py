@@ -2,16 +2,19 @@
 configurations once and then answers "one timed sample of configuration i" requests, holding one
 built configuration at a time (``Side._workload`` says why).
 
-``evals.ab`` starts two of these, one per side, and runs this file *by path* from the working
-tree for both: ``python <working tree>/evals/ab_worker.py TREE``. What comes from where:
+``evals.guard.runner`` starts two of these, one per side, and runs this file *by path* from the working
+tree for both: ``python <working tree>/evals/guard/worker.py TREE``. What comes from where:
 
 - **the models** come from ``TREE`` (the accepted commit's temporary worktree for side A, the
   working tree for side B): ``bsbr``, ``bsbr_extras``, ``evals.registry`` and ``evals.grid``.
   The registry is how a tree builds its models, so it belongs to the code under test;
 - **the harness** comes from the directory of this file, the working tree, on *both* sides:
-  ``evals.results`` (sample statistics, case keys, the one-line error), ``evals.measure``
-  (workload building, ``time_fn``, FLOP counting, memory trace, injection) and ``evals.regress``
-  (``RunqueueWait``, ``steady_memory``, ``case_from_row``). The accepted commit
+  ``evals.results`` (sample statistics, case keys, the one-line error), ``evals.workload``
+  (workload building), ``evals.measure`` (``time_fn``, FLOP counting, memory trace, injection)
+  and the ``evals.guard`` package (``timing``: ``RunqueueWait``, ``steady_memory``,
+  ``case_from_row``), installed in place of whatever the tree has under those names, so a ref
+  from before the guard moved into its package (``evals/guard.py``, ``evals/regress.py``) is
+  checked the same way as a new one. The accepted commit
   may carry an older harness; timing both sides with the same one means a change to the harness
   cannot read as a change of the models. (The price: the working tree's harness has to be able
   to build the accepted commit's models; when it cannot, the check says so and exits 2.)
@@ -41,20 +44,34 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-HARNESS = Path(__file__).resolve().parent  # the working tree's evals/
-# in import order: measure and regress import the results layer (sample statistics, case keys)
-HARNESS_MODULES = ("results", "measure", "regress")
+HARNESS = Path(__file__).resolve().parents[1]  # the working tree's evals/
+# in import order: the workload builder and measure import the results layer (sample statistics,
+# case keys); the guard package is installed whole (its submodules load from the working tree)
+HARNESS_MODULES = ("results", "workload", "measure")
+HARNESS_PACKAGES = ("guard",)
 
 
 def _one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {' '.join(str(err).split())}"[:500]
 
 
+def _install(evals, name: str, path: Path, package: bool) -> None:
+    """Load ``evals.<name>`` from ``path`` (a module file, or a package folder) and put it in
+    place of the tree's own, whatever the tree has under that name (a module, a package, none)."""
+    init = path / "__init__.py" if package else path
+    spec = importlib.util.spec_from_file_location(f"evals.{name}", init,
+                                                  submodule_search_locations=[str(path)] if package else None)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[f"evals.{name}"] = module
+    setattr(evals, name, module)
+    spec.loader.exec_module(module)  # its "from evals.registry import ..." gets the tree's
+
+
 def load(tree: Path) -> dict:
     """Put ``tree`` first on the path, import its models, and install the working tree's
     harness modules in place of the tree's own. Returns facts for the ``ready`` reply."""
-    # Running a file by path puts its folder on sys.path; measure.py must not import as "measure".
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HARNESS]
+    # Running a file by path puts its folder on sys.path; no module of it may import bare.
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() not in (HARNESS, HARNESS / "guard")]
     sys.path.insert(0, str(tree))
     import evals  # the tree's package (its __init__ is empty)
 
@@ -62,11 +79,9 @@ def load(tree: Path) -> dict:
     if got != tree / "evals":
         raise ImportError(f"evals resolved to {got}, not {tree / 'evals'}")
     for name in HARNESS_MODULES:
-        spec = importlib.util.spec_from_file_location(f"evals.{name}", HARNESS / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[f"evals.{name}"] = module
-        setattr(evals, name, module)
-        spec.loader.exec_module(module)  # its "from evals.registry import ..." gets the tree's
+        _install(evals, name, HARNESS / f"{name}.py", package=False)
+    for name in HARNESS_PACKAGES:
+        _install(evals, name, HARNESS / name, package=True)
     import bsbr
     import torch
 
@@ -100,8 +115,8 @@ class Side:
         import pandas as pd
         import torch
 
-        from evals.measure import build_workload, count_flops
-        from evals.regress import RunqueueWait, case_from_row, steady_memory
+        from evals.guard.timing import RunqueueWait, case_from_row, exact_metrics
+        from evals.workload import build_workload
 
         self.threads, self.inject = int(threads), dict(inject or {})
         torch.set_num_threads(self.threads)
@@ -114,9 +129,7 @@ class Side:
                 case = case_from_row(pd.Series(row))
                 work = build_workload(case)
                 if exact:
-                    k = work.tokens_per_call
-                    info.update(params=work.params, flops=round(count_flops(work.fn, work.setup) / k))
-                    info["peak_memory_mb"], info["memory_method"] = steady_memory(work, case.device, self.threads)
+                    info.update(exact_metrics(work, case, self.threads))
                 else:  # a configuration that cannot run is an error row now, not a failed sample later
                     _first_call(work)
                 self.cases[-1] = case
@@ -140,7 +153,7 @@ class Side:
         if self.current is None or self.current[0] != i:
             self.current = None
             gc.collect()
-            from evals.measure import build_workload
+            from evals.workload import build_workload
 
             work = build_workload(self.cases[i])
             _first_call(work)  # it pays for lazy initialisation: keep it out of every sample
@@ -148,13 +161,13 @@ class Side:
         return self.current[1]
 
     def sample(self, i: int) -> float:
-        from evals.regress import _timed_once
+        from evals.guard.timing import timed_once
 
         case = self.cases[i]
         if case is None:
             raise ValueError(f"case {i} did not build")
         work = self._workload(i)
-        ms = _timed_once(work.fn, self.wait, device=case.device, threads=self.threads, setup=work.setup,
+        ms = timed_once(work.fn, self.wait, device=case.device, threads=self.threads, setup=work.setup,
                          inject=float(self.inject.get(case.model, 1.0)))
         return ms / max(1, work.tokens_per_call)  # per token in decode mode, as the harness reports
 
@@ -169,7 +182,7 @@ def main(argv: list) -> int:
 
     try:
         if len(argv) != 1:
-            raise ValueError("usage: ab_worker.py TREE")
+            raise ValueError("usage: worker.py TREE")
         reply(load(Path(argv[0]).resolve()))
     except BaseException as err:  # the tree's code does not import: say why, then stop
         reply(dict(error=_one_line(err)))

@@ -6,14 +6,15 @@ the accepted commit (side A) and the working tree (side B) on the same machine, 
 minutes, with the same harness, as asv's ``continuous`` mode does.
 
 - ``ref_worktree(ref)``: ``git worktree add --detach`` of REF into a temporary folder, removed
-  afterwards whatever happens (an error, Ctrl-C). An unknown ref is an ``ABError`` (exit 2).
-- ``Worker``: one long-lived ``evals/ab_worker.py`` process per side, started from the working
+  afterwards whatever happens (an error, Ctrl-C, or SIGTERM, which ``timeout``, CI runners and
+  schedulers send: it is turned into an exit that unwinds, exit code 143). An unknown ref is an
+  ``ABError`` (exit 2).
+- ``Worker``: one long-lived ``evals/guard/worker.py`` process per side, started from the working
   tree's file with ``PYTHONPATH`` = that side's tree (see that module for which code comes from
   where). The injected slowdown is sent to side B only; no worker reads
   ``$BSBR_EVAL_INJECT_SLOWDOWN`` itself.
-- ``interleave``: for each configuration, ``rounds`` pairs of samples, A and B back to back,
-  alternating which goes first (ABBAAB...), so a drift of the machine within a configuration hits
-  both sides alike. The decision rule is in ``evals.regress`` (``ab_findings``).
+- ``Session``: both workers with every configuration built; ``sample(side, i)`` is what
+  ``evals.guard.sampling.interleave`` calls. The decision is ``evals.guard.findings.ab_check``.
 
 Axis legend: ``s`` paired samples (rounds) of one configuration.
 """
@@ -24,6 +25,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -32,11 +34,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-import numpy as np
+from evals.guard.sampling import SIDES, interleave, order  # noqa: F401 (the runner's sampling order)
 
-WORKER = Path(__file__).resolve().parent / "ab_worker.py"
-WORKING_TREE = Path(__file__).resolve().parents[1]  # the tree this harness runs from
-SIDES = ("A", "B")
+WORKER = Path(__file__).resolve().parent / "worker.py"
+WORKING_TREE = Path(__file__).resolve().parents[2]  # the tree this harness runs from
+TERMINATED = 128 + signal.SIGTERM  # the exit code after SIGTERM, as a shell reports it
 
 
 class ABError(Exception):
@@ -90,23 +92,46 @@ def tree_state(root: Path) -> dict:
 
 
 @contextlib.contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """While inside: SIGTERM raises ``SystemExit(143)``, so every ``finally`` on the way out runs
+    (Python's default for SIGTERM ends the process on the spot, leaving the worktree behind, where
+    Ctrl-C unwinds). A second SIGTERM during the clean-up is ignored. Outside the main thread,
+    where no handler can be set, nothing changes."""
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # let the clean-up finish
+        raise SystemExit(TERMINATED)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
 def ref_worktree(ref: str, root: Optional[Path] = None) -> Iterator[tuple[Path, str]]:
     """``(path, sha)`` of REF checked out (detached) in a temporary git worktree.
 
-    The worktree and its folder are removed on the way out, also after an exception or Ctrl-C;
-    ``git worktree prune`` then drops the record of it, so the repository is left as it was.
+    The worktree and its folder are removed on the way out, also after an exception, Ctrl-C or
+    SIGTERM (``sigterm_unwinds``); ``git worktree prune`` then drops the record of it, so the
+    repository is left as it was.
     """
     root = root or repo_root()
     sha = resolve_ref(ref, root)
-    tmp = Path(tempfile.mkdtemp(prefix="bsbr-regress-"))
-    path = tmp / f"ref-{sha[:12]}"
-    try:
-        _git(root, "worktree", "add", "--detach", "--quiet", str(path), sha)
-        yield path, sha
-    finally:
-        _git(root, "worktree", "remove", "--force", str(path), check=False)
-        shutil.rmtree(tmp, ignore_errors=True)
-        _git(root, "worktree", "prune", check=False)
+    with sigterm_unwinds():
+        tmp = Path(tempfile.mkdtemp(prefix="bsbr-regress-"))
+        path = tmp / f"ref-{sha[:12]}"
+        try:
+            _git(root, "worktree", "add", "--detach", "--quiet", str(path), sha)
+            yield path, sha
+        finally:
+            _git(root, "worktree", "remove", "--force", str(path), check=False)
+            shutil.rmtree(tmp, ignore_errors=True)
+            _git(root, "worktree", "prune", check=False)
 
 
 # ----------------------------------------------------------------------------- workers
@@ -212,28 +237,6 @@ def workers(a_tree: Path, b_tree: Path, *, a_what: str, b_what: str = "the worki
 # ----------------------------------------------------------------------------- sampling
 
 
-def order(i: int, r: int) -> tuple[str, str]:
-    """Who goes first in round ``r`` of configuration ``i``: alternate, and start configurations
-    alternately too, so neither side is systematically first (first-after-a-switch is the cold one)."""
-    return SIDES if (i + r) % 2 == 0 else SIDES[::-1]
-
-
-def interleave(configs: list, rounds: int, sample: Callable[[str, int], float],
-               progress: Optional[Callable[[int], None]] = None) -> dict:
-    """``{i: (a, b)}``: for each configuration index ``i``, (s,) samples of each side, pair ``k``
-    taken back to back in round ``k``. ``sample(side, i) -> ms``."""
-    out = {}
-    for i in configs:
-        a, b = [], []
-        for r in range(rounds):
-            for side in order(i, r):
-                (a if side == "A" else b).append(sample(side, i))
-        out[i] = (np.asarray(a), np.asarray(b))
-        if progress:
-            progress(i)
-    return out
-
-
 @dataclass
 class Session:
     """Two started workers with the guard's configurations built on both sides."""
@@ -283,7 +286,7 @@ def open_session(ws: dict, rows, *, threads: int, inject: dict, exact: bool = Tr
 class Against:
     """What ``against`` ran and found."""
 
-    result: object     # evals.regress.ABResult, or what ``run`` returned
+    result: object     # evals.guard.findings.ABResult, or what ``run`` returned
     ref: str           # the ref as given
     ref_sha: str
     tree: dict         # the working tree: {"sha", "dirty"}
@@ -309,11 +312,11 @@ def against(ref: str, rows, *, rounds: int, threshold: float, alpha: float, inje
             progress: Optional[Callable[[int], None]] = None, run: Optional[Callable] = None) -> Against:
     """Materialise ``ref``, build ``rows`` on both sides, and run the check.
 
-    ``run(session) -> result`` replaces the default check (``evals.regress.ab_check``), e.g.
+    ``run(session) -> result`` replaces the default check (``evals.guard.findings.ab_check``), e.g.
     with the power measurement. ``b_tree`` defaults to the working tree this harness runs from.
     ``exact=False`` skips the exact metrics (the self-test: the clean check has done them).
     """
-    from evals import regress as rg
+    from evals.guard.findings import ab_check
 
     root = root or repo_root()
     b_tree = Path(b_tree or root)
@@ -332,7 +335,7 @@ def against(ref: str, rows, *, rounds: int, threshold: float, alpha: float, inje
             if run is not None:
                 result = run(session)
             else:
-                result = rg.ab_check(rows, session.built, session.sample, rounds=rounds, threshold=threshold,
+                result = ab_check(rows, session.built, session.sample, rounds=rounds, threshold=threshold,
                                      alpha=alpha, progress=progress)
             lap("measure")
     return Against(result, ref, sha, state, dict(inject), rounds, threshold, alpha, phases)

@@ -8,13 +8,14 @@ code? Both are measured, on the machine the guard runs on, with the guard's own 
   change of the machine's load over the hour hits every factor alike. A trial is the A/B
   measurement of every configuration, ``collect`` interleaved pairs each; the raw pairs are kept.
 - every (threshold, sample count) in ``THRESHOLDS`` x ``ROUND_CHOICES`` is then decided offline
-  on those pairs with the guard's own rule (``evals.regress.paired_verdict``), using the first
+  on those pairs by the guard's own decision function (``evals.guard.rule.paired_verdict``, the
+  one the live check calls: no second copy of the rule), using the first
   ``s`` pairs. The re-measurement is simulated with the next trial of the same factor (run
   ``j`` is confirmed by run ``j + 1``, cyclically): an independent measurement of the same
   configuration, which is what the live re-measurement is.
 - ``choose``: the settings that failed no clean run (and re-measured at most ``FIRST_PASS_MAX`` of them) and
   caught 1.5x in every model, level and mode on every run; among those, the smallest threshold
-  (most power at 1.1-1.3x), then the fewest pairs (fastest). ``evals.regress.ab_settings``
+  (most power at 1.1-1.3x), then the fewest pairs (fastest). ``evals.guard.findings.ab_settings``
   reads the choice back.
 
 The injection burns ``(f - 1)`` times each call's duration of CPU inside the timed region
@@ -29,7 +30,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Optional
 
-import numpy as np
 import pandas as pd
 
 FACTORS = (1.1, 1.2, 1.3, 1.5)
@@ -43,11 +43,11 @@ def measure_power(session, *, runs: int, rounds: int = COLLECT, factors=FACTORS,
                   progress: Optional[Callable[[str], None]] = None) -> pd.DataFrame:
     """Raw pairs of every trial: one row per (run, factor, configuration, pair).
 
-    ``session``: an ``evals.ab.Session`` (both sides built); side B's injection is set per trial.
+    ``session``: an ``evals.guard.runner.Session`` (both sides built); side B's injection is set per trial.
     Columns: ``run, factor, i, model, level, mode, seq_len, pair, a_ms, b_ms`` (``i``: the row of
     the baseline file).
     """
-    from evals.ab import interleave
+    from evals.guard.sampling import interleave
 
     collect = max(int(rounds), COLLECT)
     idx = session.testable()
@@ -73,28 +73,24 @@ def measure_power(session, *, runs: int, rounds: int = COLLECT, factors=FACTORS,
 def decisions(samples: pd.DataFrame, *, alpha: float, thresholds=THRESHOLDS, round_choices=ROUND_CHOICES) -> pd.DataFrame:
     """The guard's first-pass verdict for every (threshold, s, run, factor, configuration).
 
-    Columns: ``threshold, rounds, run, factor, i, model, group, ratio, p, flagged``.
+    Columns: ``threshold, rounds, run, factor, i, model, group, ratio, p, flagged``; ``flagged``
+    is ``paired_verdict(...) == regression`` on the first ``s`` pairs, ``ratio`` the paired
+    ratio (NaN when untestable), ``p`` the one-sided p the verdict used (NaN when none was needed).
     """
-    from scipy.stats import wilcoxon
-
-    from evals.regress import min_signed_rank_p
+    from evals.guard.rule import REGRESSION, paired_verdict
 
     out = []
     have = int(samples["pair"].max()) + 1 if len(samples) else 0
     for (run, f, i), g in samples.groupby(["run", "factor", "i"], sort=True):
         g = g.sort_values("pair")
         a, b = g["a_ms"].to_numpy(), g["b_ms"].to_numpy()  # (s,) each
+        cell = dict(run=run, factor=f, i=i, model=g["model"].iat[0], group=f"{g['level'].iat[0]} {g['mode'].iat[0]}")
         for s in (c for c in round_choices if c <= have):
-            keep = (a[:s] > 0) & (b[:s] > 0)
-            r = np.log(b[:s][keep] / a[:s][keep])  # (s,) log ratios
-            ratio = float(np.exp(r.mean()))
-            testable = min_signed_rank_p(len(r)) < alpha
-            p = float(wilcoxon(r, alternative="greater").pvalue) if testable else 1.0
             for t in thresholds:
-                out.append(dict(threshold=t, rounds=s, run=run, factor=f, i=i, model=g["model"].iat[0],
-                                group=f"{g['level'].iat[0]} {g['mode'].iat[0]}", ratio=ratio, p=p,
-                                flagged=bool(testable and ratio > 1 + t and p < alpha)))
-    return pd.DataFrame(out)
+                change, p, verdict = paired_verdict(a[:s], b[:s], threshold=t, alpha=alpha)
+                out.append(dict(cell, threshold=t, rounds=s, ratio=change + 1, p=p, flagged=verdict == REGRESSION))
+    cols = ["threshold", "rounds", "run", "factor", "i", "model", "group", "ratio", "p", "flagged"]
+    return pd.DataFrame(out, columns=cols)
 
 
 def _confirmed(d: pd.DataFrame) -> pd.DataFrame:
@@ -176,7 +172,8 @@ def write_power(out_dir, samples: pd.DataFrame, *, alpha: float, ref: str, ref_s
     Each file is written to a temporary name and renamed; returns the paths."""
     import gzip
 
-    from evals import plots, results
+    from evals import results
+    from evals.guard.figure import plot_power
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -191,7 +188,7 @@ def write_power(out_dir, samples: pd.DataFrame, *, alpha: float, ref: str, ref_s
                 factors=list(FACTORS), thresholds=list(THRESHOLDS), round_choices=list(ROUND_CHOICES),
                 runs=int(samples["run"].nunique()) if len(samples) else 0, chosen=chosen)
     written.append(results.write_sidecar(out / "power.csv", info))
-    written.extend(plots.plot_power(table, chosen, out))
+    written.extend(plot_power(table, chosen, out))
     return written
 
 
@@ -201,7 +198,8 @@ def reanalyse(out_dir) -> list:
     measurement (machine, code, command). For a change of the decision rule, not of the data."""
     import json
 
-    from evals import plots, results
+    from evals import results
+    from evals.guard.figure import plot_power
 
     out = Path(out_dir)
     samples = pd.read_csv(out / "samples.csv.gz")
@@ -210,4 +208,4 @@ def reanalyse(out_dir) -> list:
     info["chosen"] = choose(table)
     info["reanalysed_utc"] = results.utc_now()
     written = [results.write_frame(out / "power.csv", table), results.write_sidecar(out / "power.csv", info)]
-    return written + list(plots.plot_power(table, info["chosen"], out))
+    return written + list(plot_power(table, info["chosen"], out))
