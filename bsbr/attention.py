@@ -65,9 +65,9 @@ class BSBRStaticCache:
     never sees it. acc = ``sizing.acc_dtype`` (fp32 for half-precision inputs).
     F (b,h,P,e,d) acc, hk (b,h,P,d), valid (b,P): completed chunks' states and meta keys.
     last_summary (b,D): summary of the last completed chunk (zeros before the first).
-    k/v (b,h,o+c,d), m (b,o+c): the open chunk's context, [previous chunk's last o tokens | the
-    chunk's c rows]; rows past the current token are stale and never attended to.
-    x (b,c,D): the open chunk's layer inputs (its summary at close).
+    k/v (b,h,o+c',d), m (b,o+c'): the open chunk's context, [previous chunk's last o tokens | the
+    chunk's c' = min(c, max_len) rows]; rows past the current token are stale and never attended to.
+    x (b,c',D): the open chunk's layer inputs (its summary at close).
     S (b,h,e,d) acc: the open chunk's retrieval state, always current (zeros with no past).
     pos () long: tokens seen, as a tensor (the one-token step reads only this);
     length: the same count as a Python int, for multi-token calls, the eager step and the max_len check.
@@ -99,6 +99,7 @@ def _own(*ts):
 def chunk_summaries(x: torch.Tensor, mask: Optional[torch.Tensor], chunk_size: int) -> torch.Tensor:
     """Mean of x over each chunk's real tokens: (b, n, D) -> (b, C, D); 0 for an all-padding chunk."""
     b, n, D = x.shape
+    chunk_size = min(chunk_size, n)  # one partial chunk: n rows, not chunk_size (memory follows min(c, n))
     C = -(-n // chunk_size)
     pad = C * chunk_size - n
     w = torch.ones(b, n, dtype=x.dtype, device=x.device) if mask is None else mask.to(x.dtype)
@@ -324,10 +325,11 @@ class BSBRAttention(TokenMixer):
         dtype = torch.get_default_dtype() if dtype is None else dtype
         acc = sizing.acc_dtype(dtype)
         P = -(-max_len // c)
+        rows = min(c, max_len)  # the open chunk's rows: a chunk longer than max_len never fills
         z = lambda *s, dt=dtype: torch.zeros(*s, device=device, dtype=dt)  # noqa: E731
         return BSBRStaticCache(F=z(b, h, P, e, d, dt=acc), hk=z(b, h, P, d), valid=z(b, P, dt=torch.bool),
-                               last_summary=z(b, D), k=z(b, h, o + c, d), v=z(b, h, o + c, d),
-                               m=z(b, o + c, dt=torch.bool), x=z(b, c, D), S=z(b, h, e, d, dt=acc),
+                               last_summary=z(b, D), k=z(b, h, o + rows, d), v=z(b, h, o + rows, d),
+                               m=z(b, o + rows, dt=torch.bool), x=z(b, rows, D), S=z(b, h, e, d, dt=acc),
                                pos=z((), dt=torch.long), max_len=max_len)
 
     def _open_state(self, cache: BSBRStaticCache, filled: Optional[int] = None) -> torch.Tensor:
@@ -343,10 +345,10 @@ class BSBRAttention(TokenMixer):
 
     def _fold(self, cache: BSBRStaticCache):
         """The open chunk's state (b, h, 1, e, d), meta key (b, h, 1, d), validity (b, 1), summary (b, D)."""
-        c, o = self.chunk_size, self.chunk_overlap
-        cm = cache.m[:, o:]                                                  # (b, c)
-        Fj = chunk_states(cache.k[:, :, o:], cache.v[:, :, o:], c, cm, self.compress)  # (b, h, 1, e, d)
-        s = chunk_summaries(cache.x, cm, c)[:, 0]                            # (b, D)
+        o, rows = self.chunk_overlap, cache.x.shape[1]                      # rows = min(c, max_len)
+        cm = cache.m[:, o:]                                                  # (b, rows)
+        Fj = chunk_states(cache.k[:, :, o:], cache.v[:, :, o:], rows, cm, self.compress)  # (b, h, 1, e, d)
+        s = chunk_summaries(cache.x, cm, rows)[:, 0]                         # (b, D)
         hkj = split_heads(self.meta_key(s)[:, None], self.num_heads)        # (b, h, 1, d)
         return Fj.to(cache.F.dtype), hkj, cm.any(-1, keepdim=True), s
 

@@ -199,8 +199,10 @@ def sliding_window_step(q: torch.Tensor, k_ring: torch.Tensor, v_ring: torch.Ten
 class RingKVCache:
     """The last ``w`` keys and values of one layer; token at absolute position p lives in slot p % w."""
 
-    def __init__(self, batch_size: int, window_size: int, device=None, dtype=None):
+    def __init__(self, batch_size: int, window_size: int, device=None, dtype=None, max_len: Optional[int] = None):
         self.batch_size, self.window_size, self.device, self.dtype = batch_size, window_size, device, dtype
+        # slots: w, or max_len when fewer (positions then stay below it, so p % w never wraps)
+        self.slots = window_size if max_len is None else min(window_size, max_len)
         self.k = self.v = None  # (b, h, w, d), allocated on first use with the inputs' shape and dtype
         self.valid = None       # (b, w) bool
         self.pos = 0            # tokens seen so far (multi-token calls slice with it)
@@ -212,7 +214,7 @@ class RingKVCache:
         if b != self.batch_size:
             raise ValueError(f"cache was made for batch_size={self.batch_size}, got {b}")
         if self.k is None:
-            w = self.window_size
+            w = self.slots
             self.k, self.v = k.new_zeros(b, h, w, d), v.new_zeros(b, h, w, v.shape[-1])
             self.valid = torch.zeros(b, w, dtype=torch.bool, device=k.device)
             self.pos_t = torch.full((), self.pos, dtype=torch.long, device=k.device)
@@ -288,8 +290,9 @@ class SlidingWindowAttention(StandardAttention):
         return self.output(out, x)  # (b, m, D)
 
     def init_cache(self, batch_size: int, device=None, dtype=None, max_len=None, static: bool = False) -> RingKVCache:
-        # a ring of w slots: its step already has one shape and costs O(w), so max_len and static change nothing
-        return RingKVCache(batch_size, self.window_size, device, dtype)
+        # a ring of w slots (fewer when max_len is smaller): its step already has one shape and costs
+        # O(w), so static changes nothing
+        return RingKVCache(batch_size, self.window_size, device, dtype, max_len)
 
 
 # ----------------------------------------------------------------------------- model
