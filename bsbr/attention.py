@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from . import sizing
-from .ops import BSBRPast, bsbr_attention, bsbr_attention_unchecked, bsbr_open_chunk, chunk_states, default_gamma, retrieval_weights
-from .shell import TokenMixer, check_dropout, check_heads, check_positive_int, split_heads
+from .ops import BSBRPast, bsbr_attention_unchecked, bsbr_open_chunk, chunk_states, default_gamma, retrieval_weights
+from .shell import TokenMixer, check_dropout, check_float, check_heads, check_positive_int, split_heads
 
 
 @dataclass
@@ -65,12 +65,15 @@ class BSBRStaticCache:
     never sees it. acc = ``sizing.acc_dtype`` (fp32 for half-precision inputs).
     F (b,h,P,e,d) acc, hk (b,h,P,d), valid (b,P): completed chunks' states and meta keys.
     last_summary (b,D): summary of the last completed chunk (zeros before the first).
-    k/v (b,h,o+c,d), m (b,o+c): the open chunk's context, [previous chunk's last o tokens | the
-    chunk's c rows]; rows past the current token are stale and never attended to.
-    x (b,c,D): the open chunk's layer inputs (its summary at close).
+    k/v (b,h,o+c',d), m (b,o+c'): the open chunk's context, [previous chunk's last o tokens | the
+    chunk's c' = min(c, max_len) rows]; rows past the current token are stale and never attended to.
+    x (b,c',D): the open chunk's layer inputs (its summary at close).
     S (b,h,e,d) acc: the open chunk's retrieval state, always current (zeros with no past).
     pos () long: tokens seen, as a tensor (the one-token step reads only this);
-    length: the same count as a Python int, for multi-token calls and the max_len check.
+    length: the same count as a Python int, for multi-token calls, the eager step and the max_len check.
+    static: eager one-token steps also take the shape-static form (for CUDA-graph capture by
+    hand); under ``torch.compile`` they always do. Otherwise an eager step reads only the filled
+    slots, so it costs O(filled chunks), not O(max_len / c) (docs/decoding.md).
     """
 
     F: torch.Tensor
@@ -85,6 +88,7 @@ class BSBRStaticCache:
     pos: torch.Tensor
     max_len: int
     length: int = 0
+    static: bool = False  # one-token steps take the shape-static form even in eager mode
 
 
 def _own(*ts):
@@ -95,6 +99,7 @@ def _own(*ts):
 def chunk_summaries(x: torch.Tensor, mask: Optional[torch.Tensor], chunk_size: int) -> torch.Tensor:
     """Mean of x over each chunk's real tokens: (b, n, D) -> (b, C, D); 0 for an all-padding chunk."""
     b, n, D = x.shape
+    chunk_size = min(chunk_size, n)  # one partial chunk: n rows, not chunk_size (memory follows min(c, n))
     C = -(-n // chunk_size)
     pad = C * chunk_size - n
     w = torch.ones(b, n, dtype=x.dtype, device=x.device) if mask is None else mask.to(x.dtype)
@@ -140,8 +145,7 @@ class BSBRAttention(TokenMixer):
             if d % compression_factor:
                 raise ValueError(f"compression_factor ({compression_factor}) must divide the head size "
                                  f"hidden_dim/num_heads = {d}")
-        if gamma is not None and not (isinstance(gamma, (int, float)) and gamma > 0):
-            raise ValueError(f"gamma must be a positive number, got {gamma!r}")
+        check_float("gamma", gamma, allow_none=True, note=" for 1 / (chunk_size sqrt(head_dim / compression))")
         self.hidden_dim, self.num_heads, self.head_dim = hidden_dim, num_heads, d
         self.chunk_size, self.chunk_overlap = chunk_size, chunk_overlap
         self.compression_factor = compression_factor
@@ -186,7 +190,8 @@ class BSBRAttention(TokenMixer):
         return q, k, v, r, hk
 
     def op(self, q, k, v, r, hk, *, mask=None, **kw):
-        return bsbr_attention(q, k, v, r, hk, chunk_size=self.chunk_size, overlap=self.chunk_overlap,
+        # below the edge: op_inputs built these, so bsbr_attention's checks would only repeat
+        return bsbr_attention_unchecked(q, k, v, r, hk, chunk_size=self.chunk_size, overlap=self.chunk_overlap,
                               mask=mask, compress=self.compress, gamma=self.gamma, **kw)
 
     # ---- module forward -----------------------------------------------------------------------
@@ -196,6 +201,7 @@ class BSBRAttention(TokenMixer):
         """Self-attention when key/value are omitted. query/key/value: (b, n, D); mask: (b, n), 1 = real.
 
         With ``cache`` (self-attention only) the call continues the cached sequence, updating it.
+        The public edge: the arguments are checked here, once; the block calls :meth:`mix`.
         """
         if kwargs:
             raise ValueError(f"unexpected keyword argument(s) {sorted(kwargs)}; valid: key, value, mask, cache")
@@ -208,29 +214,34 @@ class BSBRAttention(TokenMixer):
             if mask.shape != query.shape[:2]:
                 raise ValueError(f"mask shape {tuple(mask.shape)} must be (batch, seq_len) = {tuple(query.shape[:2])}")
             mask = mask != 0
-        if cache is not None:
-            if key is not None or value is not None:
-                raise ValueError("cache is supported for self-attention only (pass key=value=None)")
-            if isinstance(cache, BSBRStaticCache):
-                o = self._forward_static(query, mask, cache)
-            else:
-                o = self._forward_cached(query, mask, cache)
-        else:
-            # the op's inputs are right by construction here: skip its argument checks
-            o = bsbr_attention_unchecked(*self.op_inputs(query, mask, key, value), chunk_size=self.chunk_size,
+        if cache is not None and (key is not None or value is not None):
+            raise ValueError("cache is supported for self-attention only (pass key=value=None)")
+        return self.mix(query, mask, cache, key, value)
+
+    def mix(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, cache=None, key=None, value=None):
+        """:meth:`forward` without its checks (the block's entry: its inputs are right by
+        construction, a bool mask or None)."""
+        if cache is None:
+            o = bsbr_attention_unchecked(*self.op_inputs(x, mask, key, value), chunk_size=self.chunk_size,
                                          overlap=self.chunk_overlap, mask=mask, compress=self.compress,
                                          gamma=self.gamma)
-        return self.output(o, query)  # (b, n, D); no dropout here: the block owns it
+        elif isinstance(cache, BSBRStaticCache):
+            o = self._forward_static(x, mask, cache)
+        else:
+            o = self._forward_cached(x, mask, cache)
+        return self.output(o, x)  # (b, n, D); no dropout here: the block owns it
 
     # ---- decoding -----------------------------------------------------------------------------
 
-    def init_cache(self, batch_size: int, device=None, dtype=None, max_len=None):
+    def init_cache(self, batch_size: int, device=None, dtype=None, max_len=None, static: bool = False):
         """``max_len=None``: a ``BSBRCache`` that grows by one chunk state per completed chunk, for
         eager streaming of unknown length. ``max_len``: a ``BSBRStaticCache`` for at most that many
-        tokens, allocated once (shape-static decode; more tokens raise a ValueError)."""
+        tokens, allocated once (more tokens raise a ValueError); ``static``: see ``BSBRStaticCache``."""
         b, h, d, e, D = batch_size, self.num_heads, self.head_dim, self.key_dim, self.hidden_dim
         if max_len is not None:
-            return self._init_static_cache(b, device, dtype, max_len)
+            cache = self._init_static_cache(b, device, dtype, max_len)
+            cache.static = bool(static)
+            return cache
         z = lambda *s: torch.zeros(*s, device=device, dtype=dtype)  # noqa: E731
         nb = lambda *s: torch.zeros(*s, device=device, dtype=torch.bool)  # noqa: E731
         return BSBRCache(F=z(b, h, 0, e, d), hk=z(b, h, 0, d), valid=nb(b, 0), last_summary=z(b, D),
@@ -314,36 +325,59 @@ class BSBRAttention(TokenMixer):
         dtype = torch.get_default_dtype() if dtype is None else dtype
         acc = sizing.acc_dtype(dtype)
         P = -(-max_len // c)
+        rows = min(c, max_len)  # the open chunk's rows: a chunk longer than max_len never fills
         z = lambda *s, dt=dtype: torch.zeros(*s, device=device, dtype=dt)  # noqa: E731
         return BSBRStaticCache(F=z(b, h, P, e, d, dt=acc), hk=z(b, h, P, d), valid=z(b, P, dt=torch.bool),
-                               last_summary=z(b, D), k=z(b, h, o + c, d), v=z(b, h, o + c, d),
-                               m=z(b, o + c, dt=torch.bool), x=z(b, c, D), S=z(b, h, e, d, dt=acc),
+                               last_summary=z(b, D), k=z(b, h, o + rows, d), v=z(b, h, o + rows, d),
+                               m=z(b, o + rows, dt=torch.bool), x=z(b, rows, D), S=z(b, h, e, d, dt=acc),
                                pos=z((), dt=torch.long), max_len=max_len)
 
-    def _open_state(self, cache: BSBRStaticCache) -> torch.Tensor:
+    def _open_state(self, cache: BSBRStaticCache, filled: Optional[int] = None) -> torch.Tensor:
         """S of the chunk that opens after the last completed one: its meta query (from that
-        chunk's summary) retrieves over every valid slot. (b, h, e, d) in the accumulation dtype."""
+        chunk's summary) retrieves over the valid slots. (b, h, e, d) in the accumulation dtype.
+        ``filled``: read only the first ``filled`` slots (eager: O(filled)); None: every slot (static)."""
         b, h, P, e, d = cache.F.shape
+        P = P if filled is None else filled
+        F, hk, valid = cache.F[:, :, :P], cache.hk[:, :, :P], cache.valid[:, :P]
         r = split_heads(self.meta_query(cache.last_summary)[:, None], h)    # (b, h, 1, d)
-        w = retrieval_weights(r, cache.hk, cache.valid, P)                  # (b, h, 1, P)
-        return (w.to(cache.F.dtype) @ cache.F.flatten(-2)).view(b, h, e, d)
+        w = retrieval_weights(r, hk, valid, P)                              # (b, h, 1, P)
+        return (w.to(F.dtype) @ F.flatten(-2)).view(b, h, e, d)
 
-    def _close_static(self, cache: BSBRStaticCache, j: torch.Tensor, full: Optional[torch.Tensor]) -> None:
-        """Fold the open chunk (its c rows) into chunk slot ``j`` (1,) long, keep its last o tokens
-        as the next tail and make the next chunk's S. ``full`` None: the chunk is known complete
-        (a multi-token call decided it in Python); a (1,) bool tensor: do all of it only where
-        True (``torch.where`` / masked writes, so the one-token step has no branch on a value)."""
-        c, o = self.chunk_size, self.chunk_overlap
-        keep = (lambda new, old: new) if full is None else (lambda new, old: torch.where(full, new, old))  # noqa: E731
-        cm = cache.m[:, o:]                                                  # (b, c)
-        Fj = chunk_states(cache.k[:, :, o:], cache.v[:, :, o:], c, cm, self.compress)  # (b, h, 1, e, d)
-        s = chunk_summaries(cache.x, cm, c)[:, 0]                            # (b, D)
+    def _fold(self, cache: BSBRStaticCache):
+        """The open chunk's state (b, h, 1, e, d), meta key (b, h, 1, d), validity (b, 1), summary (b, D)."""
+        o, rows = self.chunk_overlap, cache.x.shape[1]                      # rows = min(c, max_len)
+        cm = cache.m[:, o:]                                                  # (b, rows)
+        Fj = chunk_states(cache.k[:, :, o:], cache.v[:, :, o:], rows, cm, self.compress)  # (b, h, 1, e, d)
+        s = chunk_summaries(cache.x, cm, rows)[:, 0]                         # (b, D)
         hkj = split_heads(self.meta_key(s)[:, None], self.num_heads)        # (b, h, 1, d)
-        cache.F.index_copy_(2, j, keep(Fj.to(cache.F.dtype), cache.F.index_select(2, j)))
-        cache.hk.index_copy_(2, j, keep(hkj, cache.hk.index_select(2, j)))
-        cache.valid.index_copy_(1, j, keep(cm.any(-1, keepdim=True), cache.valid.index_select(1, j)))
-        cache.last_summary.copy_(keep(s, cache.last_summary))
+        return Fj.to(cache.F.dtype), hkj, cm.any(-1, keepdim=True), s
+
+    def _close_eager(self, cache: BSBRStaticCache, j: int) -> None:
+        """The open chunk is complete (known in Python): fold it into slot ``j``, keep its last o
+        tokens as the next tail, and make the next chunk's S over the j + 1 filled slots only."""
+        c, o = self.chunk_size, self.chunk_overlap
+        Fj, hkj, valid, s = self._fold(cache)
+        cache.F[:, :, j:j + 1] = Fj
+        cache.hk[:, :, j:j + 1] = hkj
+        cache.valid[:, j:j + 1] = valid
+        cache.last_summary.copy_(s)
         if o:  # the chunk's last o tokens (slots c .. c+o-1) become the tail (slots 0 .. o-1)
+            cache.k[:, :, :o] = cache.k[:, :, c:]
+            cache.v[:, :, :o] = cache.v[:, :, c:]
+            cache.m[:, :o] = cache.m[:, c:]
+        cache.S.copy_(self._open_state(cache, j + 1))
+
+    def _close_static(self, cache: BSBRStaticCache, j: torch.Tensor, full: torch.Tensor) -> None:
+        """:meth:`_close_eager` with no branch on a value: slot ``j`` (1,) long, and every write
+        kept only where ``full`` (1,) bool is True (``torch.where``), so one graph serves every step."""
+        c, o = self.chunk_size, self.chunk_overlap
+        keep = lambda new, old: torch.where(full, new, old)  # noqa: E731
+        Fj, hkj, valid, s = self._fold(cache)
+        cache.F.index_copy_(2, j, keep(Fj, cache.F.index_select(2, j)))
+        cache.hk.index_copy_(2, j, keep(hkj, cache.hk.index_select(2, j)))
+        cache.valid.index_copy_(1, j, keep(valid, cache.valid.index_select(1, j)))
+        cache.last_summary.copy_(keep(s, cache.last_summary))
+        if o:
             cache.k[:, :, :o] = keep(cache.k[:, :, c:], cache.k[:, :, :o])
             cache.v[:, :, :o] = keep(cache.v[:, :, c:], cache.v[:, :, :o])
             cache.m[:, :o] = keep(cache.m[:, c:], cache.m[:, :o])
@@ -353,8 +387,10 @@ class BSBRAttention(TokenMixer):
         """One token, shape-static and with no Python branch on a value: write its row at
         ``r = pos % c`` (context slot o + r), attend to the slots up to it plus ``q S``, then fold the
         chunk when r = c - 1 (a where). The fold (state, summary, meta key, the next S over all
-        P slots) is computed every step: O(c e d + P e d) per token, the price of one static graph."""
+        P slots) is computed every step: O(c e d + P e d) per token, the price of one static graph.
+        Taken under ``torch.compile`` and for a cache made with ``static=True``."""
         c, o = self.chunk_size, self.chunk_overlap
+        m = torch.ones(x.shape[0], 1, dtype=torch.bool, device=x.device) if m is None else m
         r = cache.pos.remainder(c).view(1)                                  # (1,) long
         slot = r + o
         cache.k.index_copy_(2, slot, k)                                     # (b, h, o + c, d)
@@ -366,29 +402,49 @@ class BSBRAttention(TokenMixer):
         self._close_static(cache, j, r == c - 1)
         return out                                                          # (b, h, 1, d)
 
+    def _step_eager(self, cache: BSBRStaticCache, x, m, q, k, v) -> torch.Tensor:
+        """One token, eager: positions from the host-side ``cache.length``, so the step reads the
+        open chunk's filled slots only and folds (over the filled chunk slots only) only when the
+        chunk completes. Its work does not depend on ``max_len`` (tests/test_decode_cost.py)."""
+        c, o = self.chunk_size, self.chunk_overlap
+        j, r = divmod(cache.length, c)
+        slot = o + r
+        cache.k[:, :, slot:slot + 1] = k
+        cache.v[:, :, slot:slot + 1] = v
+        cache.m[:, slot:slot + 1] = True if m is None else m
+        cache.x[:, r:r + 1] = x
+        e = slot + 1
+        out = bsbr_open_chunk(q, cache.k[:, :, :e], cache.v[:, :, :e], cache.m[:, :e], slot, cache.S,
+                              self.compress, self.gamma)
+        if r == c - 1:
+            self._close_eager(cache, j)
+        return out                                                          # (b, h, 1, d)
+
     def _forward_static(self, x: torch.Tensor, mask: Optional[torch.Tensor], cache: BSBRStaticCache) -> torch.Tensor:
         b, n, _ = x.shape
         if cache.length + n > cache.max_len:
             raise ValueError(f"the cache was made for max_len={cache.max_len} tokens; this call reaches "
                              f"{cache.length + n}")
-        m = torch.ones(b, n, dtype=torch.bool, device=x.device) if mask is None else mask
         q = split_heads(self.q_proj(x), self.num_heads)  # (b, h, n, d)
         k = split_heads(self.k_proj(x), self.num_heads)
         v = split_heads(self.v_proj(x), self.num_heads)
-        if n == 1:
-            out = self._step_static(cache, x, m, q, k, v)
+        if n > 1:
+            out = self._piece_static(cache, x, mask, q, k, v)
+        elif cache.static or torch.compiler.is_compiling():
+            out = self._step_static(cache, x, mask, q, k, v)
         else:
-            out = self._piece_static(cache, x, mask, m, q, k, v)
+            out = self._step_eager(cache, x, mask, q, k, v)
         cache.length += n
         cache.pos += n
         return out
 
-    def _piece_static(self, cache: BSBRStaticCache, x, mask, m, q, k, v) -> torch.Tensor:
+    def _piece_static(self, cache: BSBRStaticCache, x, mask, q, k, v) -> torch.Tensor:
         """Several tokens (a prefill): the open chunk's part through the open-chunk form, the rest
         from a chunk boundary through the chunkwise-parallel op with the cached past; positions
         come from the Python count ``length``, so nothing here reads a tensor's value."""
         n = x.shape[1]
         c, o = self.chunk_size, self.chunk_overlap
+        m = torch.ones(x.shape[0], n, dtype=torch.bool, device=x.device) if mask is None else mask
         P, L = divmod(cache.length, c)  # completed chunks, tokens in the open chunk
         outs, i0 = [], 0
         if L:  # 1) finish the open chunk
@@ -402,7 +458,7 @@ class BSBRAttention(TokenMixer):
                                         cache.S, self.compress, self.gamma))
             i0 = t
             if L + t == c:
-                self._close_static(cache, torch.full((1,), P, device=x.device), None)
+                self._close_eager(cache, P)
                 P += 1
         if i0 < n:  # 2) the rest starts on a chunk boundary
             xs, ms = x[:, i0:], (None if mask is None else m[:, i0:])
@@ -430,5 +486,5 @@ class BSBRAttention(TokenMixer):
                 cache.x[:, :rem] = xs[:, full * c:]
                 cache.S.copy_(st["S"][:, :, full])
             else:  # ends on a boundary: the next chunk's S now, so a step always finds it current
-                cache.S.copy_(self._open_state(cache))
+                cache.S.copy_(self._open_state(cache, P + full))
         return torch.cat(outs, dim=2)  # (b, h, n, d)

@@ -387,6 +387,17 @@ def bsbr_attention_flops(batch: int, heads: int, n: int, head_dim: int, chunk_si
     Counts the matrix products only (softmax and elementwise work are lower order), over the full
     c x (c + o) blocks and the full C x C chunk-score matrix, as computed.
     """
+    for name, value in (("batch", batch), ("heads", heads), ("n", n), ("head_dim", head_dim),
+                        ("chunk_size", chunk_size)):
+        if not _is_int(value) or value <= 0:
+            raise ValueError(f"bsbr_attention_flops: {name} must be a positive integer, got {value!r}")
+    if not _is_int(overlap) or not 0 <= overlap <= chunk_size:
+        raise ValueError(f"bsbr_attention_flops: overlap must be an integer in [0, chunk_size={chunk_size}], "
+                         f"got {overlap!r}")
+    if compression_factor is not None and (not _is_int(compression_factor) or compression_factor <= 0
+                                           or head_dim % compression_factor):
+        raise ValueError(f"bsbr_attention_flops: compression_factor must be None or a positive integer dividing "
+                         f"head_dim={head_dim}, got {compression_factor!r}")
     c, o, d = chunk_size, overlap, head_dim
     C = -(-n // c)
     N = C * c

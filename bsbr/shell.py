@@ -36,6 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from . import sizing
+
 
 def exists(x) -> bool:
     return x is not None
@@ -46,84 +48,9 @@ def default(x, d):
 
 
 # ----------------------------------------------------------------------------- validation
-
-
-def check_positive_int(name: str, value, *, allow_zero: bool = False) -> None:
-    """Raise a one-line ValueError naming ``name`` unless ``value`` is a positive int."""
-    ok = isinstance(value, int) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
-    if not ok:
-        want = "a non-negative integer" if allow_zero else "a positive integer"
-        raise ValueError(f"{name} must be {want}, got {value!r}")
-
-
-def check_heads(hidden_dim: int, num_heads: int) -> int:
-    """Validate the head split and return the head size."""
-    check_positive_int("hidden_dim", hidden_dim)
-    check_positive_int("num_heads", num_heads)
-    if hidden_dim % num_heads:
-        raise ValueError(f"hidden_dim ({hidden_dim}) must be divisible by num_heads ({num_heads})")
-    return hidden_dim // num_heads
-
-
-def check_dropout(dropout, name: str = "dropout") -> None:
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"{name} must be a float in [0, 1), got {dropout!r}")
-
-
-def check_positive_float(name: str, value) -> None:
-    """Raise a one-line ValueError naming ``name`` unless ``value`` is a finite number > 0."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-
-
-def normalize_mask(attention_mask: Optional[torch.Tensor], input_ids: torch.Tensor) -> Optional[torch.Tensor]:
-    """Turn a user attention_mask (b, n) of 0/1 (any dtype) into bool, True = real token.
-
-    Returns None when there is no mask or every position is real, so mixers can take their
-    mask-free fast path.
-    """
-    if attention_mask is None:
-        return None
-    if not isinstance(attention_mask, torch.Tensor):
-        raise ValueError(f"attention_mask must be a torch.Tensor of shape {tuple(input_ids.shape)}, got {type(attention_mask).__name__}")
-    if attention_mask.shape != input_ids.shape:
-        raise ValueError(
-            f"attention_mask shape {tuple(attention_mask.shape)} must match input_ids shape {tuple(input_ids.shape)}"
-        )
-    mask = attention_mask.to(device=input_ids.device) != 0
-    return None if known_all_true(mask) else mask
-
-
-def known_all_true(mask: torch.Tensor) -> bool:
-    """True when ``mask`` is all True and that can be read for free: on a CPU tensor outside
-    ``torch.compile``. Elsewhere reading it would synchronise with the device or break the graph, so
-    the answer is False and callers keep the (equivalent) masked path."""
-    if mask.device.type != "cpu" or torch.compiler.is_compiling():
-        return False
-    return bool(mask.all())
-
-
-def check_input_ids(input_ids, vocab_size: int) -> None:
-    if not isinstance(input_ids, torch.Tensor):
-        raise ValueError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
-    if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
-        raise ValueError(f"input_ids must have an integer dtype (e.g. torch.long), got {input_ids.dtype}")
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must have rank 2 (batch, seq_len), got shape {tuple(input_ids.shape)}")
-    if input_ids.shape[0] == 0:
-        raise ValueError("input_ids must hold at least one sequence (batch >= 1), got batch 0")
-    if input_ids.shape[1] == 0:
-        raise ValueError("input_ids must hold at least one token per sequence (seq_len >= 1)")
-    if input_ids.device.type != "cpu" or torch.compiler.is_compiling():
-        # reading the range would synchronise with the device (or break a compiled graph): check it
-        # asynchronously instead; a bad id then fails the next synchronising call
-        torch._assert_async(((input_ids >= 0) & (input_ids < vocab_size)).all(),
-                            f"input_ids must lie in [0, vocab_size={vocab_size})")
-        return
-    ext = torch.aminmax(input_ids)  # one pass over the ids (min() and max() made two)
-    lo, hi = int(ext.min), int(ext.max)
-    if lo < 0 or hi >= vocab_size:
-        raise ValueError(f"input_ids must lie in [0, vocab_size={vocab_size}), got range [{lo}, {hi}]")
+# (re-exported here: the mixers import them from bsbr.shell)
+from .checks import (check_dropout, check_float, check_heads, check_input_ids, check_positive_float,  # noqa: E402,F401
+                     check_positive_int, known_all_true, normalize_mask)
 
 
 # ----------------------------------------------------------------------------- positions
@@ -184,7 +111,9 @@ class Block(nn.Module):
         self.ffn = FeedForward(hidden_dim, ff_dim, dropout, activation)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, cache=None) -> torch.Tensor:
-        x = x + self.drop(self.mixer(self.norm1(x), mask=mask, cache=cache))
+        # below the model's edge: a mixer with an unchecked entry (``mix``) is called through it
+        mix = getattr(self.mixer, "mix", None) or self.mixer
+        x = x + self.drop(mix(self.norm1(x), mask=mask, cache=cache))
         return x + self.ffn(self.norm2(x))
 
 
@@ -226,7 +155,9 @@ class RecurrentStateMixer(TokenMixer):
     ``(o, new_state)`` with ``new_state`` a tuple shaped like ``state``.
     """
 
-    def init_cache(self, batch_size: int, device=None, dtype=None, max_len=None) -> RecurrentStateCache:
+    def init_cache(self, batch_size: int, device=None, dtype=None, max_len=None,
+                   static: bool = False) -> RecurrentStateCache:
+        # a fixed-size state: every step already has one shape, so max_len and static change nothing
         return RecurrentStateCache(self.init_state(batch_size, device, dtype))
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
@@ -299,6 +230,7 @@ class CausalLM(nn.Module):
                  max_positions: Optional[int] = None, tie_embeddings: bool = True, norm_eps: float = 1e-5,
                  activation: str = "gelu", use_checkpointing: bool = False):
         super().__init__()
+        sizing.refresh()  # $BSBR_SIZING is read here (and by sizing.use), never per op call
         check_positive_int("vocab_size", vocab_size)
         check_positive_int("hidden_dim", hidden_dim)
         check_positive_int("num_layers", num_layers)
@@ -364,20 +296,27 @@ class CausalLM(nn.Module):
         ``attention_mask`` (batch, seq_len): 1 for real tokens, 0 for padding; padded positions
         are never attended to (their own outputs are unspecified). With ``cache`` the call
         continues the sequence held in the cache and updates it in place.
+        The public edge: ids, mask and cache are checked here, once per call; nothing below
+        checks them again.
         """
+        trusted = kwargs.pop("_trusted_ids", False)  # generate's own tokens: argmax/sample < vocab_size
         if kwargs:
             raise ValueError(f"unexpected keyword argument(s) {sorted(kwargs)}; valid: attention_mask, cache")
-        check_input_ids(input_ids, self.vocab_size)
+        if not trusted:
+            check_input_ids(input_ids, self.vocab_size)
         mask = normalize_mask(attention_mask, input_ids)
-        b, n = input_ids.shape
-        start = 0
         if cache is not None:
             if not isinstance(cache, ModelCache) or len(cache.layers) != len(self.layers):
                 raise ValueError("cache must come from this model's init_cache()")
-            if cache.batch_size != b:
-                raise ValueError(f"cache was made for batch_size={cache.batch_size}, got input batch {b}")
-            start = cache.pos
+            if cache.batch_size != input_ids.shape[0]:
+                raise ValueError(f"cache was made for batch_size={cache.batch_size}, got input batch "
+                                 f"{input_ids.shape[0]}")
+        return self._logits(input_ids, mask, cache)
 
+    def _logits(self, input_ids: torch.Tensor, mask: Optional[torch.Tensor], cache: Optional[ModelCache]):
+        """:meth:`forward` below the edge: checked ids, a bool mask or None, this model's cache."""
+        n = input_ids.shape[1]
+        start = cache.pos if cache is not None else 0
         x = self.embed(input_ids)  # (b, n, D)
         x = self.drop(x + self._positions(start, n, x.device, x.dtype))
         for i, block in enumerate(self.layers):
@@ -390,20 +329,32 @@ class CausalLM(nn.Module):
             cache.pos += n
         return self.lm_head(self.norm(x))  # (b, n, V)
 
-    def init_cache(self, batch_size: int, device=None, dtype=None, max_len: Optional[int] = None) -> ModelCache:
+    def init_cache(self, batch_size: int, device=None, dtype=None, max_len: Optional[int] = None,
+                   static: bool = False) -> ModelCache:
         """An empty decoding cache; pass it to ``forward`` to stream a sequence in pieces.
 
         ``max_len``: the most tokens the cache will hold. The key/value caches (Standard, Hopfield)
-        and BSBR's chunk-state cache then allocate it once and never grow, so a compiled decode
-        step keeps one shape; a longer sequence raises a ValueError. The fixed-size caches (Linear,
-        DeltaNet, SlidingWindow, GAU) do not need it. Without it BSBR's cache grows per chunk.
+        and BSBR's chunk-state cache then allocate it once and never grow; a longer sequence raises
+        a ValueError. The fixed-size caches (Linear, DeltaNet, SlidingWindow, GAU) do not need it.
+        Without it BSBR's cache grows per chunk.
+
+        Which one-token step runs (docs/decoding.md): eager, a step reads the filled part of the
+        buffers only, so it costs what the context costs, whatever ``max_len``; under
+        ``torch.compile``, or with ``static=True`` (needs ``max_len``; for CUDA graphs captured by
+        hand), it is the shape-static masked step over the whole buffer (one graph, O(max_len)).
         """
         check_positive_int("batch_size", batch_size)
         if max_len is not None:
             check_positive_int("max_len", max_len)
+        if not isinstance(static, bool):
+            raise ValueError(f"static must be True or False, got {static!r}")
+        if static and max_len is None:
+            raise ValueError("static=True needs max_len: a shape-static step needs a fixed buffer size")
         p = self.embed.weight
         device, dtype = default(device, p.device), default(dtype, p.dtype)
         kw = {} if max_len is None else {"max_len": max_len}  # a mixer need not know max_len to be used without it
+        if static:
+            kw["static"] = True
         return ModelCache(batch_size, [blk.mixer.init_cache(batch_size, device, dtype, **kw) for blk in self.layers])
 
     @torch.no_grad()
@@ -420,26 +371,23 @@ class CausalLM(nn.Module):
         Returns ``(batch, prompt_len + max_new_tokens)`` token ids.
         """
         check_positive_int("max_new_tokens", max_new_tokens, allow_zero=True)
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-                or not math.isfinite(temperature) or temperature < 0:
-            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+        check_float("temperature", temperature, lo_open=False, note=" (0 = greedy)")
         if top_k is not None:
             check_positive_int("top_k", top_k)
-        if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
-                                  or not 0.0 < top_p <= 1.0):
-            raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
-        check_input_ids(input_ids, self.vocab_size)
-        cache = self.init_cache(input_ids.shape[0], max_len=input_ids.shape[1] + max(max_new_tokens, 1))
+        check_float("top_p", top_p, 0.0, 1.0, hi_open=False, allow_none=True)
+        check_input_ids(input_ids, self.vocab_size)  # once, before the cache is made for it
+        # sized to this call: the prompt plus the new tokens (a step's work follows the filled part)
+        cache = self.init_cache(input_ids.shape[0], max_len=input_ids.shape[1] + max_new_tokens)
         out = input_ids
-        logits = self(input_ids, cache=cache)[:, -1]
+        logits = self(input_ids, cache=cache, _trusted_ids=True)[:, -1]
         for step in range(max_new_tokens):
             if temperature > 0:
                 nxt = sample_token(logits / temperature, top_k, top_p, generator)
             else:
                 nxt = logits.argmax(-1, keepdim=True)
             out = torch.cat([out, nxt], dim=1)
-            if step + 1 < max_new_tokens:
-                logits = self(nxt, cache=cache)[:, -1]
+            if step + 1 < max_new_tokens:  # the model's own token: in range by construction
+                logits = self(nxt, cache=cache, _trusted_ids=True)[:, -1]
         return out
 
     def num_parameters(self) -> int:

@@ -22,6 +22,9 @@ Both policies give the same numbers up to round-off, and the tests run both on t
 
 Precedence: ``use(...)`` (innermost wins), then ``BSBR_SIZING``, then the device type (anything that
 is not ``cuda`` gets the CPU policy).
+``BSBR_SIZING`` is read when this module is imported, when a model is built (``CausalLM.__init__``
+calls :func:`refresh`) and when a policy is set with ``use``; an op call never reads the
+environment (it did, on every call, with a ``torch.device`` built each time).
 ``torch.compile`` guards on ``use`` (a graph traced under one policy is retraced under the other)
 but reads ``BSBR_SIZING`` once, when it traces: set the variable before the process starts.
 
@@ -42,6 +45,7 @@ POLICIES = ("cpu", "cuda")
 ENV_VAR = "BSBR_SIZING"
 
 _forced: list = []  # stack of policies forced by ``use``; the last one wins
+_env: list = [None]  # the validated ``$BSBR_SIZING`` (None: unset), as of the last ``refresh``
 
 
 def _check(name: str, source: str) -> str:
@@ -50,9 +54,16 @@ def _check(name: str, source: str) -> str:
     return name
 
 
+def refresh() -> None:
+    """Read ``$BSBR_SIZING`` again (a bad value raises here, naming the variable and the valid ones)."""
+    env = os.environ.get(ENV_VAR)
+    _env[0] = _check(env, f"${ENV_VAR}") if env else None
+
+
 @contextmanager
 def use(name: str) -> Iterator[None]:
     """Force every op called inside the block to size itself with policy ``name`` ("cpu" or "cuda")."""
+    refresh()
     _forced.append(_check(name, "sizing.use"))
     try:
         yield
@@ -64,10 +75,10 @@ def policy(device: torch.device) -> str:
     """The policy for tensors on ``device``: forced by ``use``, else ``$BSBR_SIZING``, else by device type."""
     if _forced:
         return _forced[-1]
-    env = os.environ.get(ENV_VAR)
-    if env:
-        return _check(env, f"${ENV_VAR}")
-    return "cuda" if torch.device(device).type == "cuda" else "cpu"
+    if _env[0] is not None:
+        return _env[0]
+    kind = device.type if isinstance(device, torch.device) else torch.device(device).type
+    return "cuda" if kind == "cuda" else "cpu"
 
 
 def whole(device: torch.device) -> bool:
@@ -85,6 +96,8 @@ def per_block(device: torch.device, total: int, item_bytes: int, cpu_budget: int
     """
     if whole(device):
         return max(1, total)
+    # two integer operations: cheaper than any lookup that would cache them (an lru_cache here
+    # also made torch.compile warn); what was costly per call was the environment read above
     return max(1, cpu_budget // max(1, item_bytes))
 
 
@@ -103,3 +116,9 @@ def upcast(*tensors: Optional[torch.Tensor]) -> tuple:
     a few attribute reads.
     """
     return tuple(t.float() if t is not None and t.dtype in _HALF else t for t in tensors)
+
+
+try:  # a bad value at import must not make ``import bsbr`` fail: it raises at the next refresh
+    refresh()
+except ValueError:
+    _env[0] = None

@@ -177,6 +177,14 @@ def delta_rule_chunkwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta
     if segment_chunks is not None:
         check_positive_int("segment_chunks", segment_chunks)
     _check_inputs(q, k, v, beta, mask)
+    return delta_chunkwise_unchecked(q, k, v, beta, chunk_size, mask, initial_state=initial_state,
+                                     output_final_state=output_final_state, segment_chunks=segment_chunks)
+
+
+def delta_chunkwise_unchecked(q, k, v, beta, chunk_size: int, mask=None, *, initial_state=None,
+                              output_final_state: bool = False, segment_chunks=None):
+    """:func:`delta_rule_chunkwise` without its checks (the mixer's: the chunk size was checked in
+    ``__init__``, the shapes are right by construction)."""
     dtype = v.dtype
     q, k, v, beta, initial_state = sizing.upcast(q, k, v, beta, initial_state)  # fp32 for half precision
     k, beta = _apply_mask(k, beta, mask)
@@ -212,6 +220,12 @@ def delta_rule_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta
     Same arguments and results as :func:`delta_rule_chunkwise`, without ``chunk_size``.
     """
     _check_inputs(q, k, v, beta, mask)
+    return delta_recurrent_unchecked(q, k, v, beta, mask, initial_state=initial_state,
+                                     output_final_state=output_final_state)
+
+
+def delta_recurrent_unchecked(q, k, v, beta, mask=None, *, initial_state=None, output_final_state: bool = False):
+    """:func:`delta_rule_recurrent` without its checks (the mixer's decode step)."""
     dtype = v.dtype
     q, k, v, beta, initial_state = sizing.upcast(q, k, v, beta, initial_state)  # fp32 state for half precision
     k, beta = _apply_mask(k, beta, mask)
@@ -256,7 +270,7 @@ class DeltaNetAttention(RecurrentStateMixer):
         return q, k, v, beta
 
     def op(self, q, k, v, beta, *, mask=None) -> torch.Tensor:
-        return delta_rule_chunkwise(q, k, v, beta, self.chunk_size, mask=mask)
+        return delta_chunkwise_unchecked(q, k, v, beta, self.chunk_size, mask)
 
     def op_recurrent(self, q, k, v, beta, *, mask=None) -> torch.Tensor:
         """The same op one token at a time (the form ``op`` replaces for training and prefill)."""
@@ -267,12 +281,12 @@ class DeltaNetAttention(RecurrentStateMixer):
         return (torch.zeros(batch_size, self.num_heads, d, d, device=device, dtype=dtype),)
 
     def step(self, q, k, v, beta, *, mask, state):
-        o, S = delta_rule_recurrent(q, k, v, beta, mask=mask, initial_state=state[0], output_final_state=True)
+        o, S = delta_recurrent_unchecked(q, k, v, beta, mask, initial_state=state[0], output_final_state=True)
         return o, (S,)
 
     def chunk(self, q, k, v, beta, *, mask, state):
-        o, S = delta_rule_chunkwise(q, k, v, beta, self.chunk_size, mask=mask, initial_state=state[0],
-                                    output_final_state=True)
+        o, S = delta_chunkwise_unchecked(q, k, v, beta, self.chunk_size, mask, initial_state=state[0],
+                                         output_final_state=True)
         return o, (S,)
 
 

@@ -108,12 +108,24 @@ def gau_mixed_chunk(quad_q: torch.Tensor, quad_k: torch.Tensor, lin_q: torch.Ten
     if exists(block_chunks):
         check_positive_int("block_chunks", block_chunks)
     _check_inputs(quad_q, quad_k, lin_q, lin_k, v, mask)
+    return gau_mixed_unchecked(quad_q, quad_k, lin_q, lin_k, v, chunk_size, mask, initial_state=initial_state,
+                               output_final_state=output_final_state, block_chunks=block_chunks)
+
+
+def gau_mixed_unchecked(quad_q, quad_k, lin_q, lin_k, v, chunk_size: int, mask=None, *, initial_state=None,
+                        output_final_state: bool = False, block_chunks=None):
+    """:func:`gau_mixed_chunk` without its checks (the mixer's: the chunk size was checked in
+    ``__init__``, the shapes are right by construction).
+
+    A call shorter than one chunk holds one partial chunk: its block is ``n`` rows, not ``c``
+    (memory and work follow ``min(c, n)``, as in BSBR, Linear and DeltaNet); the scale stays ``c``."""
     dtype = v.dtype
     quad_q, quad_k, lin_q, lin_k, v, initial_state = sizing.upcast(quad_q, quad_k, lin_q, lin_k, v, initial_state)
     quad_k, lin_k = _mask_keys(quad_k, lin_k, mask)
     b, n, s = quad_q.shape
     e = v.shape[-1]
-    c = chunk_size
+    scale = chunk_size          # the true chunk length: the 1/c of both terms
+    c = min(chunk_size, n)      # rows per block (only a call shorter than a chunk makes it < chunk_size)
     C = -(-n // c)
     pad = C * c - n
     whole = sizing.whole(v.device)
@@ -131,13 +143,13 @@ def gau_mixed_chunk(quad_q: torch.Tensor, quad_k: torch.Tensor, lin_q: torch.Ten
         g = qq.shape[1]
         kv = lk.transpose(-1, -2) @ vc                                # (b, g, s, e) chunk states, unscaled
         if whole:  # all chunks in one block: an O(C s e) cumsum, not an O(C^2 s e) product
-            states = state[:, None] + F.pad(kv.cumsum(1) / c, (0, 0, 0, 0, 1, 0))  # (b, g+1, s, e)
+            states = state[:, None] + F.pad(kv.cumsum(1) / scale, (0, 0, 0, 0, 1, 0))  # (b, g+1, s, e)
         else:
             if g not in prefix:  # row j, for j = 0..g: (1/c) x (sum of the first j chunk states)
-                prefix[g] = torch.ones(g + 1, g, dtype=v.dtype, device=v.device).tril_(-1).div_(c)
+                prefix[g] = torch.ones(g + 1, g, dtype=v.dtype, device=v.device).tril_(-1).div_(scale)
             states = torch.baddbmm(state.reshape(b, 1, s * e), prefix[g].expand(b, g + 1, g),
                                    kv.view(b, g, s * e)).view(b, g + 1, s, e)  # S before chunk 0..g of the block
-        kernel = F.relu((qq @ qk.transpose(-1, -2)).div_(c)).square().tril_()  # (b, g, c, c), diagonal kept
+        kernel = F.relu((qq @ qk.transpose(-1, -2)).div_(scale)).square().tril_()  # (b, g, c, c), diagonal kept
         linear = (lq @ states[:, :g]).view(b * g, c, e)               # Q_lin S_i
         o = torch.baddbmm(linear, kernel.view(b * g, c, c), vc.reshape(b * g, c, e),
                           out=None if dest is None else dest[i].view(b * g, c, e))  # (bg, c, e)
@@ -147,7 +159,7 @@ def gau_mixed_chunk(quad_q: torch.Tensor, quad_k: torch.Tensor, lin_q: torch.Ten
     if not output_final_state:
         return o
     # a trailing partial chunk (the last of the last block) is not folded in
-    return o, (state if n % c == 0 else last[:, -2])
+    return o, (state if n % scale == 0 else last[:, -2])
 
 
 def gau_continue_chunk(quad_q: torch.Tensor, quad_k: torch.Tensor, lin_q: torch.Tensor, v: torch.Tensor,
@@ -193,6 +205,7 @@ class GAUCache:
     v: torch.Tensor        # (b, c, e)  open chunk's values (rows [0, r))
     pos: torch.Tensor      # ()  long: tokens seen, as a tensor (the one-token step reads only this)
     length: int = 0        # tokens seen, as an int (pieces of several tokens slice with it)
+    static: bool = False   # eager one-token steps also take the shape-static form
 
 
 class ScaleOffset(nn.Module):
@@ -234,18 +247,21 @@ class GatedAttentionUnit(TokenMixer):
         return inputs
 
     def op(self, quad_q, quad_k, lin_q, lin_k, v, *, mask=None) -> torch.Tensor:
-        return gau_mixed_chunk(quad_q, quad_k, lin_q, lin_k, v, self.chunk_size, mask=mask)
+        return gau_mixed_unchecked(quad_q, quad_k, lin_q, lin_k, v, self.chunk_size, mask)
 
     def output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``W_o (U * A V)``: the op's ``A V`` (b, n, e) gated by ``U = silu(W_u x)``."""
         u = F.silu(self.uv(x)).chunk(2, dim=-1)[0]                     # (b, n, e), as in _project
         return self.out_proj(u * o)
 
-    def init_cache(self, batch_size: int, device=None, dtype=None, max_len=None) -> GAUCache:
-        s, e, c = self.qk_dim, self.expansion_dim, self.chunk_size
+    def init_cache(self, batch_size: int, device=None, dtype=None, max_len=None, static: bool = False) -> GAUCache:
+        """``max_len`` bounds the open-chunk buffers to min(c, max_len) rows; ``static``: one-token
+        steps take the shape-static form even in eager mode (under ``torch.compile`` they always do)."""
+        s, e = self.qk_dim, self.expansion_dim
+        rows = self.chunk_size if max_len is None else min(self.chunk_size, max_len)
         z = lambda *shape: torch.zeros(batch_size, *shape, device=device, dtype=dtype)  # noqa: E731
-        return GAUCache(state=z(s, e), pending=z(s, e), quad_k=z(c, s), v=z(c, e),
-                        pos=torch.zeros((), dtype=torch.long, device=device))
+        return GAUCache(state=z(s, e), pending=z(s, e), quad_k=z(rows, s), v=z(rows, e),
+                        pos=torch.zeros((), dtype=torch.long, device=device), static=bool(static))
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
                 cache: Optional[GAUCache] = None) -> torch.Tensor:
@@ -271,13 +287,13 @@ class GatedAttentionUnit(TokenMixer):
         indexed by the host-side ``cache.length`` (no device read), which on a CPU does half the
         kernel work on average and ~10 fewer small ops per token. Compiled calls keep this
         shape-static form, so that one graph serves every position."""
-        if not torch.compiler.is_compiling():
+        if not (cache.static or torch.compiler.is_compiling()):
             return self._step_eager(cache, quad_q, quad_k, lin_q, lin_k, v)
         c = self.chunk_size
         r = cache.pos.remainder(c).view(1)                                  # (1,) long
-        cache.quad_k.index_copy_(1, r, quad_k)                             # (b, c, s)
-        cache.v.index_copy_(1, r, v)                                       # (b, c, e)
-        seen = (torch.arange(c, device=v.device) <= r).to(v.dtype)        # (c,) rows [0, r]
+        cache.quad_k.index_copy_(1, r, quad_k)                             # (b, rows, s)
+        cache.v.index_copy_(1, r, v)                                       # (b, rows, e)
+        seen = (torch.arange(cache.v.shape[1], device=v.device) <= r).to(v.dtype)  # (rows,) rows [0, r]
         kernel = F.relu((quad_q @ cache.quad_k.transpose(-1, -2)) / c).square() * seen  # (b, 1, c)
         o = kernel @ cache.v + lin_q @ cache.state                         # (b, 1, e)
         cache.pending.add_(lin_k.transpose(-1, -2) @ v / c)               # (b, s, e)
@@ -317,7 +333,7 @@ class GatedAttentionUnit(TokenMixer):
             cache.pending.zero_()
         if m > head:
             rest = slice(head, m)
-            o, state = gau_mixed_chunk(quad_q[:, rest], quad_k[:, rest], lin_q[:, rest], lin_k[:, rest],
+            o, state = gau_mixed_unchecked(quad_q[:, rest], quad_k[:, rest], lin_q[:, rest], lin_k[:, rest],
                                        v[:, rest], c, initial_state=cache.state, output_final_state=True)
             outs.append(o)
             cache.state.copy_(state)

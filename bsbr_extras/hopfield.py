@@ -39,15 +39,12 @@ from typing import Optional
 
 import torch
 
-from bsbr.shell import CausalLM, check_positive_int, default
-from bsbr_extras.standard import StandardAttention, causal_softmax_attention
+from bsbr.shell import CausalLM, check_float, check_positive_int, default
+from bsbr_extras.standard import StandardAttention, causal_softmax_unchecked, check_qkv
 
 
 def check_beta(beta) -> None:
-    if beta is None:
-        return
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta <= 0:
-        raise ValueError(f"beta must be a finite number > 0 (or None for 1/sqrt(head_dim)), got {beta!r}")
+    check_float("beta", beta, allow_none=True, note=" for 1/sqrt(head_dim)")
 
 
 # ----------------------------------------------------------------------------- the op
@@ -70,12 +67,19 @@ def hopfield_retrieval(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: 
     Returns (b, h, m, d_v).
     """
     check_beta(beta)
-    beta = float(default(beta, 1.0 / math.sqrt(q.shape[-1])))
     check_positive_int("update_steps", update_steps)
+    check_qkv(q, k, v, mask)
+    return hopfield_unchecked(q, k, v, float(default(beta, 1.0 / math.sqrt(q.shape[-1]))), update_steps,
+                              mask=mask, dropout_p=dropout_p)
+
+
+def hopfield_unchecked(q, k, v, beta: float, update_steps: int, *, mask=None, dropout_p: float = 0.0):
+    """:func:`hopfield_retrieval` without its checks (the mixer's: beta and the steps were checked
+    in ``__init__``, the shapes are right by construction). ``beta`` is a float here."""
     xi = q  # (b, h, m, d)
     for _ in range(update_steps - 1):
-        xi = causal_softmax_attention(xi, k, k, mask=mask, scale=beta)  # (b, h, m, d): stays in key space
-    return causal_softmax_attention(xi, k, v, mask=mask, scale=beta, dropout_p=dropout_p)  # (b, h, m, d_v)
+        xi = causal_softmax_unchecked(xi, k, k, mask, scale=beta)  # (b, h, m, d): stays in key space
+    return causal_softmax_unchecked(xi, k, v, mask, scale=beta, dropout_p=dropout_p)  # (b, h, m, d_v)
 
 
 # ----------------------------------------------------------------------------- mixer
@@ -97,7 +101,7 @@ class HopfieldAttention(StandardAttention):
         self.update_steps = update_steps
 
     def op(self, q, k, v, *, mask=None):
-        return hopfield_retrieval(q, k, v, self.beta, self.update_steps, mask=mask,
+        return hopfield_unchecked(q, k, v, self.beta, self.update_steps, mask=mask,
                                   dropout_p=self.dropout if self.training else 0.0)
 
 

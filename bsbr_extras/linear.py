@@ -94,6 +94,14 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_si
     if exists(block_chunks):
         check_positive_int("block_chunks", block_chunks)
     _check_qkv(q, k, v, mask)
+    return linear_attention_unchecked(q, k, v, chunk_size, mask, initial_state=initial_state,
+                                      output_final_state=output_final_state, eps=eps, block_chunks=block_chunks)
+
+
+def linear_attention_unchecked(q, k, v, chunk_size: int, mask=None, *, initial_state=None,
+                               output_final_state: bool = False, eps: float = EPS, block_chunks=None):
+    """:func:`linear_attention` without its checks (the mixer's: the chunk size was checked in
+    ``__init__``, the shapes are right by construction)."""
     dtype = v.dtype
     q, k, v = sizing.upcast(q, k, v)                                  # fp32 for half-precision inputs
     b, h, n, d = q.shape
@@ -226,7 +234,7 @@ class LinearAttention(RecurrentStateMixer):
         return split_heads(q, h), split_heads(k, h), split_heads(v, h)  # 3 x (b, h, n, d)
 
     def op(self, q, k, v, *, mask=None) -> torch.Tensor:
-        return linear_attention(q, k, v, self.chunk_size, mask=mask)
+        return linear_attention_unchecked(q, k, v, self.chunk_size, mask)
 
     def op_recurrent(self, q, k, v, *, mask=None) -> torch.Tensor:
         """The same op one token at a time (the form ``op`` replaces for training and prefill)."""
@@ -242,7 +250,8 @@ class LinearAttention(RecurrentStateMixer):
         return linear_attention_step(q, k, v, S, z, mask=mask), (S, z)
 
     def chunk(self, q, k, v, *, mask, state):
-        return linear_attention(q, k, v, self.chunk_size, mask=mask, initial_state=state, output_final_state=True)
+        return linear_attention_unchecked(q, k, v, self.chunk_size, mask, initial_state=state,
+                                          output_final_state=True)
 
 
 # ----------------------------------------------------------------------------- model

@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from bsbr import sizing
-from bsbr.shell import CausalLM, check_positive_int, exists, known_all_true
-from bsbr_extras.standard import StandardAttention, allowed_keys, causal_softmax_attention, check_qkv
+from bsbr.shell import CausalLM, check_positive_int, exists
+from bsbr_extras.standard import StandardAttention, allowed_keys, causal_softmax_unchecked, check_qkv
 
 # Queries per block in the blocked form (a CPU-tuned constant; any value gives the same result):
 # blocks of min(w, 64) beat blocks of w for w > 64 since each query scores w + B keys, not 2w.
@@ -103,7 +103,7 @@ def _banded_blocked(q, k, v, window_size, mask, scale, dropout_p):
     whole = sizing.whole(q.device)  # one segment of all J blocks, and one call even with a mask
     rows = B * max(sizing.per_block(q.device, J, per_block, SEGMENT_BYTES), -(-w // B))  # positions per segment, >= w
     (q0, q_rest), (k0, k_rest), (v0, v_rest) = (t.split([w, J * B], dim=2) for t in (q, k, v))
-    out[:, :w] = causal_softmax_attention(q0, k0, v0, mask[:, :w] if exists(mask) else None,
+    out[:, :w] = causal_softmax_unchecked(q0, k0, v0, mask[:, :w] if exists(mask) else None,
                                           scale, dropout_p).transpose(1, 2)
     band = _band(B, w + B, w, q.device)  # (B, w+B): local query i (column w+i) sees columns i+1 .. w+i
     if exists(mask):
@@ -160,6 +160,12 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     """
     check_positive_int("window_size", window_size)
     check_qkv(q, k, v, mask)
+    return sliding_window_unchecked(q, k, v, window_size, mask, scale, dropout_p)
+
+
+def sliding_window_unchecked(q, k, v, window_size: int, mask=None, scale=None, dropout_p: float = 0.0):
+    """:func:`sliding_window_attention` without its checks (the mixer's: the window was checked in
+    ``__init__``, the shapes are right by construction)."""
     m, n = q.shape[-2], k.shape[-2]
     if m <= window_size:
         return _banded_dense(q, k, v, window_size, mask, scale, dropout_p)
@@ -193,11 +199,14 @@ def sliding_window_step(q: torch.Tensor, k_ring: torch.Tensor, v_ring: torch.Ten
 class RingKVCache:
     """The last ``w`` keys and values of one layer; token at absolute position p lives in slot p % w."""
 
-    def __init__(self, batch_size: int, window_size: int, device=None, dtype=None):
+    def __init__(self, batch_size: int, window_size: int, device=None, dtype=None, max_len: Optional[int] = None):
         self.batch_size, self.window_size, self.device, self.dtype = batch_size, window_size, device, dtype
+        # slots: w, or max_len when fewer (positions then stay below it, so p % w never wraps)
+        self.slots = window_size if max_len is None else min(window_size, max_len)
         self.k = self.v = None  # (b, h, w, d), allocated on first use with the inputs' shape and dtype
         self.valid = None       # (b, w) bool
         self.pos = 0            # tokens seen so far (multi-token calls slice with it)
+        self.padded = False     # some token written was padding (else every filled slot is real)
         self.pos_t = None       # () long on the device: the same count, which the one-token step reads
 
     def allocate(self, k, v):
@@ -205,7 +214,7 @@ class RingKVCache:
         if b != self.batch_size:
             raise ValueError(f"cache was made for batch_size={self.batch_size}, got {b}")
         if self.k is None:
-            w = self.window_size
+            w = self.slots
             self.k, self.v = k.new_zeros(b, h, w, d), v.new_zeros(b, h, w, v.shape[-1])
             self.valid = torch.zeros(b, w, dtype=torch.bool, device=k.device)
             self.pos_t = torch.full((), self.pos, dtype=torch.long, device=k.device)
@@ -224,6 +233,7 @@ class RingKVCache:
         self.k[:, :, idx] = k[:, :, m - keep:]
         self.v[:, :, idx] = v[:, :, m - keep:]
         self.valid[:, idx] = mask[:, m - keep:] if exists(mask) else True
+        self.padded = self.padded or exists(mask)
         self.pos += m
         self.pos_t += m
 
@@ -235,6 +245,7 @@ class RingKVCache:
         self.v.index_copy_(2, slot, v)
         real = mask.bool() if exists(mask) else torch.ones(k.shape[0], 1, dtype=torch.bool, device=k.device)
         self.valid.index_copy_(1, slot, real)
+        self.padded = self.padded or exists(mask)
         self.pos += 1
         self.pos_t += 1
         return slot
@@ -253,7 +264,7 @@ class SlidingWindowAttention(StandardAttention):
         self.window_size = window_size
 
     def op(self, q, k, v, *, mask=None):
-        return sliding_window_attention(q, k, v, self.window_size, mask=mask,
+        return sliding_window_unchecked(q, k, v, self.window_size, mask,
                                         dropout_p=self.dropout if self.training else 0.0)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, cache: Optional[RingKVCache] = None):
@@ -269,15 +280,19 @@ class SlidingWindowAttention(StandardAttention):
             # a piece of several tokens: the ring's last w-1 tokens in order, then this piece
             cache.allocate(k, v)
             kp, vp, mp = cache.prefix()  # (b, h, P, d), (b, P)
-            new_mask = mask if exists(mask) else torch.ones(q.shape[0], q.shape[-2], dtype=torch.bool, device=q.device)
-            full_mask = torch.cat([mp, new_mask], dim=1)  # (b, P + m)
-            out = self.op(q, torch.cat([kp, k], dim=-2), torch.cat([vp, v], dim=-2),
-                          mask=None if known_all_true(full_mask) else full_mask)
+            full_mask = None  # every key real (known on the host: no read of the mask's values)
+            if exists(mask) or cache.padded:
+                new_mask = mask if exists(mask) else torch.ones(q.shape[0], q.shape[-2], dtype=torch.bool,
+                                                                device=q.device)
+                full_mask = torch.cat([mp, new_mask], dim=1)  # (b, P + m)
+            out = self.op(q, torch.cat([kp, k], dim=-2), torch.cat([vp, v], dim=-2), mask=full_mask)
             cache.write(k, v, mask)
         return self.output(out, x)  # (b, m, D)
 
-    def init_cache(self, batch_size: int, device=None, dtype=None, max_len=None) -> RingKVCache:
-        return RingKVCache(batch_size, self.window_size, device, dtype)
+    def init_cache(self, batch_size: int, device=None, dtype=None, max_len=None, static: bool = False) -> RingKVCache:
+        # a ring of w slots (fewer when max_len is smaller): its step already has one shape and costs
+        # O(w), so static changes nothing
+        return RingKVCache(batch_size, self.window_size, device, dtype, max_len)
 
 
 # ----------------------------------------------------------------------------- model

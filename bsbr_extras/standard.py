@@ -77,6 +77,12 @@ def causal_softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     Returns (b, h, m, d). O(m n d) time; the fused kernel keeps memory O((m + n) d).
     """
     check_qkv(q, k, v, mask)
+    return causal_softmax_unchecked(q, k, v, mask, scale, dropout_p)
+
+
+def causal_softmax_unchecked(q, k, v, mask=None, scale=None, dropout_p: float = 0.0) -> torch.Tensor:
+    """:func:`causal_softmax_attention` without its checks, for the mixers (their inputs are right by
+    construction: the checks ran on every decode step before)."""
     m, n = q.shape[-2], k.shape[-2]
     if not exists(mask):
         if m == n:
@@ -96,19 +102,22 @@ class KVCache:
     """Keys and values of every token seen so far, for one layer.
 
     With ``max_len`` the buffer is allocated once, zero-filled, with ``max_len + 1`` slots, and never
-    grows (the gpt-fast pattern; more tokens raise a ValueError). A one-token step then keeps one
-    static shape: it writes the token at slot ``pos`` (a tensor) and also at the last slot, and
-    attends to the whole buffer with the key mask ``[slots < pos (and real) | the last slot]``. The
-    query is thereby bottom-right aligned with its own key, as every op here expects
-    (``causal_softmax_attention``, Hopfield's retrieval), so the ops run unchanged; a step costs
-    O(max_len d) instead of O(pos d), the price of the static shape.
+    grows (more tokens raise a ValueError). An eager step (``append``) then attends to the filled
+    slots only, O(pos d). Under ``torch.compile``, or with ``static=True``, a one-token step
+    (``step``) keeps one static shape instead (the gpt-fast pattern): it writes the token at slot
+    ``pos`` (a tensor) and also at the last slot, and attends to the whole buffer with the key mask
+    ``[slots < pos (and real) | the last slot]``. The query is thereby bottom-right aligned with its
+    own key, as every op here expects (``causal_softmax_attention``, Hopfield's retrieval), so the
+    ops run unchanged; that step costs O(max_len d), the price of the static shape.
     Without ``max_len`` the buffer grows by 25% when full, so appending a token copies O(d) amortised
     instead of re-concatenating the whole prefix, and a prefill of n tokens leaves room for n/4
     decode steps before the first regrowth. ``key_mask`` stays None until some token is padding.
     """
 
-    def __init__(self, batch_size: int, device=None, dtype=None, max_len: Optional[int] = None):
+    def __init__(self, batch_size: int, device=None, dtype=None, max_len: Optional[int] = None,
+                 static: bool = False):
         self.batch_size, self.device, self.dtype, self.max_len = batch_size, device, dtype, max_len
+        self.static = bool(static)      # one-token steps take the shape-static ``step`` even eagerly
         self.k = self.v = None          # (b, h, capacity, d)
         self.key_mask = None            # (b, capacity) bool, or None while every token is real
         self.length = 0                 # tokens held (multi-token calls slice with it)
@@ -201,18 +210,25 @@ class StandardAttention(TokenMixer):
         return split_heads(q, h), split_heads(k, h), split_heads(v, h)  # 3 x (b, h, n, d)
 
     def op(self, q, k, v, *, mask=None):
-        return causal_softmax_attention(q, k, v, mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        return causal_softmax_unchecked(q, k, v, mask, dropout_p=self.dropout if self.training else 0.0)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None):
         q, k, v = self.op_inputs(x, mask)  # (b, h, m, d) each
         if exists(cache):
             # the new queries attend to the whole cached prefix plus themselves; nothing is recomputed
-            step = q.shape[-2] == 1 and exists(cache.max_len)  # the shape-static one-token step
-            k, v, mask = (cache.step if step else cache.append)(k, v, mask)  # (b, h, n, d), (b, n) or None
+            k, v, mask = (cache.step if static_step(cache, q.shape[-2]) else cache.append)(k, v, mask)
         return self.output(self.op(q, k, v, mask=mask), x)  # (b, m, D)
 
-    def init_cache(self, batch_size: int, device=None, dtype=None, max_len: Optional[int] = None) -> KVCache:
-        return KVCache(batch_size, device, dtype, max_len)
+    def init_cache(self, batch_size: int, device=None, dtype=None, max_len: Optional[int] = None,
+                   static: bool = False) -> KVCache:
+        return KVCache(batch_size, device, dtype, max_len, static)
+
+
+def static_step(cache: KVCache, m: int) -> bool:
+    """Whether ``m`` new tokens take the shape-static one-token step over the whole ``max_len``
+    buffer: under ``torch.compile`` or when the cache was made ``static``; otherwise (eager) the
+    step attends to the filled slots only."""
+    return m == 1 and exists(cache.max_len) and (cache.static or torch.compiler.is_compiling())
 
 
 # ----------------------------------------------------------------------------- model

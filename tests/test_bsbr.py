@@ -151,20 +151,22 @@ def test_cache_grows_per_chunk_not_per_token():
 
 def test_preallocated_cache_size_law():
     # init_cache(max_len): P = ceil(max_len / c) chunk slots, allocated once. Bytes are an affine
-    # function of P (nothing depends on max_len otherwise) and never change as tokens arrive.
+    # function of P (and of min(c, max_len) open-chunk rows) and never change as tokens arrive.
     D, H, c, o, layers = 16, 2, 8, 3, 2
     model = _model(compression_factor=2, chunk_overlap=o)
     d, e = D // H, D // H // 2
     per_chunk = layers * (H * (e * d + d) * 8 + 1)      # a state and a meta key per head, a valid flag
-    fixed = layers * (D * 8                             # last summary
-                      + 2 * H * (o + c) * d * 8 + (o + c)  # open chunk's [tail | c rows] keys, values, mask
-                      + c * D * 8                       # its layer inputs, for its summary
-                      + H * e * d * 8                   # its retrieval state S
-                      + 8)                              # the position counter
+
+    def fixed(rows):  # rows = min(c, max_len): a chunk longer than max_len never fills
+        return layers * (D * 8                          # last summary
+                         + 2 * H * (o + rows) * d * 8 + (o + rows)  # open chunk's [tail | rows] keys, values, mask
+                         + rows * D * 8                 # its layer inputs, for its summary
+                         + H * e * d * 8                # its retrieval state S
+                         + 8)                           # the position counter
     for max_len in (1, 8, 9, 47, 48, 200):
         cache = model.init_cache(1, max_len=max_len)
         before = cache.nbytes()
-        assert before == fixed + -(-max_len // c) * per_chunk, max_len
+        assert before == fixed(min(c, max_len)) + -(-max_len // c) * per_chunk, max_len
         with torch.no_grad():
             model(torch.randint(0, 41, (1, max_len - 1)) if max_len > 1 else torch.randint(0, 41, (1, 1)), cache=cache)
             if max_len > 1:

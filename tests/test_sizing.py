@@ -26,8 +26,17 @@ def test_policy_follows_the_device_type(monkeypatch, device, expected):
     assert sizing.policy(torch.device(device)) == expected
 
 
+@pytest.fixture(autouse=True)
+def _fresh_environment():
+    # autouse, so it is torn down after monkeypatch has restored the environment: the policy read
+    # from $BSBR_SIZING is then re-read, and no test leaves its override behind
+    yield
+    sizing.refresh()
+
+
 def test_use_forces_and_nests(monkeypatch):
     monkeypatch.setenv(sizing.ENV_VAR, "cpu")
+    sizing.refresh()
     with sizing.use("cuda"):
         assert sizing.policy(torch.device("cpu")) == "cuda"
         with sizing.use("cpu"):
@@ -35,7 +44,20 @@ def test_use_forces_and_nests(monkeypatch):
         assert sizing.whole(torch.device("cpu"))
     assert sizing.policy(torch.device("cuda")) == "cpu"  # the environment, once no block forces
     monkeypatch.setenv(sizing.ENV_VAR, "cuda")
+    assert sizing.policy(torch.device("cpu")) == "cpu"  # an op call does not read the environment ...
+    sizing.refresh()
+    assert sizing.policy(torch.device("cpu")) == "cuda"  # ... refresh (and building a model) does
+
+
+def test_the_environment_is_read_when_a_model_is_built(monkeypatch):
+    from evals.registry import REGISTRY
+    from tests.conftest import TINY
+    monkeypatch.setenv(sizing.ENV_VAR, "cuda")
+    REGISTRY["Linear"].build(TINY)
     assert sizing.policy(torch.device("cpu")) == "cuda"
+    monkeypatch.setenv(sizing.ENV_VAR, "gpu")
+    with pytest.raises(ValueError, match=r"\$BSBR_SIZING: unknown sizing policy 'gpu'; valid: cpu, cuda"):
+        REGISTRY["Linear"].build(TINY)
 
 
 def test_unknown_policy_is_one_clear_error(monkeypatch):
@@ -44,7 +66,7 @@ def test_unknown_policy_is_one_clear_error(monkeypatch):
             pass
     monkeypatch.setenv(sizing.ENV_VAR, "gpu")
     with pytest.raises(ValueError, match=r"\$BSBR_SIZING: unknown sizing policy 'gpu'; valid: cpu, cuda"):
-        sizing.policy(torch.device("cpu"))
+        sizing.refresh()
 
 
 def test_per_block_and_accumulation_dtype():
