@@ -122,6 +122,15 @@ def test_bad_flags_exit_2_with_one_line(recall_run, args, needle):
     assert res.exit_code == 2 and len(lines) == 1 and needle in lines[0], res.output
 
 
+def test_a_recall_run_still_writing_is_refused(recall_run):
+    from evals.locking import holding
+
+    with holding(recall_run / "recall.lock"):  # as a running `bsbr-eval recall --resume` holds it
+        res = _cli("frontier", str(recall_run), *FAST, "--resume")
+    assert res.exit_code == 2 and "still writing" in res.output, res.output
+    assert not (recall_run / "recall.lock").exists(), "the lock goes with its holder"
+
+
 def test_a_folder_without_a_recall_run_is_refused(tmp_path):
     for target in (tmp_path / "missing", tmp_path):
         res = _cli("frontier", str(target))

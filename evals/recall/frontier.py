@@ -14,6 +14,7 @@ front (no other configuration is both at least as fast and at least as accurate)
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -196,12 +197,33 @@ def run_frontier(run_dir, *, lengths: Sequence[int] = DEFAULT_LENGTHS, device: s
                  repeats: int = 10, min_run_time: float = 0.2, threads: int = 1, resume: bool = False,
                  console=None) -> dict:
     """Everything ``bsbr-eval frontier`` does after parsing; returns {"table", "csv", "figures", "rows"}."""
+    run_dir = Path(run_dir)
+    read_run(run_dir)  # a folder that holds no recall run is refused before any lock file is made
+    with _recall_lock(run_dir):  # no recall run may write the rows while they are read and joined
+        return _measure(run_dir, *read_run(run_dir), lengths=lengths, device=device, decode_tokens=decode_tokens,
+                        repeats=repeats, min_run_time=min_run_time, threads=threads, resume=resume, console=console)
+
+
+@contextmanager
+def _recall_lock(run_dir: Path):
+    from evals.locking import LockHeld, holding
+    from evals.recall.launch import LOCK_NAME
+    from evals.results import ResultsError
+
+    try:
+        with holding(run_dir / LOCK_NAME):
+            yield
+    except LockHeld:
+        raise ResultsError(f"RUN_DIR: a recall run is still writing {run_dir} (it holds {run_dir / LOCK_NAME}); "
+                           "measure its frontier once it has finished") from None
+
+
+def _measure(run_dir: Path, rows: list, side: dict, *, lengths, device, decode_tokens, repeats, min_run_time,
+             threads, resume, console) -> dict:
     from evals import results
     from evals.compare import run_sweep
     from evals.recall import report
 
-    run_dir = Path(run_dir)
-    rows, side = read_run(run_dir)
     summary = report.summarize(rows)
     configs = configs_of(summary)
     cases = cases_for(configs, side, lengths, device, decode_tokens)
