@@ -119,29 +119,33 @@ def _banded_blocked(q, k, v, window_size, mask, scale, dropout_p):
         k_prev, v_prev = kp, vp
         kk = ks.unfold(2, w + B, B).transpose(-1, -2)  # (b, h, Js, w+B, d)
         vv = vs.unfold(2, w + B, B).transpose(-1, -2)  # (b, h, Js, w+B, d)
-        if not exists(mask):
-            # 4-D (b*h, Js, ...) views keep PyTorch's fused attention kernel; the band broadcasts over blocks
-            rest = F.scaled_dot_product_attention(qq.flatten(0, 1), kk.flatten(0, 1), vv.flatten(0, 1),
-                                                  attn_mask=band, scale=scale, dropout_p=dropout_p)
-        elif whole:
-            km = mask[:, p0: p0 + Js * B + w].unfold(1, w + B, B)  # (b, Js, w+B)
-            allowed = band & (km[:, :, None, :] | diag)  # (b, Js, B, w+B): see allowed_keys for the diagonal
-            # one call for every sequence: blocks laid out (b, h Js, ., .), the mask repeated over heads
-            Ls = w + B
-            rest = F.scaled_dot_product_attention(
-                qq.flatten(1, 2), kk.reshape(b, h * Js, Ls, d), vv.reshape(b, h * Js, Ls, vv.shape[-1]),
-                attn_mask=allowed[:, None].expand(b, h, Js, B, Ls).reshape(b, h * Js, B, Ls),
-                scale=scale, dropout_p=dropout_p)  # (b, h Js, B, d)
-        else:
-            km = mask[:, p0: p0 + Js * B + w].unfold(1, w + B, B)  # (b, Js, w+B)
-            allowed = band & (km[:, :, None, :] | diag)  # (b, Js, B, w+B): see allowed_keys for the diagonal
-            # the key mask differs per sequence: one fused call per sequence keeps every tensor a view
-            rest = torch.stack([F.scaled_dot_product_attention(qq[i], kk[i], vv[i], attn_mask=allowed[i],
-                                                               scale=scale, dropout_p=dropout_p)
-                                for i in range(b)])
+        km = mask[:, p0: p0 + Js * B + w].unfold(1, w + B, B) if exists(mask) else None  # (b, Js, w+B)
+        rest = _blocks_attention(qq, kk, vv, band, diag if exists(mask) else None, km, whole, scale, dropout_p)
         out[:, w + p0: w + p0 + Js * B] = rest.reshape(b, h, Js * B, -1).transpose(1, 2)
         p0 += Js * B
     return out[:, :n].transpose(1, 2)  # (b, h, n, d)
+
+
+def _blocks_attention(qq, kk, vv, band, diag, km, whole: bool, scale, dropout_p) -> torch.Tensor:
+    """One segment's query blocks against their (w + B)-key windows: (b, h, Js, B, d) -> (b, h, Js, B, d)
+    or (b, h Js, B, d) (the caller reshapes). ``km`` (b, Js, w+B) is the key mask per block, None
+    without padding; ``diag`` marks each query's own key, which stays visible (see allowed_keys)."""
+    if km is None:
+        # 4-D (b*h, Js, ...) views keep PyTorch's fused attention kernel; the band broadcasts over blocks
+        return F.scaled_dot_product_attention(qq.flatten(0, 1), kk.flatten(0, 1), vv.flatten(0, 1),
+                                              attn_mask=band, scale=scale, dropout_p=dropout_p)
+    b, h, Js, B, d = qq.shape
+    Ls = kk.shape[-2]  # w + B
+    allowed = band & (km[:, :, None, :] | diag)  # (b, Js, B, w+B)
+    if whole:
+        # one call for every sequence: blocks laid out (b, h Js, ., .), the mask repeated over heads
+        return F.scaled_dot_product_attention(
+            qq.flatten(1, 2), kk.reshape(b, h * Js, Ls, d), vv.reshape(b, h * Js, Ls, vv.shape[-1]),
+            attn_mask=allowed[:, None].expand(b, h, Js, B, Ls).reshape(b, h * Js, B, Ls),
+            scale=scale, dropout_p=dropout_p)  # (b, h Js, B, d)
+    # the key mask differs per sequence: one fused call per sequence keeps every tensor a view
+    return torch.stack([F.scaled_dot_product_attention(qq[i], kk[i], vv[i], attn_mask=allowed[i], scale=scale,
+                                                       dropout_p=dropout_p) for i in range(b)])
 
 
 def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_size: int,
