@@ -20,10 +20,11 @@ from rich.console import Console
 from rich.table import Table
 
 from evals import compare as sweep
-from evals import convert_experiment as conv
-from evals.guard import command as guard
 from evals import forms as fm
-from evals import report, results
+from evals import results
+from evals.analyze import report
+from evals.convert import command as conv
+from evals.guard import command as guard
 from evals.grid import DTYPES, SDPA_BACKENDS
 from evals.options import positive_ints
 from evals.registry import LEVELS, REGISTRY

@@ -139,7 +139,7 @@ def frontier_table(summary: pd.DataFrame, timed: Sequence[dict], states: pd.Data
 
 def markdown(table: pd.DataFrame, lengths: Sequence[int], device: str) -> str:
     """The table as GitHub markdown: one block per recall task."""
-    from evals.analysis import model_order
+    from evals.registry import model_order
 
     head = ["model", "d", "size", "accuracy % (mean, min)"] + [f"state KiB @{n}" for n in lengths] + \
         [f"decode ms/token @{n} ({device})" for n in lengths] + ["status"]
@@ -162,8 +162,9 @@ def plot(table: pd.DataFrame, out_dir: Path, length: int, device: str) -> list:
     """Accuracy against decode ms/token at ``length``, one panel per recall task, Pareto front drawn."""
     import matplotlib.pyplot as plt
 
-    from evals.analysis import model_order
-    from evals.plots import RECALL_ACC_LABEL, _recall_legend, _recall_marker, _save, model_palette
+    from evals.figures import model_palette, save
+    from evals.recall.plots import RECALL_ACC_LABEL, _recall_legend, _recall_marker
+    from evals.registry import model_order
 
     col = f"decode_ms_{length}"
     d = table[(table["status"] == "ok") & table[col].notna()]
@@ -189,7 +190,7 @@ def plot(table: pd.DataFrame, out_dir: Path, length: int, device: str) -> list:
                     markersize=5 + 3 * i, label=f"d={int(D)}") for i, D in enumerate(widths)]
     extra.append(Line2D([], [], color="black", ls=":", label="Pareto front"))
     _recall_legend(fig, models, palette, extra)
-    return [_save(fig, Path(out_dir) / "frontier.png")]
+    return [save(fig, Path(out_dir) / "frontier.png")]
 
 
 def run_frontier(run_dir, *, lengths: Sequence[int] = DEFAULT_LENGTHS, device: str = "cpu", decode_tokens: int = 16,
