@@ -294,6 +294,18 @@ def _analyze_into(csvs: Sequence[Path], out: Path, command: Optional[str]) -> tu
 
 # ---- the terminal ----
 
+def print_run(console, an: Analysis, out: Path, written: dict) -> None:
+    """What ``bsbr-eval analyze`` prints: the terminal tables, a warning for each sidecar that
+    cannot be read, and the closing line."""
+    for table in terminal_tables(an):
+        console.print(table)
+    for src, meta in (an.sidecars or {}).items():
+        if isinstance(meta, ResultsError):
+            console.print(f"[yellow]warning: {meta}[/yellow]")
+    console.print(f"wrote {len(written)} files to {out}/ (report: {written['report']}); used {len(an.rows)} rows"
+                  + (f", left out {len(an.dropped)} (listed above)" if len(an.dropped) else ""))
+
+
 def _rich(df: pd.DataFrame, title: str) -> Table:
     t = Table(title=title, title_justify="left", show_lines=False)
     for c in df.columns:

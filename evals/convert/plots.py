@@ -27,7 +27,16 @@ def plot_conversion(agree: pd.DataFrame, speed: pd.DataFrame, out_dir: Path, ste
     orig = a[~ft & (a["variant"] == "original")]
     ncols = 3 if len(speed) else 2
     fig, axes = plt.subplots(1, ncols, figsize=(5.2 * ncols, 4.0))
-    ax = axes[0]
+    _perplexity_panel(axes[0], a, ft, conv, orig)
+    _agreement_panel(axes[1], conv)
+    if len(speed):
+        _time_panel(axes[2], speed)
+    fig.tight_layout()
+    return [save(fig, Path(out_dir) / f"{stem}.png")]
+
+
+def _perplexity_panel(ax, a: pd.DataFrame, ft: pd.Series, conv: pd.DataFrame, orig: pd.DataFrame) -> None:
+    """Held-out perplexity vs chunk size: conversions, the original, the fine-tuned rows (``ft``)."""
     sns.lineplot(data=conv, x="chunk_size", y="ppl", marker="o", ax=ax, color="C0", label="converted, no training")
     if len(orig):
         ax.axhline(float(orig["ppl"].iloc[0]), color="black", ls="--", lw=1, label="original GPT-2")
@@ -44,7 +53,9 @@ def plot_conversion(agree: pd.DataFrame, speed: pd.DataFrame, out_dir: Path, ste
     ax.minorticks_off()
     ax.legend(fontsize=8, frameon=False)
 
-    ax = axes[1]
+
+def _agreement_panel(ax, conv: pd.DataFrame) -> None:
+    """Top-1 agreement and mean KL(GPT-2 || BSBR) vs chunk size, the conversions without training."""
     sns.lineplot(data=conv, x="chunk_size", y="top1_agreement", marker="o", ax=ax, color="C0",
                  label="top-1 agreement")
     ax.set(xscale="log", xlabel="BSBR chunk size c (tokens)", ylabel="top-1 agreement with GPT-2 (fraction)",
@@ -59,20 +70,19 @@ def plot_conversion(agree: pd.DataFrame, speed: pd.DataFrame, out_dir: Path, ste
     ax2.get_legend().remove()
     ax.legend(h1 + h2, l1 + l2, fontsize=8, frameon=False, loc="center right")
 
-    if len(speed):
-        ax = axes[2]
-        order = ["original"] + [v for v in speed["variant"].unique() if v != "original"]
-        sns.lineplot(data=speed, x="seq_len", y="time_ms", hue="variant", hue_order=order, marker="o", ax=ax,
-                     errorbar=None)
-        for i, v in enumerate(order):
-            s = speed[speed["variant"] == v].sort_values("seq_len")
-            ax.fill_between(s["seq_len"], s["time_ms_p20"], s["time_ms_p80"], alpha=0.15,
-                            color=sns.color_palette()[i % 10])
-        ax.set(xlabel=LENGTH_LABEL, ylabel=METRIC_LABELS["time_ms"], title="Forward time (batch 1, no grad)")
-        log_axes(ax, "y")  # plain 1-2-5 labels: a range under one decade still gets numbers
-        ax.set_xscale("log")
-        ax.set_xticks(sorted(speed["seq_len"].unique()), [int_label(n) for n in sorted(speed["seq_len"].unique())])
-        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-        ax.legend(fontsize=8, frameon=False)
-    fig.tight_layout()
-    return [save(fig, Path(out_dir) / f"{stem}.png")]
+
+def _time_panel(ax, speed: pd.DataFrame) -> None:
+    """Forward time vs length, log-log, one line per variant with its p20-p80 band."""
+    order = ["original"] + [v for v in speed["variant"].unique() if v != "original"]
+    sns.lineplot(data=speed, x="seq_len", y="time_ms", hue="variant", hue_order=order, marker="o", ax=ax,
+                 errorbar=None)
+    for i, v in enumerate(order):
+        s = speed[speed["variant"] == v].sort_values("seq_len")
+        ax.fill_between(s["seq_len"], s["time_ms_p20"], s["time_ms_p80"], alpha=0.15,
+                        color=sns.color_palette()[i % 10])
+    ax.set(xlabel=LENGTH_LABEL, ylabel=METRIC_LABELS["time_ms"], title="Forward time (batch 1, no grad)")
+    log_axes(ax, "y")  # plain 1-2-5 labels: a range under one decade still gets numbers
+    ax.set_xscale("log")
+    ax.set_xticks(sorted(speed["seq_len"].unique()), [int_label(n) for n in sorted(speed["seq_len"].unique())])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.legend(fontsize=8, frameon=False)

@@ -222,6 +222,30 @@ def run_frontier(run_dir, *, lengths: Sequence[int] = DEFAULT_LENGTHS, device: s
     return dict(table=table, csv=run_dir / TABLE_NAME, figures=figures, rows=timed)
 
 
+def frontier_command(run_dir, *, lengths: Optional[Sequence[str]], device: str, decode_tokens: int, repeats: int,
+                     min_run_time: float, threads: int, resume: bool) -> dict:
+    """``bsbr-eval frontier`` after parsing (``lengths`` as given on the command line): the options
+    checked, then ``run_frontier``. Bad input, a ``ValueError`` included, is a ``ResultsError``."""
+    import torch
+
+    from evals.options import positive_ints
+    from evals.results import OutputError, ResultsError
+
+    try:
+        lens = check_lengths(positive_ints("--lengths", lengths) if lengths else None)
+        for flag, v in (("--decode-tokens", decode_tokens), ("--repeats", repeats), ("--threads", threads)):
+            if v <= 0:
+                raise ValueError(f"{flag} must be a positive integer, got {v}")
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device: CUDA is not available on this machine; valid: cpu")
+        return run_frontier(run_dir, lengths=lens, device=device, decode_tokens=decode_tokens, repeats=repeats,
+                            min_run_time=min_run_time, threads=threads, resume=resume)
+    except ValueError as e:
+        if isinstance(e, (ResultsError, OutputError)):
+            raise
+        raise ResultsError(str(e)) from None
+
+
 def check_claim(csv: Path, settings: dict, resume: bool) -> None:
     """Refuse to replace an earlier frontier run, and a --resume whose settings differ from it
     (its rows would be joined under the new settings' names). One line each, naming the way on."""
