@@ -20,10 +20,11 @@ from rich.console import Console
 from rich.table import Table
 
 from evals import compare as sweep
-from evals import convert_experiment as conv
-from evals.guard import command as guard
 from evals import forms as fm
-from evals import report, results
+from evals import results
+from evals.analyze import report
+from evals.convert import command as conv
+from evals.guard import command as guard
 from evals.grid import DTYPES, SDPA_BACKENDS
 from evals.options import positive_ints
 from evals.registry import LEVELS, REGISTRY
@@ -278,14 +279,7 @@ def analyze(
     with exit_codes():
         an, out, written = report.run_analyze(
             csvs, output_dir, command=shlex.join(["bsbr-eval", "analyze", *map(str, csvs or []), *out_arg]))
-    console = Console()
-    for table in report.terminal_tables(an):
-        console.print(table)
-    for src, meta in (an.sidecars or {}).items():
-        if isinstance(meta, ResultsError):
-            console.print(f"[yellow]warning: {meta}[/yellow]")
-    console.print(f"wrote {len(written)} files to {out}/ (report: {written['report']}); used {len(an.rows)} rows"
-                  + (f", left out {len(an.dropped)} (listed above)" if len(an.dropped) else ""))
+    report.print_run(Console(), an, out, written)
 
 
 @app.command(cls=Command)
@@ -472,19 +466,8 @@ def frontier(
     from evals.recall import frontier as fr
 
     with exit_codes():
-        try:
-            lens = fr.check_lengths(positive_ints("--lengths", lengths) if lengths else None)
-            for flag, v in (("--decode-tokens", decode_tokens), ("--repeats", repeats), ("--threads", threads)):
-                if v <= 0:
-                    raise ValueError(f"{flag} must be a positive integer, got {v}")
-            if device.value == "cuda" and not __import__("torch").cuda.is_available():
-                raise ValueError("--device: CUDA is not available on this machine; valid: cpu")
-            res = fr.run_frontier(run_dir, lengths=lens, device=device.value, decode_tokens=decode_tokens,
+        res = fr.frontier_command(run_dir, lengths=lengths, device=device.value, decode_tokens=decode_tokens,
                                   repeats=repeats, min_run_time=min_run_time, threads=threads, resume=resume)
-        except ValueError as e:
-            if isinstance(e, (ResultsError, OutputError)):
-                raise
-            raise ResultsError(str(e)) from None
     t = res["table"]
     bad = t[t["status"] != "ok"]
     finish(0, f"wrote {len(t)} configurations to {res['csv']} (+ frontier.md, {len(res['figures'])} figure(s))"

@@ -101,31 +101,12 @@ def _started(executor):
 def _sweep(cases, output: Path, kept: list[dict], *, repeats, warmup, min_run_time, threads, inject,
            show_progress, console, settings, executor=None) -> Rows:
     done = completed_keys(kept)
-    oom_at = {}  # group -> first length that ran out of memory
-    for r in kept:
-        if r["status"] == "oom":
-            g = _group(case_key(r))
-            oom_at[g] = min(oom_at.get(g, int(r["seq_len"])), int(r["seq_len"]))
-
+    oom_at = _first_oom(kept)
     measured_as = dict(repeats=repeats, warmup=warmup, min_run_time=min_run_time, threads=threads,
                        inject_slowdown=inject)
-    before = read_sidecar(output) if kept else None
-    if kept:
-        check_same_settings(_measured_as(before), measured_as, output)
-    env = environment()
-    # what every measurement ran with (pinned), and what torch would have used unpinned
-    env["torch_num_threads_default"], env["torch_num_threads"] = env["torch_num_threads"], threads
-    info = dict(before or {}, **env, measured_as=measured_as)
-    run_id = kept[0]["run_id"] if kept else new_run_id(env.get("git_sha") or "")
-    session = {"command": env["command"], "git_sha": env["git_sha"], "git_dirty": env["git_dirty"],
-               "started_utc": utc_now(), "ended_utc": None,
-               "threads": threads, "inject_slowdown": inject,
-               "warmup": warmup, "calibration_matmul_gflops": calibrate(cases, threads=threads)}
-    info.update(run_id=run_id, settings=settings or {}, cases=len(cases), inject_slowdown=inject,
-                calibration_matmul_gflops=session["calibration_matmul_gflops"], threads=threads)
-    info.setdefault("started_utc", session["started_utc"])
-    info["sessions"] = list(info.get("sessions", [])) + [session]
-    write_sidecar(output, info)
+    info, session = _start_session(output, cases, kept, measured_as, settings=settings, threads=threads,
+                                   inject=inject, warmup=warmup)
+    run_id = info["run_id"]
 
     cuda_ok = torch.cuda.is_available()
     rows = Rows(kept)
@@ -151,20 +132,8 @@ def _sweep(cases, output: Path, kept: list[dict], *, repeats, warmup, min_run_ti
             todo = []
         for case in todo:
             progress.update(task, description=case.label())
-            g = _group(case_key(case.fields()))
-            common = dict(run_id=run_id, threads=threads, inject=float(inject.get(case.model, 1.0)))
-            if case.device.startswith("cuda") and not cuda_ok:
-                row = empty_row(case, "skipped", "CUDA is not available on this machine", **common)
-            elif g in oom_at and case.seq_len > oom_at[g]:
-                row = empty_row(case, "skipped", f"a shorter length (n={oom_at[g]}) of this model, device "
-                                "and mode ran out of memory", **common)
-            else:
-                row = measure(case, repeats=repeats, warmup=warmup, min_run_time=min_run_time, threads=threads,
-                              inject=inject, run_id=run_id)
-                if row["status"] == "oom":
-                    oom_at[g] = min(oom_at.get(g, case.seq_len), case.seq_len)
-                if row["status"] in ("oom", "error"):
-                    log.warning("%s: %s %s", case.label(), row["status"], row["error"])
+            row = _local_row(case, oom_at, cuda_ok, repeats=repeats, warmup=warmup, min_run_time=min_run_time,
+                             threads=threads, inject=inject, run_id=run_id)
             append_row(output, row)
             rows.append(row)
             progress.advance(task)
@@ -175,6 +144,61 @@ def _sweep(cases, output: Path, kept: list[dict], *, repeats, warmup, min_run_ti
     session["ended_utc"] = info["ended_utc"] = utc_now()
     write_sidecar(output, info)
     return rows
+
+
+def _first_oom(kept: list[dict]) -> dict:
+    """Group -> the first length that ran out of memory, among the rows kept from an earlier run."""
+    oom_at = {}
+    for r in kept:
+        if r["status"] == "oom":
+            g = _group(case_key(r))
+            oom_at[g] = min(oom_at.get(g, int(r["seq_len"])), int(r["seq_len"]))
+    return oom_at
+
+
+def _start_session(output: Path, cases, kept: list[dict], measured_as: dict, *, settings, threads, inject,
+                   warmup) -> tuple[dict, dict]:
+    """Refuse to resume under other measurement settings, then write the sidecar with this session
+    added (its start, the machine, the matmul calibration). Returns ``(info, session)``: the
+    sidecar's contents and this session's entry in it, both completed at the end of the sweep."""
+    before = read_sidecar(output) if kept else None
+    if kept:
+        check_same_settings(_measured_as(before), measured_as, output)
+    env = environment()
+    # what every measurement ran with (pinned), and what torch would have used unpinned
+    env["torch_num_threads_default"], env["torch_num_threads"] = env["torch_num_threads"], threads
+    info = dict(before or {}, **env, measured_as=measured_as)
+    run_id = kept[0]["run_id"] if kept else new_run_id(env.get("git_sha") or "")
+    session = {"command": env["command"], "git_sha": env["git_sha"], "git_dirty": env["git_dirty"],
+               "started_utc": utc_now(), "ended_utc": None,
+               "threads": threads, "inject_slowdown": inject,
+               "warmup": warmup, "calibration_matmul_gflops": calibrate(cases, threads=threads)}
+    info.update(run_id=run_id, settings=settings or {}, cases=len(cases), inject_slowdown=inject,
+                calibration_matmul_gflops=session["calibration_matmul_gflops"], threads=threads)
+    info.setdefault("started_utc", session["started_utc"])
+    info["sessions"] = list(info.get("sessions", [])) + [session]
+    write_sidecar(output, info)
+    return info, session
+
+
+def _local_row(case, oom_at: dict, cuda_ok: bool, *, repeats, warmup, min_run_time, threads, inject,
+               run_id) -> dict:
+    """One case measured in this process, or skipped: CUDA missing, or a shorter length of its
+    group already ran out of memory (``oom_at``, updated when this one does)."""
+    g = _group(case_key(case.fields()))
+    common = dict(run_id=run_id, threads=threads, inject=float(inject.get(case.model, 1.0)))
+    if case.device.startswith("cuda") and not cuda_ok:
+        return empty_row(case, "skipped", "CUDA is not available on this machine", **common)
+    if g in oom_at and case.seq_len > oom_at[g]:
+        return empty_row(case, "skipped", f"a shorter length (n={oom_at[g]}) of this model, device "
+                         "and mode ran out of memory", **common)
+    row = measure(case, repeats=repeats, warmup=warmup, min_run_time=min_run_time, threads=threads,
+                  inject=inject, run_id=run_id)
+    if row["status"] == "oom":
+        oom_at[g] = min(oom_at.get(g, case.seq_len), case.seq_len)
+    if row["status"] in ("oom", "error"):
+        log.warning("%s: %s %s", case.label(), row["status"], row["error"])
+    return row
 
 
 def _measured_as(meta: Optional[dict]) -> Optional[dict]:
@@ -280,11 +304,8 @@ def run_compare(*, models=None, seq_lengths=None, devices=None, modes=None, leve
     if "cuda" in devs and "cpu" not in devs and not torch.cuda.is_available():
         raise ResultsError("--devices: CUDA is not available on this machine; valid: cpu "
                            "(give 'cpu cuda' to record the cuda rows as skipped)")
-    check_positive(batch_size=batch_size, repeats=repeats, decode_tokens=decode_tokens, threads=threads, **config)
-    check_fraction("--min-run-time", min_run_time)
-    check_seed(seed)
-    if not (isinstance(warmup, int) and 0 <= warmup <= 10**6):
-        raise ResultsError(f"--warmup must be an integer from 0 to 1000000, got {warmup!r}")
+    _check_numbers(batch_size=batch_size, repeats=repeats, decode_tokens=decode_tokens, threads=threads,
+                   min_run_time=min_run_time, seed=seed, warmup=warmup, config=config)
     cfg = ModelConfig().with_(**{k: v for k, v in config.items() if v is not None})
     from bsbr.shell import check_heads
 
@@ -310,18 +331,30 @@ def run_compare(*, models=None, seq_lengths=None, devices=None, modes=None, leve
                     decode_tokens=decode_tokens, threads=threads, seed=seed, shard=shard, warmup=warmup,
                     compile=compile, sdpa_backend=sdpa_backend, executor=executor, address=address)
     torch.manual_seed(seed)
-    ex = None
-    if executor == "ray":
-        try:  # a cluster started here: every CPU, one timing slot for the CPU (GPUs count themselves)
-            ex = RayExecutor(address, threads=threads, num_cpus=os.cpu_count(), resources={CPU_TIMER: 1})
-        except ValueError as e:
-            raise ResultsError(str(e)) from None
+    ex = _ray_executor(address, threads) if executor == "ray" else None
     rows = run_sweep(cases, output, resume=resume, repeats=repeats, min_run_time=min_run_time,
                      threads=threads, warmup=warmup, inject=inject, settings=settings, console=console,
                      executor=ex)
     code, words = outcome(rows.new)
     summary = f"wrote {len(rows)} rows to {output} (+ {sidecar_path(output).name})"
     return rows, code, summary + (f"; {words}" if words else "")
+
+
+def _check_numbers(*, batch_size, repeats, decode_tokens, threads, min_run_time, seed, warmup, config) -> None:
+    """The numeric options, each bounded (``ResultsError`` names the bad one)."""
+    check_positive(batch_size=batch_size, repeats=repeats, decode_tokens=decode_tokens, threads=threads, **config)
+    check_fraction("--min-run-time", min_run_time)
+    check_seed(seed)
+    if not (isinstance(warmup, int) and 0 <= warmup <= 10**6):
+        raise ResultsError(f"--warmup must be an integer from 0 to 1000000, got {warmup!r}")
+
+
+def _ray_executor(address: Optional[str], threads: int) -> RayExecutor:
+    """A cluster started here gets every CPU and one timing slot for the CPU (GPUs count themselves)."""
+    try:
+        return RayExecutor(address, threads=threads, num_cpus=os.cpu_count(), resources={CPU_TIMER: 1})
+    except ValueError as e:
+        raise ResultsError(str(e)) from None
 
 
 def _num(v, fmt: str) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import asdict, dataclass, replace
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 from torch import nn
 
@@ -135,6 +135,12 @@ REGISTRY: dict[str, ModelSpec] = {
 }
 
 MODEL_NAMES: tuple = tuple(REGISTRY)
+
+
+def model_order(names: Iterable[str]) -> list:
+    """Registry order first (the plots' and tables' order), then any unregistered names."""
+    names = list(dict.fromkeys(names))
+    return [m for m in MODEL_NAMES if m in names] + sorted(m for m in names if m not in MODEL_NAMES)
 
 
 def resolve_model(name: str) -> ModelSpec:

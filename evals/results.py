@@ -408,27 +408,7 @@ def read_table(path: Path | str, *, required: Sequence[str] = REQUIRED_COLUMNS,
 
     path = Path(path)
     name = f"{what} {path}".strip()
-    if path.is_dir():
-        inside = sorted(p.name for p in path.glob("*.csv"))[:3]
-        raise ResultsError(f"{name} is a folder; give a results CSV" + (f", e.g. {path / inside[0]}" if inside else ""))
-    if not path.is_file():
-        raise ResultsError(f"{name} does not exist; give a results CSV")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise ResultsError(f"{name}: not a CSV (not UTF-8 text)") from None
-    except OSError as e:
-        raise ResultsError(f"{name}: cannot read it: {e.strerror or e}") from None
-    reader = csv.reader(io.StringIO(text, newline=""))
-    try:
-        header = next(reader, None)
-        records = []
-        start = reader.line_num + 1
-        for rec in reader:
-            records.append((start, rec))
-            start = reader.line_num + 1
-    except csv.Error as e:
-        raise ResultsError(f"{name}: not a readable CSV ({e})") from None
+    text, header, records = _read_records(path, name)
     if not header:
         raise ResultsError(f"{name}: empty file (no header, no rows)")
     missing = [c for c in required if c not in header]
@@ -469,6 +449,33 @@ def read_table(path: Path | str, *, required: Sequence[str] = REQUIRED_COLUMNS,
     if "status" in df:
         df["status"] = df["status"].astype(str).str.strip().str.lower()
     return Table(df, dropped, lines)
+
+
+def _read_records(path: Path, name: str) -> tuple[str, Optional[list], list]:
+    """The file's text, its header (None when empty) and its records as ``(line, fields)``;
+    ``ResultsError`` for a folder, a missing file, one that is not UTF-8 text or not a CSV."""
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.csv"))[:3]
+        raise ResultsError(f"{name} is a folder; give a results CSV" + (f", e.g. {path / inside[0]}" if inside else ""))
+    if not path.is_file():
+        raise ResultsError(f"{name} does not exist; give a results CSV")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ResultsError(f"{name}: not a CSV (not UTF-8 text)") from None
+    except OSError as e:
+        raise ResultsError(f"{name}: cannot read it: {e.strerror or e}") from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader, None)
+        records = []
+        start = reader.line_num + 1
+        for rec in reader:
+            records.append((start, rec))
+            start = reader.line_num + 1
+    except csv.Error as e:
+        raise ResultsError(f"{name}: not a readable CSV ({e})") from None
+    return text, header, records
 
 
 # ----------------------------------------------------------------------------- the run's outcome

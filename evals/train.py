@@ -1,7 +1,7 @@
 """The one trainer: AdamW, linear warm-up then cosine decay, gradient clipping, early stopping.
 
 Recall (``evals.recall``) trains every model through ``fit``, and so does the conversion experiment
-(``evals.convert_experiment.train_lm``, with its GPT-2 recipe's betas, decay and LR floor as
+(``evals.convert.experiment.train_lm``, with its GPT-2 recipe's betas, decay and LR floor as
 ``TrainConfig`` fields), so that "trained with the suite's loop and schedule" means one thing.
 
 ``fit`` knows nothing about the task: it draws batches from ``next_batch``, gets a scalar loss from

@@ -84,38 +84,46 @@ def _both(make: Callable[[Callable], Callable], module: Callable, compile: bool)
 
 def build_workload(case: Case) -> Workload:
     """Build the model or layer and its inputs for ``case`` (seeded); nothing here is timed."""
-    spec = REGISTRY[case.model]
-    cfg = case.config
+    torch.manual_seed(case.seed)  # the weights
+    g = torch.Generator().manual_seed(case.seed)  # the inputs
+    return (_model_workload if case.level == "model" else _mixer_workload)(case, g)
+
+
+def _model_workload(case: Case, g: torch.Generator) -> Workload:
+    """The model level: token ids in; forward, train (next-token loss) or cached decode steps."""
+    spec, cfg = REGISTRY[case.model], case.config
     device, dtype = case.device, DTYPES[case.dtype]
     b, n, k = case.batch_size, case.seq_len, case.effective_decode_tokens
-    torch.manual_seed(case.seed)
-    g = torch.Generator().manual_seed(case.seed)
-
-    if case.level == "model":
-        model = spec.build(cfg).to(device=device, dtype=dtype)
-        ids = torch.randint(0, cfg.vocab_size, (b, n), generator=g).to(device)
-        params = _unique_params(model)
-        if case.mode == "forward":
-            model.eval()
-            return _workload(_no_grad_call(ids), model, case, params)
-        if case.mode == "train":
-            model.train()
-            targets = ids.roll(-1, dims=1)  # next-token targets (the last wraps; cost is what counts)
-
-            def make(m):
-                def fn():
-                    model.zero_grad(set_to_none=True)
-                    logits = m(ids)  # (b, n, V)
-                    F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten()).backward()
-                return fn
-            return _workload(make, model, case, params)
+    model = spec.build(cfg).to(device=device, dtype=dtype)
+    ids = torch.randint(0, cfg.vocab_size, (b, n), generator=g).to(device)
+    params = _unique_params(model)
+    if case.mode == "forward":
         model.eval()
-        cache0 = model.init_cache(b, device=device, dtype=dtype, **_max_len(model, n + k, case))
-        with torch.no_grad():
-            model(ids, cache=cache0)  # prefill outside the timed region
-        steps = torch.randint(0, cfg.vocab_size, (b, k), generator=g).to(device)
-        return _decode_workload(model, cache0, steps, params, k, case)
+        return _workload(_no_grad_call(ids), model, case, params)
+    if case.mode == "train":
+        model.train()
+        targets = ids.roll(-1, dims=1)  # next-token targets (the last wraps; cost is what counts)
 
+        def make(m):
+            def fn():
+                model.zero_grad(set_to_none=True)
+                logits = m(ids)  # (b, n, V)
+                F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten()).backward()
+            return fn
+        return _workload(make, model, case, params)
+    model.eval()
+    cache0 = model.init_cache(b, device=device, dtype=dtype, **_max_len(model, n + k, case))
+    with torch.no_grad():
+        model(ids, cache=cache0)  # prefill outside the timed region
+    steps = torch.randint(0, cfg.vocab_size, (b, k), generator=g).to(device)
+    return _decode_workload(model, cache0, steps, params, k, case)
+
+
+def _mixer_workload(case: Case, g: torch.Generator) -> Workload:
+    """The layer and op levels: one mixer on (b, n, D) inputs; forward, train or cached decode steps."""
+    spec, cfg = REGISTRY[case.model], case.config
+    device, dtype = case.device, DTYPES[case.dtype]
+    b, n, k = case.batch_size, case.seq_len, case.effective_decode_tokens
     mixer = spec.build_mixer(cfg).to(device=device, dtype=dtype)
     params = _unique_params(mixer)
     x = torch.randn(b, n, cfg.hidden_dim, generator=g).to(device=device, dtype=dtype)  # (b, n, D)

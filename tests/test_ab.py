@@ -18,6 +18,10 @@ from evals.guard.findings import AB_TIME_METRIC, failures
 from evals.guard.rule import CHANGED, REGRESSION
 
 TREE = Path(__file__).resolve().parents[1]
+# the old layout's flat modules, and the modules it did not have yet (results.py's parts, figures)
+OLD_ONLY = ("guard", "regress", "ab", "ab_worker", "regress_power", "analysis", "plots", "report",
+            "convert_experiment")
+NEW_ONLY = ("errors", "files", "locking", "machine", "resume", "figures")
 
 
 def git(root, *args):
@@ -46,16 +50,23 @@ def repo(tmp_path_factory):
     git(root, "commit", "-qam", "old harness")
     git(root, "tag", "old-harness")
     harness.write_text(code)
-    # a ref from before the guard moved into evals/guard/: flat modules under the old names, which
-    # must never be imported (the workers install the working tree's guard package instead)
-    shutil.rmtree(root / "evals" / "guard")
-    for name in ("guard", "regress", "ab", "ab_worker", "regress_power"):
+    # a ref from before the guard moved into evals/guard/, before results.py was split and before
+    # the commands moved into packages: flat modules under the old names, which must never be
+    # imported (the workers install the working tree's harness instead), and none of the new ones
+    for folder in ("guard", "analyze", "convert"):
+        shutil.rmtree(root / "evals" / folder)
+    for name in OLD_ONLY:
         (root / "evals" / f"{name}.py").write_text(f'raise ImportError("the old {name}.py was imported")\n')
+    for name in NEW_ONLY:
+        (root / "evals" / f"{name}.py").unlink()
     git(root, "add", "-A")
     git(root, "commit", "-qm", "old layout")
     git(root, "tag", "old-layout")
-    git(root, "rm", "-q", *(f"evals/{n}.py" for n in ("guard", "regress", "ab", "ab_worker", "regress_power")))
-    shutil.copytree(TREE / "evals" / "guard", root / "evals" / "guard", ignore=shutil.ignore_patterns("__pycache__"))
+    git(root, "rm", "-q", *(f"evals/{n}.py" for n in OLD_ONLY))
+    for folder in ("guard", "analyze", "convert"):
+        shutil.copytree(TREE / "evals" / folder, root / "evals" / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in NEW_ONLY:
+        shutil.copy(TREE / "evals" / f"{name}.py", root / "evals" / f"{name}.py")
     git(root, "add", "-A")
     git(root, "commit", "-qm", "fixed")
     return root
@@ -182,6 +193,7 @@ def test_a_ref_from_before_the_guard_package_builds_with_the_working_trees_guard
     # its models from that tree and the guard (case_from_row, exact metrics) from the working tree.
     with ab.ref_worktree("old-layout", repo) as (path, sha):
         assert (path / "evals" / "guard.py").is_file() and not (path / "evals" / "guard").exists()
+        assert not (path / "evals" / "errors.py").exists() and (path / "evals" / "analysis.py").is_file()
         with ab.workers(path, repo, a_what="ref old-layout") as ws:
             session = ab.open_session(ws, rows, threads=1, inject={}, exact=False)
             assert [c["status"] for c in session.built["A"]] == ["ok"] * len(rows), session.built["A"]

@@ -12,8 +12,9 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from evals import analysis, plots, report
-from evals.analysis import REQUIRED_COLUMNS, UNDERDETERMINED, AnalysisInputError, fit_one
+from evals import figures
+from evals.analyze import analysis, plots, report
+from evals.analyze.analysis import REQUIRED_COLUMNS, UNDERDETERMINED, AnalysisInputError, fit_one
 
 LENGTHS = 2 ** np.arange(8, 17)          # 256 .. 65536: 9 lengths spanning 256x
 NOISE = 0.05                             # 5% multiplicative noise
@@ -232,8 +233,8 @@ def test_scaling_plot_draws_ok_points_and_marks_failures(tmp_path, monkeypatch):
     failures = [("Standard", 65536, "oom"), ("BSBR", 256, "error")]
     df = rows(MODELS, failures=failures)
     drawn = []
-    real_save = plots._save
-    monkeypatch.setattr(plots, "_save", lambda fig, path: (drawn.append(fig), real_save(fig, path))[1])
+    real_save = plots.save
+    monkeypatch.setattr(plots, "save", lambda fig, path: (drawn.append(fig), real_save(fig, path))[1])
     paths = plots.plot_scaling(df, analysis.complexity_fits(df), tmp_path)
     assert [p.name for p in paths] == ["time_ms_model.png", "peak_memory_mb_model.png"]
     assert all(p.stat().st_size > 10_000 for p in paths)
@@ -258,7 +259,7 @@ def test_speedup_and_params_plots(tmp_path):
 
 def test_palette_follows_the_registry():
     from evals.registry import MODEL_NAMES
-    pal = plots.model_palette(["Linear", "BSBR"])
+    pal = figures.model_palette(["Linear", "BSBR"])
     assert list(pal)[:len(MODEL_NAMES)] == list(MODEL_NAMES) and len(set(pal.values())) == len(pal)
 
 
@@ -372,10 +373,8 @@ def _visible_labels(fig, axis) -> list:
 
 
 def test_wide_length_range_tick_labels_do_not_collide(tmp_path, monkeypatch):
-    from evals import plots
-
     figs = []
-    monkeypatch.setattr(plots, "_save", lambda fig, path: figs.append(fig) or path)
+    monkeypatch.setattr(plots, "save", lambda fig, path: figs.append(fig) or path)
     lengths = [64 * 2 ** i for i in range(11)]  # 64 .. 65536: three decades
     df = pd.DataFrame([dict(model=m, device="cpu", mode="forward", level="op", dtype="float32", batch_size=1,
                             hidden_dim=64, num_layers=1, num_heads=2, seq_len=n,
@@ -390,14 +389,14 @@ def test_wide_length_range_tick_labels_do_not_collide(tmp_path, monkeypatch):
 
 def test_conversion_time_panel_has_numbered_y_ticks(tmp_path, monkeypatch):
     # forward times between 20 and 130 ms: less than a decade, which a bare log axis labels once
-    from evals import plots
+    from evals.convert import plots as convert_plots
 
     figs = []
-    monkeypatch.setattr(plots, "_save", lambda fig, path: figs.append(fig) or path)
+    monkeypatch.setattr(convert_plots, "save", lambda fig, path: figs.append(fig) or path)
     agree = pd.DataFrame([dict(variant=v, chunk_size=c, finetuned=False, finetune_steps=0, ppl=12.0, kl=0.01,
                                top1_agreement=0.9) for v, c in (("original", ""), ("bsbr-c64", 64), ("bsbr-c32", 32))])
     speed = pd.DataFrame([dict(variant=v, seq_len=n, time_ms=t, time_ms_p20=t * 0.9, time_ms_p80=t * 1.1)
                           for v, f in (("original", 1.0), ("bsbr-c64", 1.3)) for n, t in ((64, 20 * f), (512, 100 * f))])
-    plots.plot_conversion(agree, speed, tmp_path)
+    convert_plots.plot_conversion(agree, speed, tmp_path)
     labels = [t for t, _ in _visible_labels(figs[0], figs[0].axes[2].yaxis)]
     assert len(labels) >= 3 and all(t.replace(".", "").isdigit() for t in labels), labels

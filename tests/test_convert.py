@@ -254,7 +254,7 @@ def test_sequence_longer_than_position_table(gpt2):
 
 from typer.testing import CliRunner  # noqa: E402
 
-from evals import convert_experiment as ce  # noqa: E402
+from evals.convert import comparison as ce  # noqa: E402
 
 BYTES_N = 64  # position table of the byte-level GPT-2 below
 
@@ -315,7 +315,7 @@ def test_cli_convert_writes_results_and_models(byte_gpt2_dir, tmp_path):
     speed = pd.read_csv(out / "convert_speed.csv")
     assert set(speed["variant"]) == set(rows.index) and (speed["time_ms"] > 0).all()
     assert json.loads((out / "convert.json").read_text())["model"] == str(byte_gpt2_dir)
-    assert (out / "convert.png").stat().st_size > 10_000  # the figure (evals.plots.plot_conversion)
+    assert (out / "convert.png").stat().st_size > 10_000  # the figure (evals.convert.plots.plot_conversion)
     gpt2 = GPT2LMHeadModel.from_pretrained(byte_gpt2_dir).eval()
     x = ids(BYTES_N)
     with torch.no_grad():

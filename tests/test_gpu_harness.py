@@ -14,10 +14,10 @@ import torch
 from typer.testing import CliRunner
 
 import cli
-from evals import analysis as A
 from evals import compare as C
 from evals import measure as M
 from evals import results as R
+from evals.analyze import analysis as A
 from evals.grid import Case, expand_grid
 from evals.registry import ModelConfig
 from tests.test_measure import FAST, TOY_CFG, case, register_toys
@@ -183,7 +183,7 @@ def test_forms_takes_device_and_dtype(tmp_path):
 
 def test_convert_speed_rows_take_device_and_dtype():
     from bsbr_extras.linear import LinearTransformerModel
-    from evals.convert_experiment import speed_rows
+    from evals.convert.comparison import speed_rows
 
     model = LinearTransformerModel(37, 16, 1, 2, 16)
     before = next(model.parameters()).dtype

@@ -65,6 +65,7 @@ def test_the_guard_step_writes_its_verdicts(flow, tmp_path, monkeypatch):
     from tests.test_regress import fake_against, tiny_rows
 
     monkeypatch.chdir(tmp_path)
+    Path("results/baselines").mkdir(parents=True)  # a write never creates its folder (evals.results.locked)
     bl.write_baseline(Path("results/baselines/cpu.csv"), tiny_rows().assign(status="ok", flops=1, params=1),
                       start="t", source="test")
     monkeypatch.setattr(runner, "against", fake_against())

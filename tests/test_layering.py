@@ -1,6 +1,8 @@
 """The library never depends on the evaluation suite: importing every module of ``bsbr`` and
 ``bsbr_extras`` loads nothing from ``evals`` (nor the ``cli`` that imports it), and no import
-statement in them names it."""
+statement in them names it. And the suite's layout holds: no module over 500 lines, no function
+over 60 (a Typer command's body), no import cycle among the ``evals`` modules, the foundation
+modules import no command, and every ``evals`` package's ``__init__`` says what it owns."""
 
 from __future__ import annotations
 
@@ -117,4 +119,164 @@ def test_the_seed_command_is_served_by_whoever_registers_it(tmp_path):
         text=True, timeout=300)
     out = run(os.pathsep.join([str(tmp_path), str(ROOT)]))
     lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
-    assert out.returncode == 2 and len(lines) == 1 and "cannot load a model config" in lines[0], out.stderr
+    # a missing local path is one line naming it (bsbr_extras.convert), through the same command
+    assert out.returncode == 2 and len(lines) == 1 and "no such folder, and not a hub name" in lines[0], out.stderr
+
+
+# ----------------------------------------------------------------------------- the suite's layout
+# evals/ is one package per command (guard/, analyze/, recall/, convert/; compare and forms are one
+# module each) over flat foundation modules; every file short enough to hold in one's head.
+
+MAX_MODULE_LINES = 500
+MAX_FUNCTION_LINES = 60
+# Known longer functions in the library, owned elsewhere; nothing else may join them.
+LONG_FUNCTIONS_ALLOWED = {("bsbr_extras/gau.py", "gau_mixed_chunk"), ("bsbr_extras/linear.py", "linear_attention"),
+                          ("bsbr_extras/sliding_window.py", "_banded_blocked")}
+SIZED = ("bsbr", "bsbr_extras", "evals")
+FOUNDATION = ("results", "registry", "grid", "executors", "options", "train", "measure", "workload", "figures",
+              "errors", "files", "locking", "machine", "resume", "interrupts")
+COMMANDS = ("guard", "analyze", "recall", "convert", "compare", "forms")
+
+
+def _sized_files(root: Path = ROOT) -> list:
+    return [root / "cli.py"] + sorted(p for pkg in SIZED for p in (root / pkg).rglob("*.py"))
+
+
+def long_modules(root: Path = ROOT) -> list:
+    """``path: lines`` for every module of the library, the suite and ``cli.py`` over the limit."""
+    out = []
+    for p in _sized_files(root):
+        n = len(p.read_text().splitlines())
+        if n > MAX_MODULE_LINES:
+            out.append(f"{p.relative_to(root).as_posix()}: {n} lines")
+    return out
+
+
+def _typer_command(node) -> bool:
+    return any(isinstance(d, ast.Call) and isinstance(d.func, ast.Attribute) and d.func.attr == "command"
+               for d in node.decorator_list)
+
+
+def long_functions(root: Path = ROOT) -> list:
+    """``path: name: lines`` for every function over the limit, from its ``def`` line to its last
+    (decorators aside); a Typer command (``@app.command``) counts from its body, since its
+    signature is its option table."""
+    out = []
+    for p in _sized_files(root):
+        rel = p.relative_to(root).as_posix()
+        for node in ast.walk(ast.parse(p.read_text(), filename=rel)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                start = node.body[0].lineno if _typer_command(node) else node.lineno
+                n = node.end_lineno - start + 1
+                if n > MAX_FUNCTION_LINES and (rel, node.name) not in LONG_FUNCTIONS_ALLOWED:
+                    out.append(f"{rel}: {node.name}: {n} lines")
+    return out
+
+
+def _module_name(path: Path, root: Path) -> str:
+    parts = path.relative_to(root).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def suite_import_graph(root: Path = ROOT) -> dict:
+    """Module -> the ``evals`` modules it imports, at module level or inside a function, read from
+    the source (nothing is imported). ``from evals.recall import report`` is an edge to the
+    submodule ``evals.recall.report``; ``from evals.recall import run_recall`` one to the package
+    ``evals.recall`` (its ``__init__``). A submodule's parent package is imported before it
+    anyway, so that is not an edge."""
+    files = {_module_name(p, root): p for p in sorted((root / "evals").rglob("*.py"))}
+    graph = {}
+    for name, path in files.items():
+        here = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                edges |= {a.name for a in node.names if a.name in files}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join(here[:len(here) - node.level + 1] + ([node.module] if node.module else []))
+                for a in node.names:
+                    if f"{base}.{a.name}" in files:
+                        edges.add(f"{base}.{a.name}")
+                    elif base in files:
+                        edges.add(base)
+        edges.discard(name)
+        graph[name] = sorted(edges)
+    return graph
+
+
+def find_cycle(graph: dict) -> list:
+    """One import cycle as ``[a, b, ..., a]``, or ``[]`` when there is none."""
+    state, stack = {}, []
+
+    def visit(m):
+        state[m] = "open"
+        stack.append(m)
+        for n in graph.get(m, ()):
+            if state.get(n) == "open":
+                return stack[stack.index(n):] + [n]
+            if n not in state:
+                found = visit(n)
+                if found:
+                    return found
+        stack.pop()
+        state[m] = "done"
+        return []
+
+    for m in sorted(graph):
+        if m not in state:
+            found = visit(m)
+            if found:
+                return found
+    return []
+
+
+def test_no_module_is_over_the_line_limit():
+    assert long_modules() == [], f"split these along a seam (at most {MAX_MODULE_LINES} lines)"
+
+
+def test_no_function_is_over_the_line_limit():
+    assert long_functions() == [], f"split these (at most {MAX_FUNCTION_LINES} lines; a Typer command's body)"
+
+
+def test_the_suite_has_no_import_cycle():
+    graph = suite_import_graph()
+    assert {"evals.analyze.report", "evals.convert.command", "evals.guard.runner", "evals.figures"} <= set(graph)
+    assert "evals.analyze.plots" in graph["evals.analyze.report"]  # a module-level edge is seen ...
+    assert "evals.recall.plots" in graph["evals.recall.report"]    # ... and one inside a function
+    assert find_cycle(graph) == [], " -> ".join(find_cycle(graph))
+
+
+def test_the_foundation_imports_no_command():
+    graph = suite_import_graph()
+    for name in FOUNDATION:
+        assert f"evals.{name}" in graph, f"evals/{name}.py is gone: update FOUNDATION"
+        commands = [m for m in graph[f"evals.{name}"] if m.split(".")[1] in COMMANDS]
+        assert commands == [], f"the foundation module evals.{name} imports the command(s) {commands}"
+
+
+def test_every_suite_package_says_what_it_owns():
+    folders = sorted({p.parent for p in (ROOT / "evals").rglob("*.py")})
+    assert {f.relative_to(ROOT).as_posix() for f in folders} >= {"evals", "evals/guard", "evals/analyze",
+                                                                   "evals/recall", "evals/convert"}
+    for folder in folders:
+        init = folder / "__init__.py"
+        assert init.is_file(), f"{folder.relative_to(ROOT)} has no __init__.py"
+        assert (ast.get_docstring(ast.parse(init.read_text())) or "").strip(), \
+            f"{init.relative_to(ROOT)} has no docstring saying what the package owns"
+
+
+@pytest.mark.parametrize("files, cycle", [
+    ({"a": "from evals import b\n", "b": "def f():\n    from evals.a import x\n"}, True),
+    ({"a": "from evals import b\n", "b": "import evals.c\n", "c": "from evals.a import x\n"}, True),
+    ({"a": "from evals import b\n", "b": "x = 1\n"}, False),
+    ({"p/__init__.py": "from evals.p.q import y\n", "p/q": "from evals.p import r\n", "p/r": "x = 1\n"}, False),
+    ({"p/__init__.py": "from .q import y\n", "p/q": "from . import r\n", "p/r": "from evals.p.q import y\n"}, True),
+])
+def test_the_cycle_check_sees_every_spelling(tmp_path, files, cycle):
+    for name, code in files.items():
+        path = tmp_path / "evals" / (name if name.endswith(".py") else f"{name}.py")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(code)
+    assert bool(find_cycle(suite_import_graph(tmp_path))) is cycle, suite_import_graph(tmp_path)

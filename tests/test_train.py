@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from evals import convert_experiment as CE
+from evals.convert import experiment as CE
 from evals.train import TrainConfig, fit, make_optimizer, warmup_cosine
 
 

@@ -7,7 +7,8 @@ Owns one timing method, the paired A/B rule against the accepted commit, and the
 - ``findings``: every check of a run (exact metrics, time), the re-measurement, the self-test;
 - ``runner``: the accepted commit's temporary git worktree and one worker process per side;
 - ``worker``: one side's process (run by path; it loads the models from its side's tree and this
-  package, ``evals.results``, ``evals.workload`` and ``evals.measure`` from the working tree);
+  package, ``evals.results`` with its modules, ``evals.workload`` and ``evals.measure`` from the
+  working tree);
 - ``timing``: the guard's grid, one timed sample, the exact metrics (the harness both sides share);
 - ``baseline``: the committed configurations and their exact metrics, and ``--update``;
 - ``report``: the terminal tables, ``--json``, ``--summary`` and ``$GITHUB_STEP_SUMMARY``;

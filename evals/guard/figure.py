@@ -1,6 +1,6 @@
 """The guard's one figure: its power curve (``regress --against REF --power DIR``).
 
-Drawn with the suite's shared figure conventions (``evals.plots``: a colour and a marker per
+Drawn with the suite's shared figure conventions (``evals.figures``: a colour and a marker per
 model, the PNG written whole through the results layer).
 """
 
@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from evals.analysis import model_order
-from evals.plots import _save as save
-from evals.plots import model_markers, model_palette, plt, sns
+from evals.figures import model_markers, model_palette, plt, save, sns
+from evals.registry import model_order
 
 
 def plot_power(table: pd.DataFrame, chosen: dict, out_dir: Path, stem: str = "power") -> list:

@@ -9,12 +9,13 @@ tree for both: ``python <working tree>/evals/guard/worker.py TREE``. What comes 
   working tree for side B): ``bsbr``, ``bsbr_extras``, ``evals.registry`` and ``evals.grid``.
   The registry is how a tree builds its models, so it belongs to the code under test;
 - **the harness** comes from the directory of this file, the working tree, on *both* sides:
-  ``evals.results`` (sample statistics, case keys, the one-line error), ``evals.workload``
+  ``evals.results`` (sample statistics, case keys, the one-line error) with the modules it is
+  made of (``errors``, ``files``, ``locking``, ``machine``, ``resume``), ``evals.workload``
   (workload building), ``evals.measure`` (``time_fn``, FLOP counting, memory trace, injection)
   and the ``evals.guard`` package (``timing``: ``RunqueueWait``, ``steady_memory``,
   ``case_from_row``), installed in place of whatever the tree has under those names, so a ref
-  from before the guard moved into its package (``evals/guard.py``, ``evals/regress.py``) is
-  checked the same way as a new one. The accepted commit
+  from before the guard moved into its package (``evals/guard.py``, ``evals/regress.py``), or
+  from before ``results.py`` was split, is checked the same way as a new one. The accepted commit
   may carry an older harness; timing both sides with the same one means a change to the harness
   cannot read as a change of the models. (The price: the working tree's harness has to be able
   to build the accepted commit's models; when it cannot, the check says so and exits 2.)
@@ -45,9 +46,11 @@ from pathlib import Path
 from typing import Optional
 
 HARNESS = Path(__file__).resolve().parents[1]  # the working tree's evals/
-# in import order: the workload builder and measure import the results layer (sample statistics,
-# case keys); the guard package is installed whole (its submodules load from the working tree)
-HARNESS_MODULES = ("results", "workload", "measure")
+# in import order: the results layer's own modules first (an accepted commit from before
+# results.py was split has none of them), then the results layer, which the workload builder and
+# measure import (sample statistics, case keys); the guard package is installed whole (its
+# submodules load from the working tree)
+HARNESS_MODULES = ("errors", "files", "locking", "machine", "resume", "results", "workload", "measure")
 HARNESS_PACKAGES = ("guard",)
 
 

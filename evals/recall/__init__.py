@@ -1,12 +1,16 @@
-"""Multi-query associative recall (MQAR; Arora et al., 2023): can each architecture retrieve what it
-saw? Split along zoology's lines, one job per module:
+"""``bsbr-eval recall`` and ``bsbr-eval frontier`` (docs/recall.md): multi-query associative recall
+(MQAR; Arora et al., 2023): can each architecture retrieve what it saw? Split along zoology's
+lines, one job per module:
 
 - ``data``: the seeded MQAR generator and its train/validation/test splits;
 - ``training``: the shared initialisation recipe, the loss and accuracy, one model trained
   (through ``evals.train.fit``), and the measured decoding-state size;
 - ``sweep``: cases, presets (``quick``, ``cpu``, ``zoology``), the learning-rate protocol, one run;
 - ``launch``: the output folder (lock, resume), the phases on an executor (``evals.executors``);
-- ``report``: best rate per configuration, mean/std/min over seeds, the Standard check, figures.
+- ``report``: best rate per configuration, mean/std/min over seeds, the Standard check, figures;
+- ``plots``: the figures (accuracy vs task, accuracy vs state size; the markers the frontier shares);
+- ``frontier``: ``bsbr-eval frontier``, decode cost and state bytes of every trained configuration,
+  measured through compare's harness and joined to its accuracy.
 """
 
 from evals.recall.data import FILLER, IGNORE, MQARConfig, Splits, make_mqar, query_accuracy

@@ -140,7 +140,7 @@ def frontier_table(summary: pd.DataFrame, timed: Sequence[dict], states: pd.Data
 
 def markdown(table: pd.DataFrame, lengths: Sequence[int], device: str) -> str:
     """The table as GitHub markdown: one block per recall task."""
-    from evals.analysis import model_order
+    from evals.registry import model_order
 
     head = ["model", "d", "size", "accuracy % (mean, min)"] + [f"state KiB @{n}" for n in lengths] + \
         [f"decode ms/token @{n} ({device})" for n in lengths] + ["status"]
@@ -163,8 +163,9 @@ def plot(table: pd.DataFrame, out_dir: Path, length: int, device: str) -> list:
     """Accuracy against decode ms/token at ``length``, one panel per recall task, Pareto front drawn."""
     import matplotlib.pyplot as plt
 
-    from evals.analysis import model_order
-    from evals.plots import RECALL_ACC_LABEL, _recall_legend, _recall_marker, _save, model_palette
+    from evals.figures import model_palette, save
+    from evals.recall.plots import RECALL_ACC_LABEL, _recall_legend, _recall_marker
+    from evals.registry import model_order
 
     col = f"decode_ms_{length}"
     d = table[(table["status"] == "ok") & table[col].notna()]
@@ -190,7 +191,7 @@ def plot(table: pd.DataFrame, out_dir: Path, length: int, device: str) -> list:
                     markersize=5 + 3 * i, label=f"d={int(D)}") for i, D in enumerate(widths)]
     extra.append(Line2D([], [], color="black", ls=":", label="Pareto front"))
     _recall_legend(fig, models, palette, extra)
-    return [_save(fig, Path(out_dir) / "frontier.png")]
+    return [save(fig, Path(out_dir) / "frontier.png")]
 
 
 def run_frontier(run_dir, *, lengths: Sequence[int] = DEFAULT_LENGTHS, device: str = "cpu", decode_tokens: int = 16,
@@ -241,6 +242,30 @@ def _measure(run_dir: Path, rows: list, side: dict, *, lengths, device, decode_t
     results.write_text(run_dir / "frontier.md", markdown(table, lengths, device))
     figures = plot(table, run_dir, max(lengths), device)
     return dict(table=table, csv=run_dir / TABLE_NAME, figures=figures, rows=timed)
+
+
+def frontier_command(run_dir, *, lengths: Optional[Sequence[str]], device: str, decode_tokens: int, repeats: int,
+                     min_run_time: float, threads: int, resume: bool) -> dict:
+    """``bsbr-eval frontier`` after parsing (``lengths`` as given on the command line): the options
+    checked, then ``run_frontier``. Bad input, a ``ValueError`` included, is a ``ResultsError``."""
+    import torch
+
+    from evals.options import positive_ints
+    from evals.results import OutputError, ResultsError
+
+    try:
+        lens = check_lengths(positive_ints("--lengths", lengths) if lengths else None)
+        for flag, v in (("--decode-tokens", decode_tokens), ("--repeats", repeats), ("--threads", threads)):
+            if v <= 0:
+                raise ValueError(f"{flag} must be a positive integer, got {v}")
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device: CUDA is not available on this machine; valid: cpu")
+        return run_frontier(run_dir, lengths=lens, device=device, decode_tokens=decode_tokens, repeats=repeats,
+                            min_run_time=min_run_time, threads=threads, resume=resume)
+    except ValueError as e:
+        if isinstance(e, (ResultsError, OutputError)):
+            raise
+        raise ResultsError(str(e)) from None
 
 
 def check_claim(csv: Path, settings: dict, resume: bool) -> None:

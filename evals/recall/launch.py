@@ -253,7 +253,6 @@ def run_command(preset_name: str, preset: RecallPreset, models: Sequence[str], o
     """
     import torch
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from evals import results
     from evals.executors import make_executor
@@ -278,20 +277,7 @@ def run_command(preset_name: str, preset: RecallPreset, models: Sequence[str], o
     start = results.utc_now()
     n_tune = len(shard_groups(recall_grid(names, preset), *slice_) if slice_ else recall_grid(names, preset))
     expected = n_tune + n_tune // len(preset.lrs) * (len(preset.seeds) - 1)
-    # the bar starts once the folder is locked, so that a refused folder prints one line only
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   console=console, transient=False)
-    task = bar.add_task("recall sweep", total=expected)
-
-    def on_row(row):
-        if row is None:  # the start
-            bar.start()
-            return
-        acc = f"{float(row['test_acc']):.3f}" if row["status"] == "ok" else row["status"]
-        bar.update(task, advance=1, description=f"recall: {row['model']} n={row['seq_len']} P={row['num_pairs']} "
-                                                f"d={row['hidden_dim']} lr={float(row['lr']):g} "
-                                                f"seed={row['seed']} -> {acc}")
-
+    bar, on_row = _progress_bar(console, expected)
     try:
         rows = run_recall(names, preset, out, executor=ex, data_seed=data_seed, device=device, threads=threads,
                           run_id=f"recall-{start}", resume=resume, shard=slice_, on_row=on_row)
@@ -309,6 +295,27 @@ def run_command(preset_name: str, preset: RecallPreset, models: Sequence[str], o
     results.write_text(out / "summary.md", report.markdown_table(summary))
     figures = report.plot_run(summary, preset, out)
     return dict(rows=rows, summary=summary, figures=figures, broken=broken, csv=csv_path)
+
+
+def _progress_bar(console, expected: int):
+    """A progress bar over ``expected`` runs and the ``on_row`` that advances it (``run_recall``
+    calls it with None at the start). The bar starts once the folder is locked, so that a refused
+    folder prints one line only."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=console, transient=False)
+    task = bar.add_task("recall sweep", total=expected)
+
+    def on_row(row):
+        if row is None:  # the start
+            bar.start()
+            return
+        acc = f"{float(row['test_acc']):.3f}" if row["status"] == "ok" else row["status"]
+        bar.update(task, advance=1, description=f"recall: {row['model']} n={row['seq_len']} P={row['num_pairs']} "
+                                                f"d={row['hidden_dim']} lr={float(row['lr']):g} "
+                                                f"seed={row['seed']} -> {acc}")
+    return bar, on_row
 
 
 def recall_command(*, quick: bool = False, preset: Optional[str] = None, models=None, seq_lengths=None,

@@ -59,7 +59,7 @@ def summary_table(summary: pd.DataFrame, title: str):
     accuracy (%) at the best rate, mean ± std over seeds, and the minimum."""
     from rich.table import Table
 
-    from evals.analysis import model_order
+    from evals.registry import model_order
 
     cfg = ("n" + summary["seq_len"].astype(str) + " P" + summary["num_pairs"].astype(str) + " d"
            + summary["hidden_dim"].astype(str) + " s" + summary["size"].astype(str))
@@ -88,7 +88,7 @@ def format_cell(r) -> str:
 
 def markdown_table(summary: pd.DataFrame) -> str:
     """The same table as GitHub markdown, for the README and the committed run."""
-    from evals.analysis import model_order
+    from evals.registry import model_order
 
     cfg = ("n=" + summary["seq_len"].astype(str) + " P=" + summary["num_pairs"].astype(str) + " d="
            + summary["hidden_dim"].astype(str))
@@ -105,7 +105,7 @@ def markdown_table(summary: pd.DataFrame) -> str:
 def plot_run(summary: pd.DataFrame, preset: RecallPreset, out_dir, stem: str = "recall") -> list:
     """The figures, through the plotting module: accuracy vs task at the base width and size, and
     accuracy vs measured state size, one figure per task point (zoology's figure)."""
-    from evals import plots
+    from evals.recall import plots
 
     if summary.empty:
         return []

@@ -1,7 +1,8 @@
 """What ``bsbr-eval analyze`` hands back: CSV tables, figures, a Markdown report, terminal tables.
 
 ``write_analysis`` is the one entry point that writes (into the folder the CLI was given);
-``render_markdown`` and ``terminal_tables`` are pure renderings of an ``evals.analysis.Analysis``.
+``render_markdown`` and ``terminal_tables`` are pure renderings of an
+``evals.analyze.analysis.Analysis``.
 The report is meant to be read on its own: it says what was measured, on which machine (from
 each CSV's JSON sidecar), with which commands, how the fits were made, and shows the tables and
 figures.
@@ -18,10 +19,11 @@ import numpy as np
 import pandas as pd
 from rich.table import Table
 
-from evals import plots
-from evals.analysis import (CLASSES, MATERIAL, MIN_LENGTHS, MIN_SPAN, NOISY_SPREAD, PAR_TOLERANCE,
-                            REFERENCE_MODEL, UNDERDETERMINED, Analysis, analyze, default_output_dir, load,
-                            model_order, newest_results_csv)
+from evals.analyze import plots
+from evals.analyze.analysis import (CLASSES, MATERIAL, MIN_LENGTHS, MIN_SPAN, NOISY_SPREAD, PAR_TOLERANCE,
+                                    REFERENCE_MODEL, UNDERDETERMINED, Analysis, analyze, default_output_dir, load,
+                                    newest_results_csv)
+from evals.registry import model_order
 from evals.results import ResultsError, check_output_dir, locked, sidecar_path, write_frame, write_text
 
 # Columns of the per-configuration key shown in the tables (the rest is in the report's header).
@@ -291,6 +293,18 @@ def _analyze_into(csvs: Sequence[Path], out: Path, command: Optional[str]) -> tu
 
 
 # ---- the terminal ----
+
+def print_run(console, an: Analysis, out: Path, written: dict) -> None:
+    """What ``bsbr-eval analyze`` prints: the terminal tables, a warning for each sidecar that
+    cannot be read, and the closing line."""
+    for table in terminal_tables(an):
+        console.print(table)
+    for src, meta in (an.sidecars or {}).items():
+        if isinstance(meta, ResultsError):
+            console.print(f"[yellow]warning: {meta}[/yellow]")
+    console.print(f"wrote {len(written)} files to {out}/ (report: {written['report']}); used {len(an.rows)} rows"
+                  + (f", left out {len(an.dropped)} (listed above)" if len(an.dropped) else ""))
+
 
 def _rich(df: pd.DataFrame, title: str) -> Table:
     t = Table(title=title, title_justify="left", show_lines=False)

@@ -1,7 +1,7 @@
 """Analysis of ``bsbr-eval compare`` results: pure functions on pandas DataFrames.
 
-Nothing here draws, prints or writes files (plots live in ``evals.plots``, the report in
-``evals.report``); every function takes a DataFrame and returns a new one.
+Nothing here draws, prints or writes files (plots live in ``evals.analyze.plots``, the report in
+``evals.analyze.report``); every function takes a DataFrame and returns a new one.
 
 Legend of the quantities used below
 
@@ -41,13 +41,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import pandas as pd
 from scipy import optimize, stats
 
-from evals.registry import MODEL_NAMES
+from evals.registry import model_order
 from evals.results import REQUIRED_COLUMNS, ResultsError, read_sidecar, read_table
 
 # The CSV contract (schema, statuses, which columns are numbers) lives in evals.results.
@@ -173,12 +173,6 @@ def default_output_dir(csv_path: Path | str) -> Path:
     """``results/run.csv`` -> ``results/run_analysis/``."""
     p = Path(csv_path)
     return p.parent / f"{p.stem}_analysis"
-
-
-def model_order(names: Iterable[str]) -> list:
-    """Registry order first (the plots' and tables' order), then any unregistered names."""
-    names = list(dict.fromkeys(names))
-    return [m for m in MODEL_NAMES if m in names] + sorted(m for m in names if m not in MODEL_NAMES)
 
 
 def with_later_columns(df: pd.DataFrame) -> pd.DataFrame:
