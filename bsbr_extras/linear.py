@@ -178,9 +178,12 @@ def linear_attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, S: 
         fk = fk * mask[:, None, :, None].to(fk.dtype)
     S += fk.transpose(-1, -2) @ v                                     # (b, h, d, dv)
     z += fk[:, :, 0]                                                  # (b, h, d)
-    num = fq @ S.to(fq.dtype)                                         # (b, h, 1, dv)
-    den = fq @ z[..., None].to(fq.dtype)                              # (b, h, 1, 1)
-    return (num / (den + eps)).to(dtype)
+    if S.dtype != fq.dtype:  # a half-precision cache read by an fp32 step (a check, not a .to per token)
+        S, z = S.to(fq.dtype), z.to(fq.dtype)
+    num = fq @ S                                                      # (b, h, 1, dv)
+    den = fq @ z[..., None]                                           # (b, h, 1, 1)
+    o = num / (den + eps)
+    return o if o.dtype == dtype else o.to(dtype)
 
 
 def linear_attention_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
