@@ -222,8 +222,12 @@ def _cell(v) -> str:
 
 
 def machine() -> dict:
+    """This process's machine (it runs from the working tree, so the suite's machine facts are there)."""
     import torch
-    return dict(platform=platform.platform(), processor=platform.processor(), machine=platform.machine(),
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from evals.machine import machine as suite_machine
+    return dict(platform=platform.platform(), cpu_model=suite_machine()["cpu_model"], machine=platform.machine(),
                 python=platform.python_version(), torch=torch.__version__, cpu_count=os.cpu_count(),
                 node=platform.node(), threads=1)
 
