@@ -27,16 +27,8 @@ A case is measured in four passes over the same built workload, in this order:
    - CUDA (``timer = cuda_event``): CUDA events around the block after a synchronise, read after
      another synchronise.
 
-What is timed comes from the registry and the mixer protocol only (no per-model branch):
-
-- ``model`` level: ``spec.build(cfg)`` on token ids ``(b, n)``;
-- ``layer`` level: ``spec.build_mixer(cfg)`` on ``x`` of shape ``(b, n, hidden)``;
-- ``op`` level: ``mixer.op(*inputs)`` with ``inputs = mixer.op_inputs(x)`` computed beforehand.
-
-Modes: ``forward`` (no grad); ``train`` (forward + backward of the next-token cross-entropy at
-model level, of ``out.sum()`` at layer and op level); ``decode`` (prefill ``n`` tokens into a
-cache outside the timed region, then time ``k`` one-token steps per sample from a fresh copy of
-that cache; ``time_ms`` is per token; at op level a sample is one cached step of the mixer).
+What is timed, per level and mode, is built by ``evals.workload`` (its docstring says how); here
+``time_ms`` is per call, and per token in decode mode (at op level a sample is one cached step).
 
 Slowdown injection for the regression guard's self-test: ``BSBR_EVAL_INJECT_SLOWDOWN=
 "MODEL=FACTOR[,MODEL=FACTOR]"`` makes each timed call of that model busy-wait for ``FACTOR - 1``

@@ -32,6 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from evals.machine import machine as suite_machine  # noqa: E402
 from evals.measure import calibrate_matmul  # noqa: E402
 from evals.recall import PRESETS, RecallCase, Splits  # noqa: E402
 from evals.recall.training import evaluate, query_loss, reinit_for_recall  # noqa: E402
@@ -102,7 +103,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
     if a.out.exists():
-        sys.exit(f"error: --out: {a.out} already exists; choose another path")
+        print(f"error: --out: {a.out} already exists; choose another path", file=sys.stderr)
+        sys.exit(2)
     torch.set_num_threads(a.threads)
     n, P, D, size = (int(v) for v in a.point.split(","))
     preset = PRESETS[a.preset]
@@ -122,17 +124,8 @@ def main() -> None:
     pd.DataFrame(rows).to_csv(tmp, index=False)
     tmp.replace(a.out)
     a.out.with_suffix(".json").write_text(json.dumps(dict(
-        machine=platform.processor() or platform.machine(), cpu=_cpu(), torch=torch.__version__, threads=a.threads,
+        machine=platform.machine(), cpu=suite_machine()["cpu_model"], torch=torch.__version__, threads=a.threads,
         matmul_gflops=gflops, preset=a.preset, point=a.point, command=" ".join(sys.argv)), indent=1) + "\n")
-
-
-def _cpu() -> str:
-    try:
-        import cpuinfo
-
-        return cpuinfo.get_cpu_info().get("brand_raw", "")
-    except Exception:  # noqa: BLE001 - the machine name is a label, never a reason to fail
-        return platform.processor()
 
 
 if __name__ == "__main__":
