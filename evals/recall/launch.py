@@ -3,7 +3,7 @@ phases of the protocol on an executor, and rows streamed to ``recall.csv`` as ea
 
 Folder rules (issue 12):
 - without ``resume`` the folder must not exist or be empty: an earlier run is never replaced;
-- the folder is locked (``recall.lock``, the filelock package) for the whole run: a second run
+- the folder is locked (``recall.lock``, ``evals.locking``) for the whole run: a second run
   into it exits with a message naming the lock, before it reads or writes anything;
 - ``resume`` continues only a folder whose ``recall.csv`` has exactly this module's header;
   anything else is refused and left byte-identical.
