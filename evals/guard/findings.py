@@ -9,7 +9,9 @@ Two kinds of check, and nothing else (docs/evaluation.md, "bsbr-eval regress"):
 2. **Time** is decided by the paired A/B rule alone (``evals.guard.rule.paired_verdict``) on
    samples of the accepted commit and the working tree taken back to back now. No stored time
    is ever compared. A configuration that regresses is measured once more (fresh pairs, the
-   same workers) and reported only if it regresses again; otherwise it is ``transient``.
+   same workers) and reported only if it regresses again; otherwise it is ``transient``. One
+   whose ratio is over the threshold but not significant is measured once more too, and the
+   fresh pairs decide it (``evals.guard.rule.looks_again``).
 
 ``ab_check`` measures and decides; ``ab_findings`` decides given the samples; ``self_test``
 says whether an injected slowdown was caught everywhere it was put. Nothing here reads a clock
@@ -30,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from evals.guard.rule import (AB_ROUNDS, AB_THRESHOLD, CHANGED, DEFAULT_ALPHA, FAILING, MISSING, NEW, OK,
-                              REGRESSION, TRANSIENT, UNTESTABLE, paired_verdict)
+                              REGRESSION, TRANSIENT, UNTESTABLE, looks_again, paired_verdict)
 from evals.guard.sampling import interleave
 
 # What identifies one configuration of the baseline (its CSV columns).
@@ -171,7 +173,8 @@ def ab_check(rows: pd.DataFrame, built: dict, sample: Callable[[str, int], float
              threshold: float = AB_THRESHOLD, alpha: float = DEFAULT_ALPHA,
              progress: Optional[Callable[[int], None]] = None) -> ABResult:
     """Measure every configuration both sides built (``rounds`` interleaved pairs each), decide,
-    and measure each time regression once more: it stands only if it regresses again.
+    and measure each time regression once more (it stands only if it regresses again) and each
+    unsettled ratio once more (the fresh pairs decide it).
 
     ``sample(side, i) -> ms`` takes one sample ("A" or "B") of row ``i``: the workers' in a real
     run (``evals.guard.runner.Session.sample``), a synthetic one in the tests.
@@ -182,16 +185,15 @@ def ab_check(rows: pd.DataFrame, built: dict, sample: Callable[[str, int], float
             and built["A"][i]["status"] == "ok" and built["B"][i]["status"] == "ok"]
     pairs = interleave(both, rounds, sample, progress)
     findings = ab_findings(rows, built, pairs, threshold=threshold, alpha=alpha)
-    timed = findings["metric"] == AB_TIME_METRIC
-    again = [int(i) for i in findings.loc[timed & (findings["verdict"] == REGRESSION), "i"]]
-    if not again:
+    t = findings[findings["metric"] == AB_TIME_METRIC]
+    first = {int(i): v for i, c, v in zip(t["i"], t["change"], t["verdict"]) if looks_again(c, v, threshold=threshold)}
+    if not first:
         return ABResult(findings, pairs, [])
-    pairs = {**pairs, **interleave(again, rounds, sample, progress)}
+    pairs = {**pairs, **interleave(list(first), rounds, sample, progress)}
     second = ab_findings(rows, built, pairs, threshold=threshold, alpha=alpha)
-    was = dict(zip(zip(findings["i"], findings["metric"]), findings["verdict"]))
-    first = np.array([was.get((i, m)) == REGRESSION for i, m in zip(second["i"], second["metric"])], dtype=bool)
-    second.loc[first & (second["verdict"] != REGRESSION).to_numpy(), "verdict"] = TRANSIENT
-    return ABResult(second, pairs, again)
+    was_regression = second["i"].map(lambda i: first.get(int(i)) == REGRESSION) & (second["metric"] == AB_TIME_METRIC)
+    second.loc[was_regression & (second["verdict"] != REGRESSION), "verdict"] = TRANSIENT
+    return ABResult(second, pairs, list(first))
 
 
 def ab_summary(findings: pd.DataFrame, *, ref: str, baseline: str) -> str:

@@ -10,9 +10,9 @@ code? Both are measured, on the machine the guard runs on, with the guard's own 
 - every (threshold, sample count) in ``THRESHOLDS`` x ``ROUND_CHOICES`` is then decided offline
   on those pairs by the guard's own decision function (``evals.guard.rule.paired_verdict``, the
   one the live check calls: no second copy of the rule), using the first
-  ``s`` pairs. The re-measurement is simulated with the next trial of the same factor (run
-  ``j`` is confirmed by run ``j + 1``, cyclically): an independent measurement of the same
-  configuration, which is what the live re-measurement is.
+  ``s`` pairs. The second look (``evals.guard.rule.looks_again``) is simulated with the next trial of the same factor (run ``j`` is looked at again with run
+  ``j + 1``, cyclically): an independent measurement of the same configuration, which is what
+  the live re-measurement is.
 - ``choose``: the settings that failed no clean run (and re-measured at most ``FIRST_PASS_MAX`` of them) and
   caught 1.5x in every model, level and mode on every run; among those, the smallest threshold
   (most power at 1.1-1.3x), then the fewest pairs (fastest). ``evals.guard.findings.ab_settings``
@@ -71,36 +71,39 @@ def measure_power(session, *, runs: int, rounds: int = COLLECT, factors=FACTORS,
 
 
 def decisions(samples: pd.DataFrame, *, alpha: float, thresholds=THRESHOLDS, round_choices=ROUND_CHOICES) -> pd.DataFrame:
-    """The guard's first-pass verdict for every (threshold, s, run, factor, configuration).
+    """The guard's verdicts for every (threshold, s, run, factor, configuration), first pass and final.
 
-    Columns: ``threshold, rounds, run, factor, i, model, group, ratio, p, flagged``; ``flagged``
-    is ``paired_verdict(...) == regression`` on the first ``s`` pairs, ``ratio`` the paired
-    ratio (NaN when untestable), ``p`` the one-sided p the verdict used (NaN when none was needed).
+    Columns: ``threshold, rounds, run, factor, i, model, group, ratio, p, flagged, confirmed``;
+    ``flagged`` is ``paired_verdict(...) == regression`` on the first ``s`` pairs, ``ratio`` the
+    paired ratio (NaN when untestable), ``p`` the one-sided p the verdict used (NaN when none was
+    needed). ``confirmed``: the final verdict is ``regression`` after the second look the live
+    check takes (``evals.guard.rule.looks_again``: the fresh pairs decide), with the next run of the
+    same factor (cyclically) as the fresh measurement.
     """
-    from evals.guard.rule import REGRESSION, paired_verdict
+    from evals.guard.rule import REGRESSION, looks_again, paired_verdict
 
-    out = []
     have = int(samples["pair"].max()) + 1 if len(samples) else 0
+    cells = {}
     for (run, f, i), g in samples.groupby(["run", "factor", "i"], sort=True):
         g = g.sort_values("pair")
-        a, b = g["a_ms"].to_numpy(), g["b_ms"].to_numpy()  # (s,) each
-        cell = dict(run=run, factor=f, i=i, model=g["model"].iat[0], group=f"{g['level'].iat[0]} {g['mode'].iat[0]}")
+        cells[(run, f, i)] = (g["a_ms"].to_numpy(), g["b_ms"].to_numpy(),  # (s,) each
+                              dict(run=run, factor=f, i=i, model=g["model"].iat[0],
+                                   group=f"{g['level'].iat[0]} {g['mode'].iat[0]}"))
+    runs = sorted({k[0] for k in cells})
+    nxt = {r: runs[(k + 1) % len(runs)] for k, r in enumerate(runs)}
+    out = []
+    for (run, f, i), (a, b, cell) in cells.items():
+        later = cells.get((nxt[run], f, i))
         for s in (c for c in round_choices if c <= have):
             for t in thresholds:
                 change, p, verdict = paired_verdict(a[:s], b[:s], threshold=t, alpha=alpha)
-                out.append(dict(cell, threshold=t, rounds=s, ratio=change + 1, p=p, flagged=verdict == REGRESSION))
-    cols = ["threshold", "rounds", "run", "factor", "i", "model", "group", "ratio", "p", "flagged"]
+                confirmed = False
+                if later is not None and looks_again(change, verdict, threshold=t):
+                    confirmed = paired_verdict(later[0][:s], later[1][:s], threshold=t, alpha=alpha)[2] == REGRESSION
+                out.append(dict(cell, threshold=t, rounds=s, ratio=change + 1, p=p, flagged=verdict == REGRESSION,
+                                confirmed=confirmed))
+    cols = ["threshold", "rounds", "run", "factor", "i", "model", "group", "ratio", "p", "flagged", "confirmed"]
     return pd.DataFrame(out, columns=cols)
-
-
-def _confirmed(d: pd.DataFrame) -> pd.DataFrame:
-    """``flagged`` in run j and in run j + 1 (cyclic) of the same factor: the re-measurement."""
-    runs = sorted(d["run"].unique())
-    nxt = {r: runs[(k + 1) % len(runs)] for k, r in enumerate(runs)}
-    key = ["threshold", "rounds", "factor", "i"]
-    again = d[key + ["run", "flagged"]].rename(columns={"flagged": "again", "run": "_next"})
-    d = d.assign(_next=d["run"].map(nxt)).merge(again, on=key + ["_next"], how="left")
-    return d.assign(confirmed=d["flagged"] & d["again"].fillna(False).astype(bool)).drop(columns=["_next", "again"])
 
 
 def power_table(dec: pd.DataFrame) -> pd.DataFrame:
@@ -112,7 +115,7 @@ def power_table(dec: pd.DataFrame) -> pd.DataFrame:
     rate for factor 1. ``first_pass``: the same without the re-measurement. ``ratio_median``: the
     median measured paired ratio of the cell's configurations (the effective injected factor).
     """
-    d = _confirmed(dec)
+    d = dec
     out = []
     for cells, by in ((["model", "group"], None), (["model"], "all"), ([], "any")):
         keys = ["threshold", "rounds", "factor"] + cells
