@@ -111,9 +111,13 @@ class Block(nn.Module):
         self.ffn = FeedForward(hidden_dim, ff_dim, dropout, activation)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, cache=None) -> torch.Tensor:
-        # below the model's edge: a mixer with an unchecked entry (``mix``) is called through it
-        mix = getattr(self.mixer, "mix", None) or self.mixer
-        x = x + self.drop(mix(self.norm1(x), mask=mask, cache=cache))
+        # below the model's edge: a mixer with an unchecked entry (``mix``) is called through it.
+        # Looked up on the class: an instance getattr of a missing name goes through
+        # nn.Module.__getattr__, which builds and raises an AttributeError, on every layer and token
+        mixer, h = self.mixer, self.norm1(x)
+        mix = getattr(type(mixer), "mix", None)
+        o = mixer(h, mask=mask, cache=cache) if mix is None else mix(mixer, h, mask=mask, cache=cache)
+        x = x + self.drop(o)
         return x + self.ffn(self.norm2(x))
 
 

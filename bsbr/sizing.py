@@ -115,7 +115,10 @@ def upcast(*tensors: Optional[torch.Tensor]) -> tuple:
     A dtype check rather than ``.to``: decode steps call this every token, so the fp32 path stays
     a few attribute reads.
     """
-    return tuple(t.float() if t is not None and t.dtype in _HALF else t for t in tensors)
+    for t in tensors:
+        if t is not None and t.dtype in _HALF:
+            return tuple(t.float() if t is not None and t.dtype in _HALF else t for t in tensors)
+    return tensors  # full precision: no generator, no new tuple
 
 
 try:  # a bad value at import must not make ``import bsbr`` fail: it raises at the next refresh
