@@ -371,7 +371,8 @@ def convert(
     `python -m bsbr_extras.convert_example` runs this command (its underscore spellings work here).
     """
     conv.quiet_transformers()
-    with exit_codes():
+    with exit_codes(), interrupted("convert writes its results only once it finishes, so nothing was written; "
+                                   "run it again"):
         sizes = positive_ints("--chunk-sizes", chunk_sizes, default=(128,), example="512,128,32")
         result = conv.run_convert(model_name=model_name, chunk_sizes=sizes, compression_factor=compression_factor,
                                   seq_len=seq_len, output_dir=output_dir, save_model=save_model,

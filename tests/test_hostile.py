@@ -263,3 +263,29 @@ def test_convert_of_a_broken_local_model_is_one_line(tmp_path, make, says):
     if make == "corrupt":
         (folder / "model.safetensors").write_bytes(b"not a safetensors file")
     assert says in one_error_line(runner.invoke(cli.app, ["convert", "--model-name", str(folder)]))
+
+
+@pytest.mark.slow
+def test_sigterm_stops_convert_like_ctrl_c_and_leaves_no_lock(tmp_path):
+    # a scheduler's SIGTERM mid-run: one line, exit 130, the folder's lock gone, nothing half-written
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "conv"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.Popen([sys.executable, "-c", "from cli import main; main()", "convert", "--experiment",
+                             "--output-dir", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    t0 = time.time()
+    while not list(out.glob("*.lock")):  # the lock is held: the run is under way
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.time() - t0 < 120, "convert never took its folder's lock"
+        time.sleep(0.1)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err.decode()
+    lines = [ln for ln in err.decode().splitlines() if ln.strip()]
+    assert lines[-1].startswith("interrupted: convert writes its results only once it finishes"), lines
+    assert leftovers(out) == [] and not (out / "convert.csv").exists()

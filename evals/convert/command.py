@@ -15,6 +15,7 @@ import torch
 from bsbr_extras.convert import save_converted
 from evals.convert.comparison import check_comparison_args, run_comparison
 from evals.convert.experiment import ExperimentConfig, run_experiment
+from evals.interrupts import sigterm_as_interrupt
 from evals.options import check_positive
 from evals.results import ResultsError, check_output_dir, environment, locked, utc_now, write_frame, write_sidecar
 
@@ -117,9 +118,11 @@ def run_convert(*, model_name: Optional[str] = None, chunk_sizes: Sequence[int] 
         raise ResultsError("--device: CUDA is not available on this machine; valid: cpu")
     where = dict(device=device, dtype=dtype)
     if output_dir is None:
-        return _run(model_name, chunk_sizes, compression_factor, seq_len, None, save_model, experiment, where)
+        with sigterm_as_interrupt():
+            return _run(model_name, chunk_sizes, compression_factor, seq_len, None, save_model, experiment, where)
     out = check_output_dir(output_dir)
-    with locked(out / "convert.csv", "--output-dir"):
+    # SIGTERM (timeout, a scheduler) stops it as Ctrl-C does: the lock is released, nothing is half-written
+    with sigterm_as_interrupt(), locked(out / "convert.csv", "--output-dir"):
         if (out / "convert.csv").exists() or (out / "convert.json").exists():
             raise ResultsError(f"--output-dir: {out} already holds a conversion's results (convert.csv); "
                                "choose another folder")
