@@ -322,9 +322,9 @@ def regress(
     """Guard performance: exit 0 pass, 1 regression, 2 the check could not run, 143 SIGTERM.
 
     With --against REF (what CI runs): the accepted commit and the working tree are timed side by
-    side, interleaved; a configuration regresses if the paired ratio exceeds 1 + --threshold with
-    Wilcoxon p < --alpha, twice. FLOPs, parameters and the traced memory must match --baseline
-    exactly. No stored time is ever compared. A baseline with a torn row, missing columns or a
+    side, interleaved; a configuration whose paired ratio exceeds 1 + --threshold is measured again,
+    and regresses if the fresh pairs exceed it too with Wilcoxon p < --alpha. FLOPs, parameters and
+    the traced memory must match --baseline exactly. No stored time is ever compared. A baseline with a torn row, missing columns or a
     non-numeric value is refused (exit 2), never passed.
     """
     console = Console(width=None if sys.stdout.isatty() else 120)  # CI logs: one line per table row
