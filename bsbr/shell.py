@@ -114,10 +114,12 @@ class Block(nn.Module):
         # below the model's edge: a mixer with an unchecked entry (``mix``) is called through it.
         # Looked up on the class: an instance getattr of a missing name goes through
         # nn.Module.__getattr__, which builds and raises an AttributeError, on every layer and token
-        mixer, h = self.mixer, self.norm1(x)
+        # Neither the normed input nor the mixer's output is held in a local: each is freed as soon as
+        # it is used, not kept alive through the feed-forward (the traced peak memory would grow).
+        mixer = self.mixer
         mix = getattr(type(mixer), "mix", None)
-        o = mixer(h, mask=mask, cache=cache) if mix is None else mix(mixer, h, mask=mask, cache=cache)
-        x = x + self.drop(o)
+        x = x + self.drop(mixer(self.norm1(x), mask=mask, cache=cache) if mix is None
+                          else mix(mixer, self.norm1(x), mask=mask, cache=cache))
         return x + self.ffn(self.norm2(x))
 
 

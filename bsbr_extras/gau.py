@@ -296,7 +296,7 @@ class GatedAttentionUnit(TokenMixer):
         seen = (torch.arange(cache.v.shape[1], device=v.device) <= r).to(v.dtype)  # (rows,) rows [0, r]
         kernel = F.relu((quad_q @ cache.quad_k.transpose(-1, -2)) / c).square() * seen  # (b, 1, c)
         o = kernel @ cache.v + lin_q @ cache.state                         # (b, 1, e)
-        cache.pending.baddbmm_(lin_k.transpose(-1, -2), v, alpha=1.0 / c)  # (b, s, e) += K_lin^T V / c, one op
+        cache.pending.add_(lin_k.transpose(-1, -2) @ v / c)               # (b, s, e)
         full = r == c - 1                                                  # (1,) bool: the chunk is complete
         cache.state.copy_(torch.where(full, cache.state + cache.pending, cache.state))
         cache.pending.masked_fill_(full, 0.0)
@@ -310,7 +310,7 @@ class GatedAttentionUnit(TokenMixer):
         cache.v[:, r] = v[:, 0]
         kernel = F.relu((quad_q @ cache.quad_k[:, :r + 1].transpose(-1, -2)) / c).square()  # (b, 1, r+1)
         o = kernel @ cache.v[:, :r + 1] + lin_q @ cache.state              # (b, 1, e)
-        cache.pending.baddbmm_(lin_k.transpose(-1, -2), v, alpha=1.0 / c)  # (b, s, e) += K_lin^T V / c, one op
+        cache.pending.add_(lin_k.transpose(-1, -2) @ v / c)               # (b, s, e)
         if r == c - 1:  # the chunk is complete: fold it into the cross-chunk state
             cache.state.add_(cache.pending)
             cache.pending.zero_()
