@@ -206,14 +206,18 @@ PRESETS: dict = {
                           warmup_steps=30, num_train=8192, num_val=256, num_test=1024, eval_every=50,
                           target_acc=0.995)),
     # The protocol on a 2-core CPU, chosen to separate the models (docs/recall.md, "The cpu preset"):
-    # vocabulary 64, (32, 8) at widths 64 and 128 and (64, 16) at width 64, chunk/window 8, 3 rates,
-    # 3 seeds. Width 32 is out: there Standard solves MQAR on some seeds and not others within
-    # 2,000-3,000 steps (results/recall_cpu_d32, results/recall_cpu_steps), so it is no recall
-    # point. Pilot at (64, 16, d=64), rate 1e-3: Standard 99.5/99.8/99.8% on seeds 0-2 in 900-1,200
-    # steps, Linear 35.9% after 2,000. At vocabulary 32 with 4 or 8 pairs (results/recall_cpu_v32)
-    # the fixed-state models keep up, so those points cannot separate them.
+    # vocabulary 128 (63 keys), (32, 8) at widths 64 and 128 and (64, 16) at width 64, chunk/window
+    # 8, 3 rates, 3 seeds. The axis that moves state against demand is keys against the head size:
+    # a d x d state keeps at most ~d keys apart, so at d_head = 32 (width 64) 63 keys do not fit and
+    # at d_head = 64 (width 128) they do. Pilots at vocabulary 128, width 64: Standard 99.6/99.6/99.7%
+    # on seeds 0-2 at (64, 16), rate 1e-3, in 1,400-1,900 steps; at (32, 8), rate 3e-3, Standard
+    # 99.5% and Linear 20.9%. Width 32 is no recall point: there Standard solves MQAR on some seeds
+    # and not others (results/recall_cpu_d32, results/recall_cpu_steps). At vocabulary 64 (31 keys)
+    # width 64 already fits every key, and Linear and DeltaNet recall 16 pairs (99.7%,
+    # results/recall_cpu_v64, a run cut at 32 of 105 trainings); at vocabulary 32
+    # (results/recall_cpu_v32) the fixed-state models keep up at width 32.
     "cpu": RecallPreset(
-        vocab_size=64, seq_lens=(32, 64), num_pairs=(8, 16), base_seq_len=32, base_num_pairs=8,
+        vocab_size=128, seq_lens=(32, 64), num_pairs=(8, 16), base_seq_len=32, base_num_pairs=8,
         hidden_dims=(64, 128), sizes=(8,), base_hidden_dim=64, base_size=8,
         num_layers=2, num_heads=2, ff_mult=2, qk_dim=32, jobs=2, lrs=(1e-3, 3e-3, 1e-2), seeds=(0, 1, 2),
         # axes through (32, 8, d=64): (64, 16) at width 64, and width 128 at (32, 8). The cross point
