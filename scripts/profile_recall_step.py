@@ -1,6 +1,6 @@
 """Where a recall training step's time goes, against what its math costs (issue 21, item 5).
 
-For each model at one recall configuration (default: the cpu preset's (64, 16), d = 32, batch 64,
+For each model at one recall configuration (default: the cpu preset's (64, 16), d = 64, batch 64,
 1 thread) this times, with torch.utils.benchmark on the real training objects (the recall recipe's
 model, AdamW + schedule, clipping, the query-only loss, the shuffled batches):
 
@@ -16,6 +16,7 @@ rate (evals.measure.calibrate_matmul), i.e. the time the math alone would take a
 matmul speed. Run it on an otherwise idle machine:
 
     python scripts/profile_recall_step.py --out results/recall_cpu/trainer_profile.csv
+    # results/recall_cpu_d32/trainer_profile.csv was --point 64,16,32,8 under the vocabulary-64 preset
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ def profile(model_name: str, n: int, P: int, D: int, size: int, preset, splits, 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="cpu")
-    ap.add_argument("--point", default="64,16,32,8", help="seq_len,num_pairs,hidden_dim,size")
+    ap.add_argument("--point", default="64,16,64,8", help="seq_len,num_pairs,hidden_dim,size")
     ap.add_argument("--models", nargs="*", default=list(MODEL_NAMES))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--min-run-time", type=float, default=1.0)
