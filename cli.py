@@ -396,6 +396,7 @@ def recall(
     sizes: _list("--sizes", "Chunk size (BSBR, Linear, DeltaNet, GAU) and window (SlidingWindow). "
                  "Default: the preset's.") = None,
     vocab_size: _int("Vocabulary: keys and values take disjoint halves of it. Default: the preset's.") = None,
+    compression_factor: _int("BSBR's chunk states (d_head/f) x d_head; f divides d_head. Default: none.") = None,
     max_steps: _int("Training steps at most per run. Default: the preset's.") = None,
     batch_size: _int("Sequences per step. Default: the preset's.") = None,
     lrs: _list("--lrs", "Learning rates of the sweep; each configuration is reported at the one with the best "
@@ -435,7 +436,7 @@ def recall(
                 hidden_dims=hidden_dims, sizes=sizes, vocab_size=vocab_size, max_steps=max_steps,
                 batch_size=batch_size, lrs=lrs, seeds=seeds, target_acc=target_acc, device=device.value,
                 threads=threads, jobs=jobs, executor=executor, address=address, shard=shard, seed=seed,
-                output_dir=output_dir, resume=resume)
+                output_dir=output_dir, resume=resume, compression_factor=compression_factor)
     console.print(recall_report.summary_table(res["summary"], f"MQAR held-out accuracy (%) at the best rate, "
                                               f"vocab {p.vocab_size}: mean ± std (min) over seeds @rate"))
     code, words = results.outcome(res["rows"])

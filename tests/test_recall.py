@@ -203,6 +203,9 @@ def _cli(*args):
     (["--num-pairs", "0"], "--num-pairs: '0' is not a positive integer"),
     (["--hidden-dims", "63"], "hidden_dim (63) must be divisible by num_heads (2)"),
     (["--target-acc", "1.5"], "--target-acc must be a finite number > 0 and <= 1"),
+    (["--compression-factor", "0"], "--compression-factor must be a positive integer"),
+    (["--compression-factor", "3"], "--compression-factor must be a positive integer dividing every head size "
+                                    "(d / heads = 32 at d = 64), got 3"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(args, needle, tmp_path):
     # --max-steps 1 --models Standard: should a case slip through, it costs a second, not a sweep
@@ -267,3 +270,17 @@ def test_query_logits_equal_the_full_forward_at_the_queries(name):
     assert got.shape == (int(sel.sum()), 41)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
     assert isinstance(model.lm_head, torch.nn.Linear), "the head is restored"
+
+
+def test_compression_factor_reaches_every_bsbr_it_trains_and_the_others_still_build():
+    from evals.recall import launch
+    from evals.recall.sweep import RecallCase
+    from evals.registry import resolve_model
+
+    p = launch.configure("quick", compression_factor=4)
+    assert p.compression_factor == 4 and launch.configure("quick").compression_factor is None
+    for model in ("BSBR", "Linear"):
+        cfg = p.model_config(RecallCase(model, 32, 4, 64, 8, 1e-3, 0))
+        m = resolve_model(model).build(cfg)
+        if model == "BSBR":  # every layer's compression map A is (heads, d_head, d_head / 4)
+            assert {tuple(blk.mixer.compress.shape) for blk in m.layers} == {(2, 32, 8)}

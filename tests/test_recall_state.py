@@ -20,16 +20,17 @@ F32, BOOL, LONG = 4, 1, 8
 SIDE = {"settings": dict(vocab_size=64, num_layers=2, num_heads=2, ff_mult=2, qk_dim=32)}
 
 
-def expected_bytes(model: str, D: int, size: int, n: int, L: int = 2, h: int = 2, s: int = 32) -> int:
+def expected_bytes(model: str, D: int, size: int, n: int, L: int = 2, h: int = 2, s: int = 32, f: int = 1) -> int:
     dh = D // h
+    dk = dh // f                                        # BSBR's compressed key side (compression_factor f)
     if model in ("Standard", "Hopfield"):
         cap = max(n + n // 4, 16)                      # K and V of every token, +25% headroom
         per = F32 * 2 * h * cap * dh
     elif model == "BSBR":
         P, r = divmod(n, size)                          # completed chunks, tokens of the open one
-        per = F32 * (h * P * dh * dh + h * P * dh + D) + BOOL * P  # chunk states, meta keys, summary
+        per = F32 * (h * P * dk * dh + h * P * dh + D) + BOOL * P  # chunk states, meta keys, summary
         if r:                                           # the open chunk's K, V, x and its state S
-            per += F32 * (2 * h * r * dh + r * D + h * dh * dh) + BOOL * r
+            per += F32 * (2 * h * r * dh + r * D + h * dk * dh) + BOOL * r
     elif model == "Linear":
         per = F32 * h * (dh * dh + dh)                  # S = sum phi(k) v^T and z = sum phi(k)
     elif model == "DeltaNet":
@@ -44,9 +45,10 @@ def expected_bytes(model: str, D: int, size: int, n: int, L: int = 2, h: int = 2
     return L * per
 
 
-def measured_bytes(model: str, D: int, size: int, n: int) -> int:
+def measured_bytes(model: str, D: int, size: int, n: int, f=None) -> int:
     torch.manual_seed(0)
-    m = resolve_model(model).build(model_config(SIDE, Config(model, D, size)))
+    side = {"settings": dict(SIDE["settings"], compression_factor=f)}
+    m = resolve_model(model).build(model_config(side, Config(model, D, size)))
     return decoding_state_bytes(m, torch.randint(0, 64, (1, n), generator=torch.Generator().manual_seed(n)))
 
 
@@ -60,6 +62,13 @@ def test_every_registered_model_has_a_formula():
 @given(D=st.sampled_from([32, 64]), size=st.sampled_from([4, 8, 16]), n=st.integers(1, 80))
 def test_measured_state_bytes_follow_the_formula(model, D, size, n):
     assert measured_bytes(model, D, size, n) == expected_bytes(model, D, size, n)
+
+
+@settings(max_examples=10, deadline=None)
+@given(D=st.sampled_from([32, 64]), f=st.sampled_from([1, 2, 4, 8]), size=st.sampled_from([4, 8]), n=st.integers(1, 40))
+def test_bsbr_compression_shrinks_its_chunk_states_by_f(D, f, size, n):
+    # recall --compression-factor F reaches the model the frontier rebuilds: (dh/f) x dh chunk states
+    assert measured_bytes("BSBR", D, size, n, f) == expected_bytes("BSBR", D, size, n, f=f)
 
 
 def test_the_recall_points_state_ordering():

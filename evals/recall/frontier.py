@@ -63,7 +63,8 @@ def model_config(side: dict, cfg: Config):
     s = side["settings"]
     return ModelConfig(vocab_size=int(s["vocab_size"]), hidden_dim=cfg.hidden_dim, num_layers=int(s["num_layers"]),
                        num_heads=int(s["num_heads"]), ff_dim=int(s["ff_mult"]) * cfg.hidden_dim, dropout=0.0,
-                       chunk_size=cfg.size, window_size=cfg.size, qk_dim=min(int(s["qk_dim"]), cfg.hidden_dim))
+                       chunk_size=cfg.size, window_size=cfg.size, qk_dim=min(int(s["qk_dim"]), cfg.hidden_dim),
+                       compression_factor=s.get("compression_factor"))  # absent in runs before the option
 
 
 def configs_of(summary: pd.DataFrame) -> list:

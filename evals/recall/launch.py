@@ -203,7 +203,7 @@ def _run_phases(models, preset, csv_path: Path, old_rows, *, executor, data_seed
 
 def configure(preset: str = "quick", *, seq_lens=None, num_pairs=None, hidden_dims=None, sizes=None,
               vocab_size=None, max_steps=None, batch_size=None, lrs=None, seeds=None, target_acc=None,
-              jobs=None) -> RecallPreset:
+              jobs=None, compression_factor=None) -> RecallPreset:
     """The named preset with the given overrides applied, checked; a one-line ValueError otherwise.
 
     Giving ``seq_lens`` or ``num_pairs`` replaces a preset's explicit (length, pairs) points by
@@ -215,7 +215,8 @@ def configure(preset: str = "quick", *, seq_lens=None, num_pairs=None, hidden_di
     if preset not in PRESETS:
         raise ValueError(f"--preset: unknown value {preset!r}; valid: {', '.join(PRESETS)}")
     base = PRESETS[preset]
-    check_positive(vocab_size=vocab_size, max_steps=max_steps, batch_size=batch_size, seeds=seeds, jobs=jobs)
+    check_positive(vocab_size=vocab_size, max_steps=max_steps, batch_size=batch_size, seeds=seeds, jobs=jobs,
+                   compression_factor=compression_factor)
     if lrs is not None and not lrs:
         raise ValueError("--lrs must be finite numbers > 0, got nothing")
     for v in lrs or ():
@@ -239,7 +240,8 @@ def configure(preset: str = "quick", *, seq_lens=None, num_pairs=None, hidden_di
                    task_pairs=None if (seq_lens or num_pairs) else base.task_pairs,
                    batch_by_len=None if batch_size else base.batch_by_len,
                    lrs=tuple(float(v) for v in lrs) if lrs else base.lrs,
-                   seeds=tuple(range(seeds)) if seeds else base.seeds, jobs=jobs or base.jobs)
+                   seeds=tuple(range(seeds)) if seeds else base.seeds, jobs=jobs or base.jobs,
+                   compression_factor=compression_factor or base.compression_factor)
     return p.check()
 
 
@@ -322,7 +324,8 @@ def recall_command(*, quick: bool = False, preset: Optional[str] = None, models=
                    num_pairs=None, hidden_dims=None, sizes=None, vocab_size=None, max_steps=None, batch_size=None,
                    lrs=None, seeds=None, target_acc=None, device: str = "cpu", threads: int = 1, jobs=None,
                    executor: str = "local", address: Optional[str] = None, shard: Optional[str] = None,
-                   seed: int = 0, output_dir=None, resume: bool = False) -> tuple[dict, RecallPreset]:
+                   seed: int = 0, output_dir=None, resume: bool = False,
+                   compression_factor=None) -> tuple[dict, RecallPreset]:
     """``bsbr-eval recall`` after parsing: check the options (``ResultsError``, one line, exit 2),
     then ``run_command``. KeyboardInterrupt passes through with every finished row written."""
     from evals.options import choose, positive_ints, split_list
@@ -348,7 +351,7 @@ def recall_command(*, quick: bool = False, preset: Optional[str] = None, models=
         p = configure(name, seq_lens=ints["--seq-lengths"], num_pairs=ints["--num-pairs"],
                       hidden_dims=ints["--hidden-dims"], sizes=ints["--sizes"], vocab_size=vocab_size,
                       max_steps=max_steps, batch_size=batch_size, lrs=rates or None, seeds=seeds,
-                      target_acc=target_acc, jobs=jobs)
+                      target_acc=target_acc, jobs=jobs, compression_factor=compression_factor)
         res = run_command(name, p, names, out, executor=executor, address=address, device=device,
                           threads=threads, data_seed=seed, resume=resume, shard=shard)
     except results.ResultsError:

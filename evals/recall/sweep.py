@@ -96,6 +96,7 @@ class RecallPreset:
     gap_power: float = 1.0
     batch_by_len: Optional[tuple] = None  # ((max_seq_len, batch_size), ...): zoology's batch per length
     jobs: int = 1                         # trainings at once (local executor) unless --jobs says otherwise
+    compression_factor: Optional[int] = None  # BSBR's chunk states (dh/f) x dh; the other models ignore it
 
     def data(self, seq_len: int, num_pairs: int) -> MQARConfig:
         return MQARConfig(vocab_size=self.vocab_size, seq_len=seq_len, num_pairs=num_pairs,
@@ -104,7 +105,8 @@ class RecallPreset:
     def model_config(self, case: RecallCase) -> ModelConfig:
         return ModelConfig(vocab_size=self.vocab_size, hidden_dim=case.hidden_dim, num_layers=self.num_layers,
                            num_heads=self.num_heads, ff_dim=self.ff_mult * case.hidden_dim, dropout=0.0,
-                           chunk_size=case.size, window_size=case.size, qk_dim=min(self.qk_dim, case.hidden_dim))
+                           chunk_size=case.size, window_size=case.size, qk_dim=min(self.qk_dim, case.hidden_dim),
+                           compression_factor=self.compression_factor)
 
     def train_for(self, case: RecallCase) -> TrainConfig:
         """The optimisation settings of one run: the preset's, at the case's rate and batch size."""
@@ -181,7 +183,11 @@ class RecallPreset:
                     raise ValueError(f"num_pairs={P} fits none of the sequence lengths it is paired with "
                                      f"({', '.join(map(str, sorted(set(lens))))}): it needs seq_len >= {3 * P}")
         for D in self.hidden_dims:
-            check_heads(D, self.num_heads)
+            dh = check_heads(D, self.num_heads)
+            f = self.compression_factor
+            if f is not None and (not isinstance(f, int) or isinstance(f, bool) or f <= 0 or dh % f):
+                raise ValueError(f"--compression-factor must be a positive integer dividing every head size "
+                                 f"(d / heads = {dh} at d = {D}), got {f!r}")
         return self
 
 
