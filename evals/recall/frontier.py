@@ -164,7 +164,7 @@ def plot(table: pd.DataFrame, out_dir: Path, length: int, device: str) -> list:
     """Accuracy against decode ms/token at ``length``, one panel per recall task, Pareto front drawn."""
     import matplotlib.pyplot as plt
 
-    from evals.figures import model_palette, save
+    from evals.figures import log_axes, model_palette, save
     from evals.recall.plots import RECALL_ACC_LABEL, _recall_legend, _recall_marker
     from evals.registry import model_order
 
@@ -183,8 +183,9 @@ def plot(table: pd.DataFrame, out_dir: Path, length: int, device: str) -> list:
                     markersize=5 + 3 * widths.index(r.hidden_dim), markerfacecolor="none", markeredgewidth=1.4)
         front = p[pareto(p)].sort_values("time")
         ax.step(front["time"], front["acc"], where="post", color="black", lw=1, ls=":", label="Pareto front")
-        ax.set(xscale="log", ylim=(-0.02, 1.02), title=f"n={n}, {P} pairs", xlabel=f"decode ms/token after {length:,} "
+        ax.set(ylim=(-0.02, 1.02), title=f"n={n}, {P} pairs", xlabel=f"decode ms/token after {length:,} "
                f"tokens ({device}, batch 1)")
+        log_axes(ax, "x")  # 1-2-5 plain labels: matplotlib's minor labels collided on a narrow range
     axes[0][0].set_ylabel(RECALL_ACC_LABEL)
     from matplotlib.lines import Line2D
 
