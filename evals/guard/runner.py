@@ -146,6 +146,17 @@ def _json_safe(rows) -> list:
     return json.loads(json.dumps(list(rows), default=float))
 
 
+def _pin(pid: int) -> None:
+    """Put a worker on the highest CPU this process may use, the same one for both sides: their
+    samples alternate and never overlap, and one CPU for both removes any difference between
+    cores (or a side's migrations between them) from the paired ratio. Where affinity cannot be
+    set (not Linux), nothing is done."""
+    try:
+        os.sched_setaffinity(pid, {max(os.sched_getaffinity(0))})
+    except (AttributeError, OSError):
+        pass
+
+
 class Worker:
     """One side's worker process; ``call(op=..., ...)`` sends a request and returns the reply.
 
@@ -161,6 +172,7 @@ class Worker:
         self.proc = subprocess.Popen([sys.executable, str(WORKER), str(self.tree)], cwd=str(self.tree), env=env,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err,
                                      text=True, bufsize=1)
+        _pin(self.proc.pid)
         self.info: dict = {}
 
     def handshake(self) -> dict:
