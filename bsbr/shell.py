@@ -111,11 +111,10 @@ class Block(nn.Module):
         self.ffn = FeedForward(hidden_dim, ff_dim, dropout, activation)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, cache=None) -> torch.Tensor:
-        # below the model's edge: a mixer with an unchecked entry (``mix``) is called through it.
-        # Looked up on the class: an instance getattr of a missing name goes through
-        # nn.Module.__getattr__, which builds and raises an AttributeError, on every layer and token
-        # Neither the normed input nor the mixer's output is held in a local: each is freed as soon as
-        # it is used, not kept alive through the feed-forward (the traced peak memory would grow).
+        # Below the model's edge a mixer with an unchecked entry (``mix``) is called through it,
+        # looked up on the class (an instance getattr of a missing name raises and catches an
+        # AttributeError inside nn.Module.__getattr__). No local holds the mixer's output, so it is
+        # freed before the feed-forward runs (holding it raised the traced peak memory).
         mixer = self.mixer
         mix = getattr(type(mixer), "mix", None)
         x = x + self.drop(mixer(self.norm1(x), mask=mask, cache=cache) if mix is None
