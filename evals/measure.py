@@ -13,8 +13,9 @@ A case is measured in four passes over the same built workload, in this order:
    - CUDA: ``max_memory_allocated`` after ``reset_peak_memory_stats``, minus what was allocated
      before the call (``memory_method = cuda_max_allocated``);
    - CPU: the allocator's trace from ``torch.profiler`` (``profile_memory=True``): every
-     allocation and free of the call in chronological order, summed; the peak of the running
-     sum is the peak the call added on top of what was resident (``cpu_profiler_trace``).
+     allocation of the call and every free of a block allocated in the same trace, in order,
+     summed; the peak of the running sum is the peak the call added on top of what was
+     resident (``cpu_alloc_trace``; ``cpu_alloc_peak`` says why older blocks are left out).
    Parameters and inputs exist before the call, so they are not counted; it is never derived
    from the parameter count.
 3. **Warm-up**: ``warmup`` untimed calls.
@@ -200,29 +201,99 @@ def time_fn(fn: Callable[[], object], *, device: str = "cpu", repeats: int = 10,
 # ----------------------------------------------------------------------------- memory
 
 
+CPU_MEMORY_METHOD = "cpu_alloc_trace"
+# The record_function name that marks the measured call inside a traced session.
+_MEASURED = "bsbr_eval::measured_call"
+
+
 def peak_memory(fn: Callable[[], object], *, device: str = "cpu",
-                setup: Optional[Callable[[], None]] = None) -> tuple[float, str]:
-    """Peak bytes one call of ``fn`` allocates on top of what is resident, in MiB, and the method."""
-    if setup is not None:
-        setup()
+                setup: Optional[Callable[[], None]] = None, prior: int = 0) -> tuple[float, str]:
+    """Peak bytes one call of ``fn`` allocates on top of what is resident, in MiB, and the method.
+
+    ``prior``: on the CPU, calls of ``fn`` (each after ``setup``) traced before the measured one,
+    so that blocks the previous call left for this one to free are credited when it frees them
+    (the steady state of a repeated call)."""
     if device.startswith("cuda"):
+        if setup is not None:
+            setup()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         fn()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20, "cuda_max_allocated"
-    from torch.profiler import ProfilerActivity, profile
+    return cpu_alloc_peak(fn, setup=setup, prior=prior) / 2**20, CPU_MEMORY_METHOD
+
+
+def cpu_alloc_peak(fn: Callable[[], object], *, setup: Optional[Callable[[], None]] = None,
+                   prior: int = 0) -> int:
+    """The high-water mark, in bytes, of CPU memory one call of ``fn`` adds, from the allocator's
+    trace, counting only blocks whose allocation is in the same trace.
+
+    One profiler session holds ``prior`` calls, then ``setup`` and the measured call. Every
+    allocation in the session enters a table of live blocks (address -> size); a free counts only
+    if its address is in that table, with the size the table holds. Over the measured call the
+    running sum of those allocations and frees is taken, and its maximum is the peak.
+
+    Why not sum the trace's own sizes: torch's CPU memory reporter remembers the size of a block
+    only while a profiler is on, and forgets it only when the block is freed while one is on. A
+    block allocated with the profiler off is freed without a size (dropped from the trace), and
+    one at an address whose earlier block was freed with the profiler off is freed with that
+    earlier block's size. Which of the two happens depends on where malloc put what, so the same
+    call read 131,434 or 156,010 bytes at random (BSBR decode, n = 128). Blocks allocated inside
+    the session are immune: their sizes are the trace's own, so the number is a function of the
+    call's allocation sequence alone. Frees of blocks older than the session change nothing.
+    """
+    from torch.profiler import ProfilerActivity, profile, record_function
 
     with _quiet_native_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-              if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+        for _ in range(prior):
+            if setup is not None:
+                setup()
+            fn()
+        if setup is not None:
+            setup()
+        with record_function(_MEASURED):
+            fn()
+    live: dict[int, int] = {}  # address -> size, of blocks allocated in this session
     running = peak = 0
-    for _, nbytes in sorted(events):  # chronological; frees carry negative sizes
-        running += nbytes
-        peak = max(peak, running)
-    return peak / 2**20, "cpu_profiler_trace"
+    start, end = _measured_span(prof)
+    for t, ptr, nbytes in _cpu_memory_events(prof):
+        inside = start <= t <= end
+        if nbytes > 0:
+            live[ptr] = nbytes
+        elif ptr in live:
+            nbytes = -live.pop(ptr)
+        else:
+            continue  # a block older than the session: its size is not the trace's to know
+        if inside:
+            running += nbytes
+            peak = max(peak, running)
+    return peak
+
+
+def _tree(prof):
+    """Every event of a finished profile, depth-first in the profiler's own tree order."""
+    stack = list(reversed(prof.profiler.kineto_results.experimental_event_tree()))
+    while stack:
+        e = stack.pop()
+        yield e
+        stack.extend(reversed(e.children))
+
+
+def _measured_span(prof) -> tuple[int, int]:
+    (mark,) = [e for e in _tree(prof) if e.name == _MEASURED]
+    return mark.start_time_ns, mark.end_time_ns
+
+
+def _cpu_memory_events(prof) -> list[tuple[int, int, int]]:
+    """``(time ns, address, bytes)`` of every CPU allocation (bytes > 0) and free (< 0), in the
+    order they happened: each thread's events in the tree's order; threads merged by time."""
+    cpu = torch.device("cpu")
+    out = [(e.start_time_ns, i, e.extra_fields.ptr, e.extra_fields.alloc_size) for i, e in enumerate(_tree(prof))
+           if type(e.extra_fields).__name__ == "_ExtraFields_Allocation" and e.extra_fields.device == cpu]
+    out.sort(key=lambda r: (r[0], r[1]))  # a stable merge: one thread's events keep their order
+    return [(t, ptr, nbytes) for t, _, ptr, nbytes in out]
 
 
 @contextlib.contextmanager

@@ -58,7 +58,7 @@ def test_required_columns_first_in_contract_order(monkeypatch, tmp_path):
                   "compression_factor", "chunk_overlap", "vocab_size"):
         assert extra in header
     rec = dict(zip(header, row))
-    assert rec["status"] == "ok" and rec["timer"] == "cpu_wall" and rec["memory_method"] == "cpu_profiler_trace"
+    assert rec["status"] == "ok" and rec["timer"] == "cpu_wall" and rec["memory_method"] == "cpu_alloc_trace"
     assert len(rec["samples_ms"].split()) == int(rec["repeats"])
 
 

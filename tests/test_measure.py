@@ -168,7 +168,7 @@ def test_cpu_memory_trace_sees_quadratic_attention(monkeypatch):
     peaks = {}
     for n in (256, 512):
         row = M.measure(case(n=n, level="op", cfg=cfg), **FAST)
-        assert row["memory_method"] == "cpu_profiler_trace"
+        assert row["memory_method"] == "cpu_alloc_trace"
         peaks[n] = row["peak_memory_mb"]
         # the (1, 4, n, n) fp32 scores exist at least once
         assert peaks[n] * 2**20 >= 4 * n * n * 4
@@ -180,7 +180,7 @@ def test_memory_is_not_parameter_bytes(monkeypatch):
     big = nn.Linear(4096, 4096)
     x = torch.randn(1, 4096)
     mb, method = M.peak_memory(lambda: big(x))
-    assert method == "cpu_profiler_trace"
+    assert method == "cpu_alloc_trace"
     assert 0 < mb < 1.0
 
 

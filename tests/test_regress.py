@@ -45,11 +45,21 @@ def test_a_changed_exact_metric_fails_to_the_unit(measured, column):
     assert [m for m, *_, v in exact_checks(row, got) if v == CHANGED] == [column]
 
 
+def test_regress_says_which_metrics_are_exact_and_which_are_only_shown(measured):
+    from evals.guard.findings import exactness
+
+    line = exactness(measured)
+    assert "peak_memory_mb (cpu_alloc_trace_steady)" in line and "shown" not in line
+    mixed = measured.copy()
+    mixed.loc[mixed.index[0], "memory_method"] = "cpu_profiler_trace_steady"  # an older harness's
+    assert "shown, never failing: peak_memory_mb (cpu_profiler_trace_steady)" in exactness(mixed)
+
+
 def test_the_first_call_trace_is_shown_but_never_fails(measured):
     row = measured.iloc[0].copy()
-    row["memory_method"] = "cpu_profiler_trace"
+    row["memory_method"] = "cpu_alloc_trace"
     got = dict(flops=row["flops"], params=row["params"], peak_memory_mb=row["peak_memory_mb"] * 2,
-               memory_method="cpu_profiler_trace")
+               memory_method="cpu_alloc_trace")
     assert {v for *_, v in exact_checks(row, got)} == {OK}
 
 
@@ -73,7 +83,7 @@ def test_steady_memory_is_reproducible(mode):
         vocab_size=64, hidden_dim=32, num_layers=1, num_heads=2, ff_dim=64))
     a = steady_memory(build_workload(case), "cpu", 1)
     b = steady_memory(build_workload(case), "cpu", 1)
-    assert a == b and a[1] == "cpu_profiler_trace_steady" and a[0] > 0
+    assert a == b and a[1] == "cpu_alloc_trace_steady" and a[0] > 0
 
 
 def test_runqueue_wait_is_subtracted_from_each_sample(monkeypatch):

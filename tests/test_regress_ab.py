@@ -155,7 +155,7 @@ def committed_rows(models=("BSBR", "GAU"), modes=("forward", "decode")):
             rows.append(dict(model=m, device="cpu", mode=mode, level="model", dtype="float32", batch_size=1,
                              seq_len=128, hidden_dim=64, num_layers=2, num_heads=4, chunk_size=32, status="ok",
                              flops=1000 + len(rows), params=500, peak_memory_mb=0.5,
-                             memory_method="cpu_profiler_trace_steady"))
+                             memory_method="cpu_alloc_trace_steady"))
     return pd.DataFrame(rows)
 
 

@@ -2,7 +2,7 @@
 
 ``results/baselines/cpu.csv`` holds, per configuration of the guard's grid, the FLOPs (per
 token in decode mode), the parameter count and the steady-state traced memory
-(``cpu_profiler_trace_steady``), which ``regress --against`` holds the working tree to, to the
+(``cpu_alloc_trace_steady``), which ``regress --against`` holds the working tree to, to the
 unit. Times are never read from it (they do not transfer between machines; a baseline from
 before this rule may still carry time columns, which are ignored).
 
@@ -97,8 +97,9 @@ def measure_baseline(rows: pd.DataFrame, *, measure: Optional[Callable] = None,
 
 def settings() -> dict:
     """How the baseline was measured, for its sidecar."""
-    return dict(threads=GUARD_THREADS, memory="cpu_profiler_trace_steady: the second profiled call after two "
-                                              "warm-up calls", timing="none: times are compared A/B only")
+    return dict(threads=GUARD_THREADS, memory="cpu_alloc_trace_steady: after two warm-up calls, a call "
+                                              "traced after a traced prior call, counting blocks "
+                                              "allocated in the trace", timing="none: times are compared A/B only")
 
 
 def write_baseline(path: Path, frame: pd.DataFrame, *, start: str, source: str) -> None:

@@ -162,6 +162,7 @@ def _against(console: Console, base, o: Options) -> int:
     except runner.ABError as e:
         raise ResultsError(str(e)) from None
     console.print(done.sides())
+    console.print(fd.exactness(base))
     if o.power is not None:
         written = pw.write_power(o.power, done.result, alpha=o.alpha, ref=o.against, ref_sha=done.ref_sha,
                                  tree=done.tree, baseline=str(o.baseline))

@@ -35,7 +35,7 @@ GUARD_LAYER_LENGTHS = (512,)           # layer level, forward and train
 # One thread: on a shared 2-core box a second thread turns every barrier into a wait on whoever
 # else holds the other core. Memory (per-thread buffers) depends on it, so it is pinned.
 GUARD_THREADS = 1
-STEADY_METHOD = "cpu_profiler_trace_steady"
+STEADY_METHOD = "cpu_alloc_trace_steady"
 
 
 def guard_cases() -> list:
@@ -82,12 +82,14 @@ def case_from_row(row) -> "Case":
 
 
 def steady_memory(work, device: str, threads: int) -> tuple[float, str]:
-    """Peak MiB one call of a built workload adds, from the CPU profiler's allocation trace,
-    in the steady state.
+    """Peak MiB one call of a built workload adds in the steady state of repeated calls, from the
+    CPU allocator's trace (``evals.measure.cpu_alloc_peak``).
 
-    The first profiled call of a workload is not reproducible (see
-    ``evals.guard.findings.EXACT_MEMORY_METHODS``); the second and later are, to the byte,
-    across processes. So: warm up, trace twice, keep the second.
+    Two untraced warm-up calls pay for lazy initialisation; then one traced session holds a prior
+    call and the measured one, so blocks the prior call left behind (last step's gradients, the
+    previous cache copy) are credited when the measured call frees them. The number depends only
+    on the call's own allocation sequence, so it is the same in every process and under any load
+    (``tests/evals/guard/test_exact_memory.py`` holds every guard configuration to that).
     """
     import torch
 
@@ -102,8 +104,7 @@ def steady_memory(work, device: str, threads: int) -> tuple[float, str]:
             if work.setup is not None:
                 work.setup()
             work.fn()
-        peak_memory(work.fn, device=device, setup=work.setup)
-        mb, _ = peak_memory(work.fn, device=device, setup=work.setup)
+        mb, _ = peak_memory(work.fn, device=device, setup=work.setup, prior=1)
         return mb, STEADY_METHOD
     finally:
         torch.set_num_threads(prev)
