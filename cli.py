@@ -41,7 +41,7 @@ Device = enum.Enum("Device", {v: v for v in ("cpu", "cuda")}, type=str)
 SdpaBackend = enum.Enum("SdpaBackend", {v: v for v in SDPA_BACKENDS}, type=str)
 
 # Flags that take several values, space- or comma-separated (``--seq-lengths 64 128`` or ``64,128``).
-LIST_FLAGS = ("--models", "--seq-lengths", "--lengths", "--devices", "--modes", "--num-pairs", "--hidden-dims", "--sizes", "--lrs",
+LIST_FLAGS = ("--models", "--seq-lengths", "--lengths", "--contexts", "--devices", "--modes", "--num-pairs", "--hidden-dims", "--sizes", "--lrs",
               "--chunk-sizes", "--chunk_size")
 
 
@@ -474,6 +474,67 @@ def frontier(
     bad = t[t["status"] != "ok"]
     finish(0, f"wrote {len(t)} configurations to {res['csv']} (+ frontier.md, {len(res['figures'])} figure(s))"
               + (f"; {len(bad)} with a status other than ok" if len(bad) else ""))
+
+
+@app.command(cls=Command)
+def lm(
+    preset: Annotated[str, typer.Option(help="quick (a smoke run, seconds), cpu (the committed run: 2 contexts, "
+                      "3 rates, 2 seeds on a 2-core CPU, hours) or gpu (longer contexts and budget, for a GPU).")]
+    = "quick",
+    models: ModelsOpt = None,
+    contexts: _list("--contexts", "Context lengths in bytes (each shorter than the corpus's shortest document). "
+                    "Default: the preset's.") = None,
+    lrs: _list("--lrs", "Learning rates tried on the first seed; each (model, context) is reported at the one "
+               "with the best validation bits per byte. Default: the preset's.") = None,
+    seeds: _int("Seeds (0..N-1): rates tuned on seed 0, the other seeds run at the best rate. "
+                "Default: the preset's.") = None,
+    max_steps: _int("Optimiser steps per training (every model sees the same bytes). Default: the preset's.") = None,
+    device: Annotated[Device, typer.Option(case_sensitive=False, help="cpu or cuda.")] = Device.cpu,
+    threads: Annotated[int, typer.Option(help="CPU threads per training (pinned and recorded).")] = 1,
+    jobs: _int("Trainings at once: local worker processes, or the CPUs of the local Ray cluster (x --threads). "
+               "Default: the preset's.") = None,
+    executor: Annotated[str, typer.Option(help="local (this machine's processes) or ray (one Ray task per "
+                        "training).")] = "local",
+    address: Annotated[Optional[str], typer.Option(help="With --executor ray: join this cluster (auto or "
+                       "host:port) instead of starting a local one.", show_default=False)] = None,
+    output_dir: Annotated[Optional[Path], typer.Option("--output-dir", help="A new or empty folder for lm.csv, "
+                          "its lm.json sidecar, the summary, the loss-by-position table and the figures. "
+                          "Default: results/lm_<UTC time>/.", show_default=False)] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the lm run in --output-dir: keep its rows "
+                      "and train only the missing runs (refused if its settings differ).")] = False,
+) -> None:
+    """Byte-level language modelling on the shipped corpus (the Python 3.11 documentation's
+    reStructuredText source, pinned by sha256): every model matched on parameters and on bytes
+    seen; test bits per byte and the loss by position. See docs/lm.md."""
+    from evals.lm import command as lm_command
+    from evals.lm.launch import Options
+    from evals.options import split_list
+
+    opts = Options(preset=preset, models=tuple(split_list(models)) or None,
+                   contexts=tuple(positive_ints("--contexts", contexts)) or None,
+                   lrs=_floats("--lrs", lrs), seeds=seeds, max_steps=max_steps, device=device.value, threads=threads,
+                   jobs=jobs, executor=executor, address=address, output_dir=output_dir, resume=resume)
+    with interrupted("every finished training is in the output folder's lm.csv; --resume continues it"):
+        with exit_codes():
+            res = lm_command.run(opts)
+    from evals.lm.report import markdown
+
+    Console().print(markdown(res["summary"], results.read_sidecar(res["csv"])["corpus"]))
+    code, words = results.outcome(res["rows"])
+    finish(code, f"wrote {len(res['rows'])} rows to {res['csv']} (+ lm.json, summary, loss_by_position.csv, "
+                 f"{len(res['files']) - 3} figure(s))" + (f"; {words}" if words else ""))
+
+
+def _floats(flag: str, values) -> Optional[tuple]:
+    from evals.options import split_list
+
+    out = []
+    for v in split_list(values):
+        try:
+            out.append(float(v))
+        except ValueError:
+            raise typer.BadParameter(f"{v!r} is not a number") from None
+    return tuple(out) or None
 
 
 def convert_example(argv: list) -> int:

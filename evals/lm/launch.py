@@ -1,0 +1,108 @@
+"""``bsbr-eval lm`` after parsing: its options, the run folder, the two phases of the protocol on
+an executor, and rows streamed to ``lm.csv`` as each training finishes.
+
+The folder is a ``evals.output.RunFolder``: new or empty without ``--resume``; with it, a folder
+holding an ``lm.csv`` whose recorded settings (preset, contexts, corpus checksum, device, threads)
+equal this run's. Models are not a setting: a resumed run may add models (a plugin, say), whose
+rows join the same tables.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from evals.lm.sweep import COLUMNS, LMCase, LMPreset, lm_grid, row_key, run_case, seed_cases
+
+KIND = "lm"
+
+
+@dataclass(frozen=True)
+class Options:
+    """Every flag of ``bsbr-eval lm``; ``None`` means the preset's value."""
+
+    preset: str = "quick"
+    models: Optional[tuple] = None
+    contexts: Optional[tuple] = None
+    lrs: Optional[tuple] = None
+    seeds: Optional[int] = None
+    max_steps: Optional[int] = None
+    device: str = "cpu"
+    threads: int = 1
+    jobs: Optional[int] = None
+    executor: str = "local"
+    address: Optional[str] = None
+    output_dir: Optional[Path] = None
+    resume: bool = False
+
+
+def configure(o: Options) -> LMPreset:
+    """The named preset with the options' overrides, checked (one-line ValueError otherwise); the
+    contexts are checked against the corpus (a context must fit its shortest document)."""
+    from evals.lm.corpus import load_documents
+    from evals.lm.data import check_context
+    from evals.lm.sweep import PRESETS
+    from evals.options import check_finite, check_positive
+
+    if o.preset not in PRESETS:
+        raise ValueError(f"--preset: unknown value {o.preset!r}; valid: {', '.join(PRESETS)}")
+    base = PRESETS[o.preset]
+    check_positive(seeds=o.seeds, max_steps=o.max_steps, jobs=o.jobs, threads=o.threads)
+    for v in o.lrs or ():
+        check_finite("--lrs", v, low=0, low_open=True)
+    p = base.with_(contexts=tuple(o.contexts) if o.contexts else base.contexts,
+                   lrs=tuple(float(v) for v in o.lrs) if o.lrs else base.lrs,
+                   seeds=tuple(range(o.seeds)) if o.seeds else base.seeds, jobs=o.jobs or base.jobs,
+                   train=base.train.with_(max_steps=o.max_steps) if o.max_steps else base.train)
+    p.check()
+    docs = load_documents()
+    for c in p.contexts:
+        check_context(c, docs)
+    return p
+
+
+def resume_settings(preset: LMPreset, *, device: str, threads: int) -> dict:
+    """What a resumed run must share with the rows it keeps: the whole preset but how many
+    trainings run at once, the corpus, the device and the threads."""
+    from evals.lm.corpus import SHA256
+    from evals.lm.sweep import settings
+
+    return {k: v for k, v in settings(preset).items() if k != "jobs"} | dict(corpus_sha256=SHA256, device=device,
+                                                                               threads=threads)
+
+
+def _task(case: LMCase, *, preset: LMPreset, device: str, threads: int) -> dict:
+    return run_case(case, preset, device=device, threads=threads)
+
+
+def run_lm(models: Sequence[str], preset: LMPreset, folder, *, executor, device: str = "cpu", threads: int = 1,
+           run_id: str = "", on_start: Optional[Callable[[int], None]] = None,
+           on_row: Optional[Callable[[dict], None]] = None) -> list:
+    """Phase 1 (every rate at the first seed), then phase 2 (every further seed at each group's
+    best rate), appending each row to ``folder`` as it arrives; every row of the run, old first.
+    ``on_start(kept)`` is called once the folder is claimed, with how many of this run's trainings
+    it already holds; ``on_row(row)`` after each append."""
+    rows = {row_key(r): r for r in folder.rows}
+    tune = lm_grid(models, preset)
+    fn = partial(_task, preset=preset, device=device, threads=threads)
+    if on_start is not None:
+        wanted = {c.key() for c in tune} | {c.key() for c in seed_cases(tune, rows, preset)}
+        on_start(len(wanted & set(rows)))
+    with executor:
+        for phase in ("tune", "seed"):
+            todo = tune if phase == "tune" else seed_cases(tune, rows, preset)
+            todo = [c for c in todo if c.key() not in rows]
+            for case, row in executor.map_unordered(fn, todo):
+                row["run_id"] = run_id
+                folder.append(row)
+                rows[case.key()] = row
+                if on_row is not None:
+                    on_row(row)
+    return list(rows.values())
+
+
+def expected_runs(models: Sequence[str], preset: LMPreset) -> int:
+    n_tune = len(lm_grid(models, preset))
+    return n_tune + n_tune // len(preset.lrs) * (len(preset.seeds) - 1)
