@@ -162,6 +162,25 @@ PRESETS: dict = {
                       eval_bytes=20_000, jobs=1, qk_dim=16,
                       train=TrainConfig(max_steps=30, batch_size=16, lr=3e-3, weight_decay=0.1,
                                         warmup_steps=5, eval_every=30)),
+    # The committed run on a 2-core CPU (docs/lm.md): two contexts, 7 models matched at 400k
+    # parameters (width 128, 2 layers, 4 heads), 8,192 bytes a step for 500 steps (4.1M bytes, a
+    # little over half an epoch of the 7.4 MB training split), 3 rates on seed 0 and one more seed
+    # at the best: 56 trainings, two at a time, one thread each. Chunk and window 64, so the
+    # window's edge and BSBR's chunk both sit well inside either context. Validation and test are
+    # each split's first documents up to 500 kB (scoring all 1.9 MB took as long as the training).
+    "cpu": LMPreset(contexts=(512, 2048), hidden_dim=128, num_layers=2, num_heads=4, target_params=400_000,
+                    chunk_size=64, window_size=64, tokens_per_step=8192, lrs=(1e-3, 3e-3, 1e-2), seeds=(0, 1),
+                    jobs=2, qk_dim=64, eval_bytes=500_000,
+                    train=TrainConfig(max_steps=500, batch_size=16, lr=3e-3, weight_decay=0.1, warmup_steps=50,
+                                      eval_every=500, betas=(0.9, 0.95), min_lr_ratio=0.1)),
+    # For a GPU (not yet run): longer contexts and 25x the bytes, at 3.2M parameters (width 256, 4
+    # layers, 8 heads); 16,384 is the longest context the corpus's shortest document (16,411 bytes)
+    # holds. One training at a time per GPU.
+    "gpu": LMPreset(contexts=(1024, 4096, 16384), hidden_dim=256, num_layers=4, num_heads=8, target_params=3_200_000,
+                    chunk_size=128, window_size=128, tokens_per_step=65_536, lrs=(3e-4, 1e-3, 3e-3), seeds=(0, 1, 2),
+                    jobs=1, qk_dim=128, eval_batch_tokens=262_144,
+                    train=TrainConfig(max_steps=1600, batch_size=64, lr=1e-3, weight_decay=0.1, warmup_steps=100,
+                                      eval_every=1600, betas=(0.9, 0.95), min_lr_ratio=0.1)),
 }
 
 
