@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from evals.registry import MODEL_NAMES, model_order  # noqa: E402
-from evals.results import write_figure  # noqa: E402
+from evals.output.files import write_figure
 
 METRIC_LABELS = {"time_ms": "time (ms, median of repeats)", "peak_memory_mb": "peak memory (MB)"}
 LENGTH_LABEL = "sequence length n (tokens)"

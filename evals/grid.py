@@ -13,7 +13,7 @@ Slices from many machines are concatenated afterwards; nothing in a slice depend
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Iterable, Optional, Sequence
 
 from evals.registry import LEVELS, MODES, ModelConfig
@@ -78,16 +78,37 @@ class Case:
 KEY_COLUMNS = tuple(Case("x", "cpu", "forward", "model", "float32", 1, 1, ModelConfig()).fields())
 
 
+@dataclass(frozen=True)
+class GridSpec:
+    """What every case of one sweep shares: the level, the model configuration, the batch, the
+    dtype, the decode steps, the seed, compilation and the SDPA backend."""
+
+    level: str = "model"
+    config: ModelConfig = field(default_factory=ModelConfig)
+    batch_size: int = 1
+    dtype: str = "float32"
+    decode_tokens: int = 16
+    seed: int = 0
+    compile: bool = False
+    sdpa_backend: str = "auto"
+
+    def settings(self) -> dict:
+        """As a sidecar records it (the configuration as a plain dict)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["config"] = self.config.as_dict()
+        return out
+
+
 def expand_grid(models: Sequence[str], seq_lengths: Iterable[int], devices: Sequence[str] = ("cpu",),
-                modes: Sequence[str] = ("forward",), *, level: str = "model", config: Optional[ModelConfig] = None,
-                batch_size: int = 1, dtype: str = "float32", decode_tokens: int = 16, seed: int = 0,
-                compile: bool = False, sdpa_backend: str = "auto") -> list[Case]:
+                modes: Sequence[str] = ("forward",), spec: Optional[GridSpec] = None) -> list[Case]:
     """Every case of the sweep, model-major, lengths ascending inside each (model, device, mode).
 
     Raises ValueError naming the valid choices for an unknown device, mode, level or dtype, or a
     non-positive length. Model names must already be canonical (see ``registry.resolve_model``).
     """
-    config = config or ModelConfig()
+    s = spec or GridSpec()
+    level, config, batch_size, dtype, decode_tokens = s.level, s.config, s.batch_size, s.dtype, s.decode_tokens
+    seed, compile, sdpa_backend = s.seed, s.compile, s.sdpa_backend
     lengths = sorted(set(int(n) for n in seq_lengths))
     if not lengths:
         raise ValueError("seq_lengths must name at least one length")

@@ -52,9 +52,9 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 from evals.grid import Case
 from evals.registry import resolve_model
-from evals.results import one_line, sample_stats
-# the workload builder lives in evals.workload; these names stay importable from here
-from evals.workload import DTYPES, Workload, _compiled, build_workload, op_call  # noqa: F401
+from evals.errors import one_line
+from evals.results import sample_stats
+from evals.workload import DTYPES, _compiled, build_workload
 
 aten = torch.ops.aten
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import asdict, dataclass, replace
-from typing import Callable, Iterable, Optional
+from typing import TYPE_CHECKING, Callable, Iterable, Optional
 
-from torch import nn
+if TYPE_CHECKING:  # the registry is read by --help and `models`, which must not load torch
+    from torch import nn
 
 MODES = ("forward", "train", "decode")
 LEVELS = ("model", "layer", "op")
@@ -70,11 +71,11 @@ class ModelSpec:
         """The op's forms, read from the mixer class: "parallel", plus "recurrent" if it has ``op_recurrent``."""
         return self.model_class().mixer_class.forms()
 
-    def build(self, cfg: ModelConfig) -> nn.Module:
+    def build(self, cfg: ModelConfig) -> "nn.Module":
         """The whole model (embedding, layers, head) for ``cfg``."""
         return self.model_class()(**self.kwargs(cfg))
 
-    def build_mixer(self, cfg: ModelConfig) -> nn.Module:
+    def build_mixer(self, cfg: ModelConfig) -> "nn.Module":
         """One token-mixing layer with its projections (the ``layer`` level)."""
         return self.build(cfg.with_(num_layers=1)).layers[0].mixer
 

@@ -79,14 +79,15 @@ def worktrees(root) -> int:
 @pytest.fixture(scope="module")
 def rows():
     """Three tiny committed configurations with their exact metrics, counted by the harness."""
-    from evals.grid import expand_grid
-    from evals.measure import build_workload, count_flops
+    from evals.grid import GridSpec, expand_grid
+    from evals.measure import count_flops
+    from evals.workload import build_workload
     from evals.registry import ModelConfig
     from evals.guard.timing import steady_memory
 
     cfg = ModelConfig(vocab_size=64, hidden_dim=32, num_layers=1, num_heads=2, ff_dim=64, chunk_size=16)
-    cases = expand_grid(["BSBR"], [64], modes=["forward", "decode"], config=cfg)
-    cases += expand_grid(["Standard"], [64], modes=["forward"], config=cfg)
+    cases = expand_grid(["BSBR"], [64], modes=["forward", "decode"], spec=GridSpec(config=cfg))
+    cases += expand_grid(["Standard"], [64], modes=["forward"], spec=GridSpec(config=cfg))
     out = []
     for c in cases:
         w = build_workload(c)

@@ -14,9 +14,9 @@ import torch
 from typer.testing import CliRunner
 
 import cli
-from evals import compare as C
+from evals.compare import sweep as C
 from evals import results as R
-from evals.grid import Case, expand_grid, parse_shard, shard
+from evals.grid import Case, GridSpec, expand_grid, parse_shard, shard
 from evals.results import KEY_COLUMNS, case_key
 from evals.registry import LEVELS, MODEL_NAMES, MODES, ModelConfig
 from tests.test_measure import TOY_CFG, register_toys
@@ -27,7 +27,7 @@ runner = CliRunner()
 CONTRACT = ("run_id model device mode level dtype batch_size seq_len hidden_dim num_layers num_heads chunk_size "
             "status time_ms time_ms_p20 time_ms_p80 repeats timer peak_memory_mb memory_method flops params "
             "error").split()
-FAST = dict(repeats=2, warmup=0, min_run_time=0.0, show_progress=False)
+FAST = dict(how=C.Measurement(repeats=2, warmup=0, min_run_time=0.0), show_progress=False)
 
 
 @pytest.fixture(autouse=True)
@@ -36,7 +36,7 @@ def _fast_calibration(monkeypatch):
 
 
 def toy_cases(models=("Toy",), lengths=(8, 16, 24), modes=("forward",)):
-    return expand_grid(list(models), lengths, ["cpu"], list(modes), config=TOY_CFG, decode_tokens=2)
+    return expand_grid(list(models), lengths, ["cpu"], list(modes), spec=GridSpec(config=TOY_CFG, decode_tokens=2))
 
 
 def read(path):
@@ -170,7 +170,7 @@ def test_resume_measures_only_the_missing_cases(monkeypatch, tmp_path):
 def test_case_key_matches_after_a_csv_round_trip(monkeypatch, tmp_path):
     register_toys(monkeypatch)
     cfg = TOY_CFG.with_(compression_factor=2, hopfield_beta=0.125)
-    cases = expand_grid(["Toy"], [8], ["cpu"], ["decode"], config=cfg, decode_tokens=3, seed=7)
+    cases = expand_grid(["Toy"], [8], ["cpu"], ["decode"], spec=GridSpec(config=cfg, decode_tokens=3, seed=7))
     out = tmp_path / "r.csv"
     C.run_sweep(cases, out, **FAST)
     assert case_key(R.read_rows(out)[0]) == case_key(cases[0].fields())
@@ -275,8 +275,8 @@ def test_options_reach_the_cases(recorder):
     assert (c.level, c.batch_size, c.dtype, c.decode_tokens, c.seed) == ("op", 2, "float64", 5, 3)
     assert c.config == ModelConfig(hidden_dim=512, num_heads=8, num_layers=3, ff_dim=64, vocab_size=256, chunk_size=128,
                                    window_size=512, compression_factor=4)
-    assert recorder.kwargs["repeats"] == 4 and recorder.kwargs["min_run_time"] == 0.5
-    assert recorder.kwargs["threads"] == 1
+    how = recorder.kwargs["how"]
+    assert how.repeats == 4 and how.min_run_time == 0.5 and how.threads == 1
 
 
 @pytest.mark.parametrize("args, says", [
@@ -321,7 +321,7 @@ def test_cuda_without_a_gpu(recorder):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA behaviour")
 def test_cuda_rows_are_skipped_without_a_gpu(monkeypatch, tmp_path):
     register_toys(monkeypatch)
-    cases = expand_grid(["Toy"], [8], ["cpu", "cuda"], ["forward"], config=TOY_CFG)
+    cases = expand_grid(["Toy"], [8], ["cpu", "cuda"], ["forward"], spec=GridSpec(config=TOY_CFG))
     rows = C.run_sweep(cases, tmp_path / "r.csv", **FAST)
     assert [(r["device"], r["status"]) for r in rows] == [("cpu", "ok"), ("cuda", "skipped")]
     assert "CUDA" in rows[1]["error"]

@@ -12,10 +12,11 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from evals.compare import CPU_TIMER, check_ray_cluster, ray_options
-from evals.grid import expand_grid
+from evals.compare.sweep import CPU_TIMER, check_ray_cluster, ray_options
+from evals.grid import GridSpec, expand_grid
 from evals.registry import ModelConfig
-from evals.results import KEY_COLUMNS, ResultsError, case_key
+from evals.results import KEY_COLUMNS, case_key
+from evals.errors import ResultsError
 
 ray = pytest.importorskip("ray", reason="the Ray executor needs the ray extra")
 
@@ -73,7 +74,7 @@ def _overlaps(spans):
 
 @pytest.mark.slow
 def test_the_cpu_timing_slot_admits_one_timed_case_at_a_time(cluster):
-    case = expand_grid(["BSBR"], [32], config=ModelConfig())[0]
+    case = expand_grid(["BSBR"], [32], spec=GridSpec(config=ModelConfig()))[0]
     held = _spans(cluster, ray_options(case, 1))
     assert len(held) == 4 and _overlaps(held) == 0
     # the check can fail: with only a CPU each (the cluster has 2), the same tasks run two at a time.
@@ -94,7 +95,7 @@ def test_a_chain_stops_at_an_out_of_memory_and_yields_its_later_items_unrun(clus
 
 
 def test_each_case_holds_its_devices_slot():
-    cpu, gpu = (expand_grid(["BSBR"], [32], [d], config=ModelConfig())[0] for d in ("cpu", "cuda"))
+    cpu, gpu = (expand_grid(["BSBR"], [32], [d], spec=GridSpec(config=ModelConfig()))[0] for d in ("cpu", "cuda"))
     assert ray_options(cpu, 2) == {"num_cpus": 2, "resources": {CPU_TIMER: 1}}
     assert ray_options(gpu, 1) == {"num_cpus": 1, "num_gpus": 1}
 
@@ -109,7 +110,7 @@ def test_a_joined_cluster_without_the_cpu_timer_is_refused_in_one_line():
         def cluster_resources(self):
             return self.resources
 
-    cases = expand_grid(["BSBR"], [32], ["cpu", "cuda"], config=ModelConfig())
+    cases = expand_grid(["BSBR"], [32], ["cpu", "cuda"], spec=GridSpec(config=ModelConfig()))
     with pytest.raises(ResultsError, match=f"declares no '{CPU_TIMER}'.*ray start") as err:
         check_ray_cluster(Joined({"CPU": 64.0, "GPU": 8.0}), cases)
     assert "\n" not in str(err.value)

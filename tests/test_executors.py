@@ -13,7 +13,9 @@ import pandas as pd
 import pytest
 
 from evals.executors import LocalExecutor, alive, descendants
-from evals.recall import PRESETS, launch
+from evals.recall import launch
+from evals.recall.command import Options as RecallOptions
+from evals.recall.sweep import PRESETS
 from evals.recall.sweep import VOLATILE_COLUMNS, row_key
 
 ray = pytest.importorskip("ray", reason="the Ray executor needs the ray extra")
@@ -116,8 +118,9 @@ def test_sigkill_leaves_no_worker_alive_and_resume_completes(tmp_path, executor)
     done = len(_rows(out))
     assert 1 <= done < TOTAL
     # the CLI's --resume, in this process (a second interpreter start-up costs more than the runs)
-    preset = launch.configure("quick", seq_lens=[12], num_pairs=[2], hidden_dims=[16], sizes=[4], vocab_size=17,
-                              max_steps=40, batch_size=8, lrs=[1e-3, 1e-2], seeds=2)
+    preset = launch.configure(RecallOptions(seq_lengths=("12",), num_pairs=("2",), hidden_dims=("16",), sizes=("4",),
+                                            vocab_size=17, max_steps=40, batch_size=8, lrs=("1e-3", "1e-2"), seeds=2,
+                                            jobs=1))
     launch.run_recall(["Standard", "GAU"], preset, out, executor=LocalExecutor(1), resume=True)
     df = _rows(out)
     keys = [row_key(r) for r in df.to_dict("records")]

@@ -11,7 +11,8 @@ import torch
 from typer.testing import CliRunner
 
 import cli
-from evals import forms as fm
+from evals.forms import forms as fm
+from evals.results import FORMS_COLUMNS
 from evals.registry import REGISTRY, MODEL_NAMES, ModelConfig
 from tests.conftest import rel_err
 
@@ -77,7 +78,7 @@ def test_command_times_both_forms_and_reports_the_ratio(tmp_path):
     assert [(r["mode"], int(r["seq_len"]), r["form"]) for r in rows] == [
         (mode, n, form) for mode in ("forward", "train") for n in (16, 40) for form in ("parallel", "recurrent")]
     assert all(r["status"] == "ok" and float(r["time_ms"]) > 0 and r["model"] == "DeltaNet" for r in rows)
-    assert tuple(rows[0]) == fm.COLUMNS
+    assert tuple(rows[0]) == FORMS_COLUMNS
     side = json.loads(out.with_suffix(".json").read_text())
     assert side["settings"]["seq_lengths"] == [16, 40] and "ended_utc" in side
     ratios = fm.speedups(rows)
@@ -129,8 +130,10 @@ def test_refuses_to_overwrite_a_results_file(tmp_path):
 def test_options_reach_the_run(tmp_path, monkeypatch):
     seen = {}
 
-    def record(models, lengths, modes, output, **kw):
-        seen.update(models=models, lengths=lengths, modes=modes, **kw)
+    def record(plan, output, **kw):
+        seen.update(models=list(plan.models), lengths=list(plan.seq_lengths), modes=list(plan.modes),
+                    config=plan.config, batch_size=plan.batch_size, repeats=plan.repeats,
+                    min_run_time=plan.min_run_time, threads=plan.threads, seed=plan.seed)
         return []
     monkeypatch.setattr(fm, "run", record)
     res = runner.invoke(cli.app, ["forms", "--models", "linear", "--seq-lengths", "32", "64", "--modes", "forward",

@@ -8,7 +8,10 @@ import pandas as pd
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from evals.recall import frontier as fr
+from evals.frontier import recall as fr
+
+# the settings a recall sidecar records, as much of them as a configuration is built from
+SIDE = {"settings": dict(vocab_size=32, num_layers=2, num_heads=2, ff_mult=2, qk_dim=32)}
 
 
 def _dominated(p, q) -> bool:
@@ -47,7 +50,8 @@ def test_the_table_keeps_every_configuration_and_names_what_failed():
     summary = _summary(("Standard", "Linear", "GAU"), ("ok", "ok", "error"))
     timed = [_timed("Standard", 64), _timed("Standard", 128, "oom"), _timed("Linear", 64, ms=0.5),
              _timed("Linear", 128, ms=0.5), _timed("GAU", 64), _timed("GAU", 128)]
-    t = fr.frontier_table(summary, timed, _states(["Standard", "Linear", "GAU"], (64, 128)), (64, 128)).set_index("model")
+    t = fr.frontier_table(summary, SIDE, pd.DataFrame(timed), _states(["Standard", "Linear", "GAU"], (64, 128)),
+                          (64, 128)).set_index("model")
     assert list(t.index) == ["Standard", "Linear", "GAU"], "no configuration is dropped"
     assert t.loc["Standard", "status"] == "128:oom" and pd.isna(t.loc["Standard", "decode_ms_128"])
     assert t.loc["Standard", "decode_ms_64"] == 1.0 and t.loc["Standard", "error"] == "out of memory"
@@ -56,7 +60,8 @@ def test_the_table_keeps_every_configuration_and_names_what_failed():
 
 
 def test_a_missing_measurement_is_a_status_not_a_gap():
-    t = fr.frontier_table(_summary(), [_timed("Standard", 64)], _states(["Standard", "Linear"], (64,)), (64,))
+    t = fr.frontier_table(_summary(), SIDE, pd.DataFrame([_timed("Standard", 64)]),
+                          _states(["Standard", "Linear"], (64,)), (64,))
     assert t.set_index("model").loc["Linear", "status"] == "64:missing"
 
 

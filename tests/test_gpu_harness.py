@@ -14,11 +14,12 @@ import torch
 from typer.testing import CliRunner
 
 import cli
-from evals import compare as C
+from evals import machine
+from evals.compare import sweep as C
 from evals import measure as M
 from evals import results as R
 from evals.analyze import analysis as A
-from evals.grid import Case, expand_grid
+from evals.grid import Case, GridSpec, expand_grid
 from evals.registry import ModelConfig
 from tests.test_measure import FAST, TOY_CFG, case, register_toys
 
@@ -73,10 +74,12 @@ def test_warmup_counts_untimed_calls(monkeypatch, warmup):
 def test_real_compile_of_an_op_matches_and_records(tmp_path):
     # one real torch.compile (the slowest thing here): Linear's op at n=24, forward
     out = tmp_path / "c.csv"
-    rows, code, _ = C.run_compare(models=["Linear"], seq_lengths=[24], level="op", compile=True, warmup=1,
-                                  repeats=2, min_run_time=0.0, output=out, hidden_dim=16, num_heads=2,
-                                  chunk_size=8, console=None)
-    assert code == 0 and rows[0]["status"] == "ok", rows[0]["error"]
+    from evals.compare.command import Options, plan
+
+    p = plan(Options(models=("Linear",), seq_lengths=("24",), level="op", compile=True, warmup=1, repeats=2,
+                     min_run_time=0.0, output=out, hidden_dim=16, num_heads=2, chunk_size=8))
+    rows = C.run_sweep(p.cases, p.output, how=p.how, settings=p.settings, show_progress=False)
+    assert rows[0]["status"] == "ok", rows[0]["error"]
     df = pd.read_csv(out)
     assert bool(df["compile"].iloc[0]) and df["compile_ms"].iloc[0] > 0 and df["warmup"].iloc[0] == 1
     eager = M.measure(Case("Linear", "cpu", "forward", "op", "float32", 1, 24,
@@ -85,8 +88,8 @@ def test_real_compile_of_an_op_matches_and_records(tmp_path):
 
 
 def test_compiled_and_eager_rows_are_different_cases(tmp_path):
-    a = expand_grid(["Linear"], [16], config=OP_CFG)[0]
-    b = expand_grid(["Linear"], [16], config=OP_CFG, compile=True)[0]
+    a = expand_grid(["Linear"], [16], spec=GridSpec(config=OP_CFG))[0]
+    b = expand_grid(["Linear"], [16], spec=GridSpec(config=OP_CFG, compile=True))[0]
     assert R.case_key(a.fields()) != R.case_key(b.fields())
     # and a compiled row read back from a CSV keeps its identity (resume would skip it)
     row = dict(b.fields(), status="ok")
@@ -100,7 +103,7 @@ def test_calibration_is_per_device_and_dtype(monkeypatch):
     calls = []
     monkeypatch.setattr(M, "calibrate_matmul", lambda device, threads=None, dtype="float32": calls.append(
         (device, dtype)) or 1.0)
-    cases = expand_grid(["Linear"], [16], config=OP_CFG, dtype="bfloat16")
+    cases = expand_grid(["Linear"], [16], spec=GridSpec(config=OP_CFG, dtype="bfloat16"))
     cal = M.calibrate(cases, threads=1)
     assert set(cal) == {"cpu", "cpu/bfloat16"} and set(calls) == {("cpu", "float32"), ("cpu", "bfloat16")}
 
@@ -121,7 +124,7 @@ def test_flop_fraction_uses_the_rows_dtype_and_never_the_fp32_rate_for_bf16():
 def test_sidecar_records_numerics_gpu_and_cuda_variables(monkeypatch):
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     monkeypatch.setenv("CUDA_LAUNCH_BLOCKING", "0")
-    env = R.environment()
+    env = machine.environment()
     assert env["perf_env"]["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
     assert env["perf_env"]["CUDA_LAUNCH_BLOCKING"] == "0"
     num = env["numerics"]
@@ -132,7 +135,7 @@ def test_sidecar_records_numerics_gpu_and_cuda_variables(monkeypatch):
     old = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision("high")  # TF32 on: the sidecar must say so
-        assert R.environment()["numerics"]["float32_matmul_precision"] == "high"
+        assert machine.environment()["numerics"]["float32_matmul_precision"] == "high"
     finally:
         torch.set_float32_matmul_precision(old)
     if torch.cuda.is_available():

@@ -1,6 +1,7 @@
 """The guard's ready workflow (.github/workflows/guard.yml), as far as this machine allows: it
 parses, runs on pull requests, and each command it runs works here (the guard on findings we set)."""
 
+from evals.output import claims
 import os
 import shlex
 import subprocess
@@ -65,7 +66,7 @@ def test_the_guard_step_writes_its_verdicts(flow, tmp_path, monkeypatch):
     from tests.test_regress import fake_against, tiny_rows
 
     monkeypatch.chdir(tmp_path)
-    Path("results/baselines").mkdir(parents=True)  # a write never creates its folder (evals.results.locked)
+    Path("results/baselines").mkdir(parents=True)  # a write never creates its folder (evals.claims.locked)
     bl.write_baseline(Path("results/baselines/cpu.csv"), tiny_rows().assign(status="ok", flops=1, params=1),
                       start="t", source="test")
     monkeypatch.setattr(runner, "against", fake_against())

@@ -15,7 +15,9 @@ from hypothesis import given, settings, strategies as st
 from typer.testing import CliRunner
 
 import cli
-from evals import compare as C
+from evals import machine
+from evals import errors
+from evals.compare import sweep as C
 from evals import results as R
 from evals.options import check_finite
 from tests.test_measure import register_toys
@@ -54,7 +56,7 @@ def compare(out, *args):
                  st.floats(allow_nan=True, allow_infinity=True).filter(lambda f: not math.isfinite(f)),
                  st.integers(min_value=2**63)))
 def test_check_finite_refuses_every_non_finite_or_overflowing_value(value):
-    with pytest.raises(R.ResultsError, match="^x must be"):
+    with pytest.raises(errors.ResultsError, match="^x must be"):
         check_finite("x", value, high=2**63 - 1, integer=isinstance(value, int))
 
 
@@ -64,7 +66,7 @@ def test_check_finite_accepts_exactly_the_range(value, low):
     if inside:
         assert check_finite("x", str(value), low=low) == value
     else:
-        with pytest.raises(R.ResultsError, match=f"x must be a finite number >= "):
+        with pytest.raises(errors.ResultsError, match=f"x must be a finite number >= "):
             check_finite("x", value, low=low)
 
 
@@ -168,7 +170,7 @@ def test_a_run_stopped_before_its_first_row_leaves_nothing(tmp_path, monkeypatch
 def test_a_row_less_sidecar_of_a_killed_run_is_replaced_by_rerun_and_resume(tmp_path):
     for extra in ([], ["--resume"]):
         out = tmp_path / f"run{len(extra)}.csv"
-        out.with_suffix(".json").write_text(json.dumps(dict(R.environment(), run_id="x", settings={})))
+        out.with_suffix(".json").write_text(json.dumps(dict(machine.environment(), run_id="x", settings={})))
         assert compare(out, *extra).exit_code == 0, extra
         assert len(R.read_rows(out)) == 2
     foreign = tmp_path / "foreign.csv"
@@ -201,7 +203,8 @@ def test_a_malformed_address_is_named(address):
 # ----------------------------------------------------------------------------- analyze (items 12, 16)
 
 def test_analyze_of_a_folder_says_folder(tmp_path):
-    assert "is a folder; give a results CSV" in one_error_line(runner.invoke(cli.app, ["analyze", str(tmp_path)]))
+    assert "is a directory, not a regular file; give a results CSV" in one_error_line(
+        runner.invoke(cli.app, ["analyze", str(tmp_path)]))
 
 
 def test_a_refused_analyze_output_dir_leaves_no_lock(tmp_path):
@@ -235,14 +238,15 @@ def test_a_diverged_training_is_an_error_row():
 
 def test_recall_resume_with_other_settings_is_refused(tmp_path):
     from evals.recall import launch
+    from evals.recall.command import Options
 
-    base = dict(models=["Standard"], seq_lengths=["12"], num_pairs=["2"], hidden_dims=["16"], sizes=["4"],
-                vocab_size=17, max_steps=1, batch_size=8, lrs=["1e-3"], seeds=1, jobs=1, output_dir=tmp_path / "o")
-    launch.recall_command(**base)
+    base = dict(models=("Standard",), seq_lengths=("12",), num_pairs=("2",), hidden_dims=("16",), sizes=("4",),
+                vocab_size=17, max_steps=1, batch_size=8, lrs=("1e-3",), seeds=1, jobs=1, output_dir=tmp_path / "o")
+    launch.recall_command(Options(**base))
     before = {p.name: p.read_bytes() for p in (tmp_path / "o").iterdir()}
     for change, says in ((dict(vocab_size=33), "vocab_size 17 -> 33"), (dict(max_steps=2), "train.max_steps 1 -> 2")):
-        with pytest.raises(R.ResultsError, match=f"other settings .*{says}"):
-            launch.recall_command(**(base | change), resume=True)
+        with pytest.raises(errors.ResultsError, match=f"other settings .*{says}"):
+            launch.recall_command(Options(**(base | change), resume=True))
         assert {p.name: p.read_bytes() for p in (tmp_path / "o").iterdir()} == before
     assert "recall.lock" not in before
 
@@ -267,7 +271,7 @@ def test_convert_of_a_broken_local_model_is_one_line(tmp_path, make, says):
 
 @pytest.mark.slow
 def test_sigterm_stops_convert_like_ctrl_c_and_leaves_no_lock(tmp_path):
-    # a scheduler's SIGTERM mid-run: one line, exit 130, the folder's lock gone, nothing half-written
+    # a scheduler's SIGTERM mid-run: one line, exit 143, the lock gone, nothing half-written or left behind
     import os
     import signal
     import subprocess
@@ -278,14 +282,14 @@ def test_sigterm_stops_convert_like_ctrl_c_and_leaves_no_lock(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", "from cli import main; main()", "convert", "--experiment",
                              "--output-dir", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     t0 = time.time()
-    while not list(out.glob("*.lock")):  # the lock is held: the run is under way
+    while not list(tmp_path.glob("*.lock")):  # the lock (beside the folder) is held: the run is under way
         assert proc.poll() is None, proc.stderr.read().decode()
         assert time.time() - t0 < 120, "convert never took its folder's lock"
         time.sleep(0.1)
     time.sleep(1.0)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err.decode()
+    assert proc.returncode == 143, err.decode()
     lines = [ln for ln in err.decode().splitlines() if ln.strip()]
-    assert lines[-1].startswith("interrupted: convert writes its results only once it finishes"), lines
-    assert leftovers(out) == [] and not (out / "convert.csv").exists()
+    assert lines[-1].startswith("interrupted: nothing was written"), lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "no folder, no staging folder, no lock"

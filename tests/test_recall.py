@@ -6,9 +6,10 @@ import math
 import pytest
 import torch
 
-from evals.recall import (FILLER, IGNORE, MQARConfig, PRESETS, RecallCase, Splits, TrainConfig,
-                          decoding_state_bytes, make_mqar, query_accuracy, recall_grid, train_and_evaluate,
-                          warmup_cosine)
+from evals.recall.data import FILLER, IGNORE, MQARConfig, Splits, make_mqar, query_accuracy
+from evals.recall.sweep import PRESETS, RecallCase, recall_grid
+from evals.recall.training import decoding_state_bytes, train_and_evaluate
+from evals.train import TrainConfig, warmup_cosine
 from evals.recall.training import evaluate
 from evals.registry import MODEL_NAMES, REGISTRY, ModelConfig
 
@@ -274,11 +275,12 @@ def test_query_logits_equal_the_full_forward_at_the_queries(name):
 
 def test_compression_factor_reaches_every_bsbr_it_trains_and_the_others_still_build():
     from evals.recall import launch
+    from evals.recall.command import Options
     from evals.recall.sweep import RecallCase
     from evals.registry import resolve_model
 
-    p = launch.configure("quick", compression_factor=4)
-    assert p.compression_factor == 4 and launch.configure("quick").compression_factor is None
+    p = launch.configure(Options(compression_factor=4))
+    assert p.compression_factor == 4 and launch.configure(Options()).compression_factor is None
     for model in ("BSBR", "Linear"):
         cfg = p.model_config(RecallCase(model, 32, 4, 64, 8, 1e-3, 0))
         m = resolve_model(model).build(cfg)

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from evals.executors import LocalExecutor
-from evals.recall import PRESETS, launch, report
+from evals.recall import launch, report
+from evals.recall.sweep import PRESETS
 from evals.recall.sweep import VOLATILE_COLUMNS, RecallCase, best_lr, run_case
 
 TINY = PRESETS["quick"].with_(

@@ -12,7 +12,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from evals.recall.frontier import Config, model_config
+from evals.frontier.recall import target
 from evals.recall.training import decoding_state_bytes
 from evals.registry import MODEL_NAMES, resolve_model
 
@@ -48,7 +48,7 @@ def expected_bytes(model: str, D: int, size: int, n: int, L: int = 2, h: int = 2
 def measured_bytes(model: str, D: int, size: int, n: int, f=None) -> int:
     torch.manual_seed(0)
     side = {"settings": dict(SIDE["settings"], compression_factor=f)}
-    m = resolve_model(model).build(model_config(side, Config(model, D, size)))
+    m = resolve_model(model).build(target(side, model, D, size).config)
     return decoding_state_bytes(m, torch.randint(0, 64, (1, n), generator=torch.Generator().manual_seed(n)))
 
 

@@ -20,11 +20,11 @@ from evals.guard.timing import case_from_row, steady_memory, timed_once
 
 
 def tiny_rows():
-    from evals.grid import expand_grid
+    from evals.grid import GridSpec, expand_grid
     from evals.registry import ModelConfig
 
     cfg = ModelConfig(vocab_size=64, hidden_dim=32, num_layers=1, num_heads=2, ff_dim=64, chunk_size=16)
-    cases = expand_grid(["BSBR", "Standard"], [64], modes=["forward"], config=cfg)
+    cases = expand_grid(["BSBR", "Standard"], [64], modes=["forward"], spec=GridSpec(config=cfg))
     return pd.DataFrame([dict(c.fields(), threads=1) for c in cases])
 
 
@@ -64,23 +64,23 @@ def test_the_first_call_trace_is_shown_but_never_fails(measured):
 
 
 def test_case_round_trips_through_a_row():
-    from evals.grid import expand_grid
+    from evals.grid import GridSpec, expand_grid
     from evals.registry import ModelConfig
 
-    for case in expand_grid(["BSBR", "Hopfield"], [64], modes=["forward", "decode"],
-                            config=ModelConfig(hidden_dim=32, compression_factor=2, hopfield_beta=0.5)):
+    cfg = ModelConfig(hidden_dim=32, compression_factor=2, hopfield_beta=0.5)
+    for case in expand_grid(["BSBR", "Hopfield"], [64], modes=["forward", "decode"], spec=GridSpec(config=cfg)):
         row = pd.read_csv(io.StringIO(pd.DataFrame([case.fields()]).to_csv(index=False))).iloc[0]
         assert case_from_row(row) == case
 
 
 @pytest.mark.parametrize("mode", ["forward", "train"])
 def test_steady_memory_is_reproducible(mode):
-    from evals.grid import expand_grid
+    from evals.grid import GridSpec, expand_grid
     from evals.registry import ModelConfig
     from evals.workload import build_workload
 
-    (case,) = expand_grid(["Standard"], [64], modes=[mode], config=ModelConfig(
-        vocab_size=64, hidden_dim=32, num_layers=1, num_heads=2, ff_dim=64))
+    (case,) = expand_grid(["Standard"], [64], modes=[mode], spec=GridSpec(config=ModelConfig(
+        vocab_size=64, hidden_dim=32, num_layers=1, num_heads=2, ff_dim=64)))
     a = steady_memory(build_workload(case), "cpu", 1)
     b = steady_memory(build_workload(case), "cpu", 1)
     assert a == b and a[1] == "cpu_alloc_trace_steady" and a[0] > 0
@@ -161,7 +161,7 @@ def test_update_writes_a_baseline_whose_exact_metrics_reproduce(tmp_path, measur
 
 def test_update_refuses_a_file_that_is_not_a_baseline_and_leaves_it_whole(tmp_path):
     # issue 23 item 3: a compare CSV was rewritten as a baseline, exit 0
-    from evals.results import write_sidecar
+    from evals.output.files import write_sidecar
 
     path = tmp_path / "compare.csv"
     tiny_rows().assign(status="ok", flops=1, params=1).to_csv(path, index=False)
@@ -176,7 +176,7 @@ def test_update_refuses_a_file_that_is_not_a_baseline_and_leaves_it_whole(tmp_pa
 
 
 def test_the_committed_baseline_is_a_baseline():
-    from evals.results import read_sidecar
+    from evals.output.files import read_sidecar
 
     assert bl.sidecar_kind(read_sidecar(runner.WORKING_TREE / "results" / "baselines" / "cpu.csv")) == "baseline"
 

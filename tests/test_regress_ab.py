@@ -285,7 +285,7 @@ def test_settings_come_from_the_power_curve_when_it_exists(tmp_path):
 
 def _stored(tmp_path, name, df):
     from evals.guard.baseline import KIND
-    from evals.results import write_sidecar
+    from evals.output.files import write_sidecar
 
     path = tmp_path / name
     df.to_csv(path, index=False)

@@ -21,7 +21,10 @@ import pytest
 from typer.testing import CliRunner
 
 import cli
-from evals import compare as C
+from evals.output import claims
+from evals.output import files
+from evals import errors
+from evals.compare import sweep as C
 from evals import results as R
 from tests.test_measure import register_toys
 
@@ -137,7 +140,7 @@ def test_resume_repairs_only_our_own_torn_last_line(tmp_path):
 
 def test_a_second_writer_is_refused_naming_the_lock(tmp_path):
     out = tmp_path / "run.csv"
-    with R.locked(out):  # another run holds it
+    with claims.locked(out):  # another run holds it
         res = compare(out)
     assert res.exit_code == 2 and "run.csv.lock" in one_error_line(res) and not out.exists()
 
@@ -191,8 +194,8 @@ def test_a_failed_whole_file_write_leaves_no_temporary_file(tmp_path, monkeypatc
     def no_rename(src, dst):
         raise OSError(errno.EROFS, "Read-only file system")
     monkeypatch.setattr(os, "replace", no_rename)
-    with pytest.raises(R.OutputError, match="Read-only file system"):
-        R.write_text(tmp_path / "x.json", "{}")
+    with pytest.raises(errors.OutputError, match="Read-only file system"):
+        files.write_text(tmp_path / "x.json", "{}")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -48,7 +48,9 @@ import pandas as pd
 from scipy import optimize, stats
 
 from evals.registry import model_order
-from evals.results import REQUIRED_COLUMNS, ResultsError, read_sidecar, read_table
+from evals.results import REQUIRED_COLUMNS, read_table
+from evals.errors import ResultsError
+from evals.output.files import read_sidecar
 
 # The CSV contract (schema, statuses, which columns are numbers) lives in evals.results.
 METRICS: tuple = ("time_ms", "peak_memory_mb")

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 from bsbr_extras.convert import convert_to_bsbr, load_gpt2
 from evals.measure import peak_memory, time_fn  # the one module that reads a clock
-from evals.results import sample_stats, utc_now
+from evals.results import sample_stats
+from evals.machine import utc_now
 
 log = logging.getLogger("bsbr.convert")
 
@@ -144,7 +145,7 @@ def speed_rows(models: dict, lengths: Sequence[int], vocab_size: int, *, batch_s
     Threads are pinned (default 1, as ``bsbr-eval compare``) and recorded in each row. The models
     are timed as copies on ``device`` in ``dtype`` (the originals, which may be saved, stay as they are).
     """
-    from evals.measure import DTYPES
+    from evals.workload import DTYPES
 
     placed = {label: copy.deepcopy(m).to(device=device, dtype=DTYPES[dtype]).eval() for label, m in models.items()}
     rows = []

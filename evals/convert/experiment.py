@@ -21,7 +21,7 @@ import torch
 from bsbr_extras.convert import convert_to_bsbr
 from evals.convert.comparison import (CORPUS, compare_logits, corpus_text, encode, lm_loss, log, logits_of,
                                       speed_rows, variant_label, windows)
-from evals.results import utc_now
+from evals.machine import utc_now
 from evals.train import TrainConfig, fit
 
 

@@ -185,13 +185,17 @@ class ABResult:
 
 def ab_check(rows: pd.DataFrame, built: dict, sample: Callable[[str, int], float], *, rounds: int = AB_ROUNDS,
              threshold: float = AB_THRESHOLD, alpha: float = DEFAULT_ALPHA,
-             progress: Optional[Callable[[int], None]] = None) -> ABResult:
+             progress: Optional[Callable[[int], None]] = None,
+             fresh: Optional[Callable[[list], Callable[[str, int], float]]] = None) -> ABResult:
     """Measure every configuration both sides built (``rounds`` interleaved pairs each), decide,
     and measure each time regression once more (it stands only if it regresses again) and each
     unsettled ratio once more (the fresh pairs decide it).
 
     ``sample(side, i) -> ms`` takes one sample ("A" or "B") of row ``i``: the workers' in a real
-    run (``evals.guard.runner.Session.sample``), a synthetic one in the tests.
+    run (``evals.guard.runner.Session.sample``), a synthetic one in the tests. ``fresh(indices)``,
+    when given, returns the sampler of the second look: in a real run, two newly started workers
+    with only those configurations built, so a bias that belongs to one worker process (where its
+    heap put the buffers) is drawn anew rather than measured twice.
     """
     if not (isinstance(rounds, int) and rounds >= 1):
         raise ValueError(f"rounds must be a positive integer, got {rounds!r}")
@@ -203,7 +207,8 @@ def ab_check(rows: pd.DataFrame, built: dict, sample: Callable[[str, int], float
     first = {int(i): v for i, c, v in zip(t["i"], t["change"], t["verdict"]) if looks_again(c, v, threshold=threshold)}
     if not first:
         return ABResult(findings, pairs, [])
-    pairs = {**pairs, **interleave(list(first), rounds, sample, progress)}
+    again = fresh(list(first)) if fresh is not None else sample
+    pairs = {**pairs, **interleave(list(first), rounds, again, progress)}
     second = ab_findings(rows, built, pairs, threshold=threshold, alpha=alpha)
     was_regression = second["i"].map(lambda i: first.get(int(i)) == REGRESSION) & (second["metric"] == AB_TIME_METRIC)
     second.loc[was_regression & (second["verdict"] != REGRESSION), "verdict"] = TRANSIENT

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from evals.output import files
+from evals import errors
 from evals.guard.findings import AB_TIME_METRIC, failures
 from evals.guard.rule import (CHANGED, FAILING, FASTER, MISSING, NEW, OK, REGRESSION, TRANSIENT, UNTESTABLE,
                               ratio_interval)
@@ -170,35 +172,32 @@ def markdown(report: dict) -> str:
 
 def check_report_path(path, flag: str, suffix: str) -> Path:
     """Validate ``--json`` / ``--summary`` before anything is measured (one line, exit 2)."""
-    from evals.results import ResultsError, check_output_dir
+    from evals.errors import ResultsError
+    from evals.output.paths import check_target
 
     path = Path(path)
     if path.suffix.lower() != suffix:
         raise ResultsError(f"{flag}: {path} must end in {suffix}")
-    if path.is_dir():
-        raise ResultsError(f"{flag}: {path} is a directory; give a file path such as {path / ('regress' + suffix)}")
-    check_output_dir(path.parent, flag)
-    return path
+    return check_target(path, flag, folder=False)
 
 
 def write_reports(report: dict, *, json_path=None, summary_path=None, step_summary=None) -> list:
     """Write the JSON and the Markdown where asked (each file whole, atomically); append the
     Markdown to ``step_summary`` (``$GITHUB_STEP_SUMMARY``: GitHub's per-step file, appended to by
     design, in one write). Returns the paths written."""
-    from evals import results
 
     done = []
     if json_path is not None:
-        done.append(results.write_text(json_path, json.dumps(report, indent=2, allow_nan=False) + "\n"))
+        done.append(files.write_text(json_path, json.dumps(report, indent=2, allow_nan=False) + "\n"))
     text = markdown(report)
     if summary_path is not None:
-        done.append(results.write_text(summary_path, text))
+        done.append(files.write_text(summary_path, text))
     if step_summary:
         try:
             with open(step_summary, "a", encoding="utf-8") as f:
                 f.write(text + "\n")
         except OSError as e:
-            raise results.OutputError(f"cannot append to $GITHUB_STEP_SUMMARY ({step_summary}): "
+            raise errors.OutputError(f"cannot append to $GITHUB_STEP_SUMMARY ({step_summary}): "
                                       f"{e.strerror or e}") from None
         done.append(Path(step_summary))
     return done

@@ -40,15 +40,15 @@ STEADY_METHOD = "cpu_alloc_trace_steady"
 
 def guard_cases() -> list:
     """The cases of a fresh baseline (``--update`` with no baseline file yet), model by model."""
-    from evals.grid import expand_grid
+    from evals.grid import GridSpec, expand_grid
     from evals.registry import MODEL_NAMES, ModelConfig
 
     cfg = ModelConfig(**GUARD_CONFIG)
     out = []
     for m in MODEL_NAMES:
-        out += expand_grid([m], GUARD_LENGTHS, modes=GUARD_MODES, config=cfg)
-        out += expand_grid([m], GUARD_DECODE_LENGTHS, modes=["decode"], config=cfg)
-        out += expand_grid([m], GUARD_LAYER_LENGTHS, modes=GUARD_MODES, level="layer", config=cfg)
+        out += expand_grid([m], GUARD_LENGTHS, modes=GUARD_MODES, spec=GridSpec(config=cfg))
+        out += expand_grid([m], GUARD_DECODE_LENGTHS, modes=["decode"], spec=GridSpec(config=cfg))
+        out += expand_grid([m], GUARD_LAYER_LENGTHS, modes=GUARD_MODES, spec=GridSpec(level="layer", config=cfg))
     return out
 
 

@@ -17,24 +17,25 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
 
-from evals.executors import EXECUTORS, RayExecutor
-from evals.grid import DEVICES, DTYPES, SDPA_BACKENDS, Case, expand_grid, parse_shard, shard as take_shard
+from evals.executors import RayExecutor
+from evals.grid import Case
 from evals.measure import calibrate, empty_row, measure, parse_inject
+from evals import interrupts
+from evals.errors import ResultsError
+from evals.output.files import read_sidecar, write_sidecar
 from evals.interrupts import sigterm_as_interrupt
-from evals.options import check_fraction, check_positive, check_seed, choose, positive_ints
-from evals.registry import LEVELS, MODES, REGISTRY, ModelConfig
-from evals.results import (COLUMNS, KEY_COLUMNS, ResultsError, append_row, case_key, check_same_settings,
-                           claim_output, completed_keys,
-                           environment, new_run_id, outcome, read_sidecar, sidecar_path, utc_now, utc_stamp,
-                           write_sidecar)
+from evals.machine import environment, new_run_id, utc_now
+from evals.results import COLUMNS, KEY_COLUMNS, append_row, case_key, completed_keys
+from evals.output.claims import claim_file
+from evals.resume import check_same_settings
 
 log = logging.getLogger(__name__)
 
@@ -56,28 +57,56 @@ class Rows(list):
         return self[self.kept:]
 
 
-def run_sweep(cases: Sequence[Case], output: Path | str, *, resume: bool = False, repeats: int = 10,
-              warmup: int = 1, min_run_time: float = 0.2, threads: Optional[int] = None,
-              inject: Optional[dict] = None, show_progress: bool = True, console: Optional[Console] = None,
-              settings: Optional[dict] = None, executor=None) -> Rows:
+@dataclass(frozen=True)
+class Measurement:
+    """How every case of a sweep is measured (``evals.measure.measure``'s knobs); a resumed
+    sweep must measure the same way."""
+
+    repeats: int = 10
+    warmup: int = 1
+    min_run_time: float = 0.2
+    threads: Optional[int] = None       # None: torch's current count
+    inject: Optional[dict] = None       # model -> slowdown factor; None reads $BSBR_EVAL_INJECT_SLOWDOWN
+
+    def resolved(self) -> "Measurement":
+        return replace(self, threads=self.threads or torch.get_num_threads(),
+                       inject=parse_inject() if self.inject is None else dict(self.inject))
+
+    def recorded(self) -> dict:
+        """As the sidecar records it (``measured_as``)."""
+        return dict(repeats=self.repeats, warmup=self.warmup, min_run_time=self.min_run_time, threads=self.threads,
+                    inject_slowdown=self.inject)
+
+    def measure_kw(self) -> dict:
+        return dict(repeats=self.repeats, warmup=self.warmup, min_run_time=self.min_run_time, threads=self.threads,
+                    inject=self.inject)
+
+
+def run_sweep(cases: Sequence[Case], output: Path | str, *, resume: bool = False, how: Measurement = Measurement(),
+              settings: Optional[dict] = None, executor=None, console: Optional[Console] = None,
+              show_progress: bool = True) -> Rows:
     """Measure ``cases`` in order, appending one row per case to ``output``; returns every row
     of the CSV (kept ones first when resuming). Writes the JSON sidecar next to the CSV.
 
-    ``output`` is claimed for the whole sweep (``results.claim_output``): checked, locked, and
-    refused with a ``ResultsError`` if it already holds rows and ``resume`` is False, or if it is
-    not a results CSV. A failed write raises ``results.OutputError``; the rows before it stay.
+    ``output`` is claimed for the whole sweep (``claims.claim_file``): checked, locked, and
+    refused with a ``ResultsError`` if it already holds rows and ``resume`` is False, if it is
+    not a results CSV, or if it was measured with other settings (``how``, and ``settings``'
+    level, model configuration, batch, dtype, decode steps, seed, compilation and SDPA backend:
+    a resumed CSV never mixes two configurations). A failed write raises ``OutputError``; the
+    rows before it stay.
 
     ``executor``: None measures in this process, one case after another. A
     ``evals.executors.RayExecutor`` measures each case as a Ray task (see :func:`_ray_rows`).
     """
     output = Path(output)
-    inject = parse_inject() if inject is None else inject
-    threads = threads or torch.get_num_threads()
-    with sigterm_as_interrupt(), claim_output(output, resume=resume, columns=COLUMNS, exact=True) as kept, \
+    how = how.resolved()
+    with sigterm_as_interrupt(), claim_file(output, resume=resume, columns=COLUMNS, exact=True) as kept, \
             _started(executor):
-        rows = _sweep(cases, output, kept, repeats=repeats, warmup=warmup, min_run_time=min_run_time,
-                      threads=threads, inject=inject, show_progress=show_progress, console=console,
-                      settings=settings, executor=executor)
+        interrupts.hint(f"every finished row is in {output}; --resume continues it")
+        progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                            console=console or Console(stderr=True), disable=not show_progress)
+        rows = _sweep(cases, output, kept, how, settings=settings, executor=executor, progress=progress)
     return rows
 
 
@@ -98,30 +127,27 @@ def _started(executor):
         executor.close()
 
 
-def _sweep(cases, output: Path, kept: list[dict], *, repeats, warmup, min_run_time, threads, inject,
-           show_progress, console, settings, executor=None) -> Rows:
+# what a resumed sweep must share with the rows it keeps, beyond how it measures: the grid's common
+# settings (adding models, lengths, devices or modes to a sweep is a resume; changing these is not)
+RESUME_SETTINGS = ("level", "config", "batch_size", "dtype", "decode_tokens", "seed", "compile", "sdpa_backend")
+
+
+def _sweep(cases, output: Path, kept: list[dict], how: Measurement, *, settings, executor, progress) -> Rows:
     done = completed_keys(kept)
     oom_at = _first_oom(kept)
-    measured_as = dict(repeats=repeats, warmup=warmup, min_run_time=min_run_time, threads=threads,
-                       inject_slowdown=inject)
-    info, session = _start_session(output, cases, kept, measured_as, settings=settings, threads=threads,
-                                   inject=inject, warmup=warmup)
+    measured_as = dict(how.recorded(), **{k: (settings or {}).get(k) for k in RESUME_SETTINGS if settings})
+    info, session = _start_session(output, cases, kept, measured_as, settings=settings, how=how)
     run_id = info["run_id"]
 
     cuda_ok = torch.cuda.is_available()
     rows = Rows(kept)
     rows.kept = len(kept)
     todo = [c for c in cases if case_key(c.fields()) not in done]
-    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                        console=console or Console(stderr=True), disable=not show_progress)
     with progress:
         task = progress.add_task("starting", total=len(todo))
         if executor is not None:
-            kw = dict(repeats=repeats, warmup=warmup, min_run_time=min_run_time, threads=threads, inject=inject,
-                      run_id=run_id)
             machines = info.setdefault("machines", {})
-            for row, mach in _ray_rows(executor, todo, oom_at, kw):
+            for row, mach in _ray_rows(executor, todo, oom_at, dict(how.measure_kw(), run_id=run_id)):
                 if mach:
                     machines[mach["hostname"]] = mach
                 append_row(output, row)
@@ -132,14 +158,13 @@ def _sweep(cases, output: Path, kept: list[dict], *, repeats, warmup, min_run_ti
             todo = []
         for case in todo:
             progress.update(task, description=case.label())
-            row = _local_row(case, oom_at, cuda_ok, repeats=repeats, warmup=warmup, min_run_time=min_run_time,
-                             threads=threads, inject=inject, run_id=run_id)
+            row = _local_row(case, oom_at, cuda_ok, how, run_id)
             append_row(output, row)
             rows.append(row)
             progress.advance(task)
 
     # measured again at the end: a drift between the two says the machine's load changed mid-sweep
-    session["calibration_matmul_gflops_end"] = calibrate(cases, threads=threads)
+    session["calibration_matmul_gflops_end"] = calibrate(cases, threads=how.threads)
     info["calibration_matmul_gflops_end"] = session["calibration_matmul_gflops_end"]
     session["ended_utc"] = info["ended_utc"] = utc_now()
     write_sidecar(output, info)
@@ -156,14 +181,15 @@ def _first_oom(kept: list[dict]) -> dict:
     return oom_at
 
 
-def _start_session(output: Path, cases, kept: list[dict], measured_as: dict, *, settings, threads, inject,
-                   warmup) -> tuple[dict, dict]:
+def _start_session(output: Path, cases, kept: list[dict], measured_as: dict, *, settings,
+                   how: Measurement) -> tuple[dict, dict]:
     """Refuse to resume under other measurement settings, then write the sidecar with this session
     added (its start, the machine, the matmul calibration). Returns ``(info, session)``: the
     sidecar's contents and this session's entry in it, both completed at the end of the sweep."""
     before = read_sidecar(output) if kept else None
     if kept:
         check_same_settings(_measured_as(before), measured_as, output)
+    threads, inject, warmup = how.threads, how.inject, how.warmup
     env = environment()
     # what every measurement ran with (pinned), and what torch would have used unpinned
     env["torch_num_threads_default"], env["torch_num_threads"] = env["torch_num_threads"], threads
@@ -181,19 +207,17 @@ def _start_session(output: Path, cases, kept: list[dict], measured_as: dict, *, 
     return info, session
 
 
-def _local_row(case, oom_at: dict, cuda_ok: bool, *, repeats, warmup, min_run_time, threads, inject,
-               run_id) -> dict:
+def _local_row(case, oom_at: dict, cuda_ok: bool, how: Measurement, run_id: str) -> dict:
     """One case measured in this process, or skipped: CUDA missing, or a shorter length of its
     group already ran out of memory (``oom_at``, updated when this one does)."""
     g = _group(case_key(case.fields()))
-    common = dict(run_id=run_id, threads=threads, inject=float(inject.get(case.model, 1.0)))
+    common = dict(run_id=run_id, threads=how.threads, inject=float(how.inject.get(case.model, 1.0)))
     if case.device.startswith("cuda") and not cuda_ok:
         return empty_row(case, "skipped", "CUDA is not available on this machine", **common)
     if g in oom_at and case.seq_len > oom_at[g]:
         return empty_row(case, "skipped", f"a shorter length (n={oom_at[g]}) of this model, device "
                          "and mode ran out of memory", **common)
-    row = measure(case, repeats=repeats, warmup=warmup, min_run_time=min_run_time, threads=threads,
-                  inject=inject, run_id=run_id)
+    row = measure(case, **how.measure_kw(), run_id=run_id)
     if row["status"] == "oom":
         oom_at[g] = min(oom_at.get(g, case.seq_len), case.seq_len)
     if row["status"] in ("oom", "error"):
@@ -203,16 +227,19 @@ def _local_row(case, oom_at: dict, cuda_ok: bool, *, repeats, warmup, min_run_ti
 
 def _measured_as(meta: Optional[dict]) -> Optional[dict]:
     """How a recorded run measured (what a resumed run must repeat): from its sidecar's
-    ``measured_as``, or, in a sidecar written before that existed, from its settings."""
+    ``measured_as``, or, in a sidecar written before that existed, from its settings; the grid's
+    common settings (``RESUME_SETTINGS``) from ``settings`` where ``measured_as`` predates them."""
     if not meta:
         return None
+    old = meta.get("settings") if isinstance(meta.get("settings"), dict) else {}
     if isinstance(meta.get("measured_as"), dict):
-        return meta["measured_as"]
-    old = meta.get("settings")
-    if not isinstance(old, dict) or "repeats" not in old:
+        got = dict(meta["measured_as"])
+    elif "repeats" in old:
+        got = {k: old.get(k) for k in ("repeats", "warmup", "min_run_time", "threads")} | {
+            "inject_slowdown": meta.get("inject_slowdown")}
+    else:
         return None
-    return {k: old.get(k) for k in ("repeats", "warmup", "min_run_time", "threads")} | {
-        "inject_slowdown": meta.get("inject_slowdown")}
+    return got | {k: old[k] for k in RESUME_SETTINGS if k in old and k not in got}
 
 
 # Ray: the custom resource that admits one timed CPU case per node at a time. A cluster started by
@@ -223,7 +250,7 @@ CPU_TIMER = "bsbr_cpu_timer"
 
 def _measure_task(job: tuple) -> tuple:
     """One case measured in a Ray task: its row and the facts of the machine that measured it."""
-    from evals.results import machine
+    from evals.machine import machine
 
     case, kw = job
     return measure(case, **kw), machine()
@@ -284,72 +311,7 @@ def _ray_rows(executor, todo: Sequence[Case], oom_at: dict, kw: dict):
             yield row, mach
 
 
-def run_compare(*, models=None, seq_lengths=None, devices=None, modes=None, level: str = "model",
-                dtype: str = "float32", batch_size: int = 1, repeats: int = 10, min_run_time: float = 0.2,
-                warmup: int = 1, compile: bool = False, sdpa_backend: str = "auto",
-                decode_tokens: int = 16, output: Optional[Path] = None, resume: bool = False,
-                shard: Optional[str] = None, threads: int = 1, seed: int = 0, console: Optional[Console] = None,
-                executor: str = "local", address: Optional[str] = None, **config) -> tuple[Rows, int, str]:
-    """``bsbr-eval compare``: check the options (``ResultsError`` names the bad one), build the grid,
-    sweep it into ``output``; returns the rows, the exit code and the closing line.
-
-    ``config`` holds the ``ModelConfig`` overrides (``hidden_dim=...``; None means the default).
-    """
-    names = choose("--models", models, tuple(REGISTRY), default=tuple(REGISTRY))
-    lengths = positive_ints("--seq-lengths", seq_lengths, default=(64, 128, 256, 512, 1024))
-    devs = choose("--devices", devices, DEVICES, default=("cpu",))
-    mode_list = choose("--modes", modes, MODES, default=("forward",))
-    level, dtype = choose("--level", [level], LEVELS)[0], choose("--dtype", [dtype], DTYPES)[0]
-    sdpa_backend = choose("--sdpa-backend", [sdpa_backend], SDPA_BACKENDS)[0]
-    if "cuda" in devs and "cpu" not in devs and not torch.cuda.is_available():
-        raise ResultsError("--devices: CUDA is not available on this machine; valid: cpu "
-                           "(give 'cpu cuda' to record the cuda rows as skipped)")
-    _check_numbers(batch_size=batch_size, repeats=repeats, decode_tokens=decode_tokens, threads=threads,
-                   min_run_time=min_run_time, seed=seed, warmup=warmup, config=config)
-    cfg = ModelConfig().with_(**{k: v for k, v in config.items() if v is not None})
-    from bsbr.shell import check_heads
-
-    try:
-        check_heads(cfg.hidden_dim, cfg.num_heads)
-        inject = parse_inject()
-        slice_ = parse_shard(shard) if shard else None
-    except ValueError as e:
-        raise ResultsError(str(e)) from None
-    executor = choose("--executor", [executor], EXECUTORS)[0]
-    if address is not None and executor != "ray":
-        raise ResultsError("--address only applies to --executor ray")
-    if resume and output is None:
-        raise ResultsError("--resume needs --output naming the CSV to continue")
-    output = Path(output) if output else Path("results") / f"compare_{utc_stamp()}.csv"
-    cases = expand_grid(names, lengths, devs, mode_list, level=level, config=cfg, batch_size=batch_size,
-                        dtype=dtype, decode_tokens=decode_tokens, seed=seed, compile=compile,
-                        sdpa_backend=sdpa_backend)
-    if slice_:
-        cases = take_shard(cases, *slice_)
-    settings = dict(models=names, seq_lengths=lengths, devices=devs, modes=mode_list, level=level, dtype=dtype,
-                    batch_size=batch_size, config=cfg.as_dict(), repeats=repeats, min_run_time=min_run_time,
-                    decode_tokens=decode_tokens, threads=threads, seed=seed, shard=shard, warmup=warmup,
-                    compile=compile, sdpa_backend=sdpa_backend, executor=executor, address=address)
-    torch.manual_seed(seed)
-    ex = _ray_executor(address, threads) if executor == "ray" else None
-    rows = run_sweep(cases, output, resume=resume, repeats=repeats, min_run_time=min_run_time,
-                     threads=threads, warmup=warmup, inject=inject, settings=settings, console=console,
-                     executor=ex)
-    code, words = outcome(rows.new)
-    summary = f"wrote {len(rows)} rows to {output} (+ {sidecar_path(output).name})"
-    return rows, code, summary + (f"; {words}" if words else "")
-
-
-def _check_numbers(*, batch_size, repeats, decode_tokens, threads, min_run_time, seed, warmup, config) -> None:
-    """The numeric options, each bounded (``ResultsError`` names the bad one)."""
-    check_positive(batch_size=batch_size, repeats=repeats, decode_tokens=decode_tokens, threads=threads, **config)
-    check_fraction("--min-run-time", min_run_time)
-    check_seed(seed)
-    if not (isinstance(warmup, int) and 0 <= warmup <= 10**6):
-        raise ResultsError(f"--warmup must be an integer from 0 to 1000000, got {warmup!r}")
-
-
-def _ray_executor(address: Optional[str], threads: int) -> RayExecutor:
+def ray_executor(address: Optional[str], threads: int) -> RayExecutor:
     """A cluster started here gets every CPU and one timing slot for the CPU (GPUs count themselves)."""
     try:
         return RayExecutor(address, threads=threads, num_cpus=os.cpu_count(), resources={CPU_TIMER: 1})
@@ -364,21 +326,14 @@ def _num(v, fmt: str) -> str:
     return f"{v:.0f}" if fmt == ".3g" and v >= 1000 else format(v, fmt)  # 2330, not 2.33e+03
 
 
-def summary_table(rows: Sequence[dict], title: str = "bsbr-eval compare") -> Table:
-    """A rich table of the rows: median time, peak memory, GFLOPs and the error if any."""
-    table = Table(title=title)
-    table.add_column("model", no_wrap=True)
-    table.add_column("device mode level", no_wrap=True)
-    for col in ("n", "status", "ms", "MiB", "GFLOP"):
-        table.add_column(col, justify="left" if col == "status" else "right", no_wrap=True)
+def summary_rows(rows: Sequence[dict]) -> tuple[tuple, list]:
+    """(columns, rows) of the closing table: median time, peak memory, GFLOPs and the error if any."""
     errors = any(r.get("error") for r in rows)
-    if errors:
-        table.add_column("error", overflow="fold", ratio=1)
-    style = {"ok": "green", "oom": "yellow", "error": "red", "skipped": "dim"}
+    columns = ("model", "device mode level", "n", "status", "ms", "MiB", "GFLOP") + (("error",) if errors else ())
+    out = []
     for r in rows:
         flops = _num(float(r["flops"]) / 1e9, ".3g") if r.get("flops") not in (None, "") else ""
-        table.add_row(str(r["model"]), f"{r['device']} {r['mode']} {r['level']}", str(r["seq_len"]),
-                      f"[{style.get(r.get('status'), '')}]{r.get('status')}",
-                      _num(r.get("time_ms"), ".3g") if r.get("status") == "ok" else "",
-                      _num(r.get("peak_memory_mb"), ".1f"), flops, *([str(r.get("error") or "")] if errors else []))
-    return table
+        out.append((str(r["model"]), f"{r['device']} {r['mode']} {r['level']}", str(r["seq_len"]), str(r.get("status")),
+                    _num(r.get("time_ms"), ".3g") if r.get("status") == "ok" else "",
+                    _num(r.get("peak_memory_mb"), ".1f"), flops, *([str(r.get("error") or "")] if errors else [])))
+    return columns, out

@@ -1,13 +1,11 @@
-"""Where a file may be written (``check_output``: refused before any work), whole-file writes
-that never leave a half-written file, and the JSON sidecar beside a CSV.
-
-``check_output``/``check_output_dir`` refuse a path under a regular file, a directory where a
-file goes, a CSV path without ``.csv`` (so its sidecar differs).
+"""Whole-file writes that never leave a half-written file, and the JSON sidecar beside a CSV.
 
 ``write_bytes`` (and ``write_text``, ``write_frame``, ``write_figure`` on top of it) replaces a
-file through a temporary file beside it, fsync and a rename; the temporary file is removed if
-anything fails, and the failure is one ``OutputError`` line. ``read_sidecar`` tells a missing
-sidecar (None) from a corrupt one (``ResultsError``).
+file through a temporary file beside it, fsync and a rename, with the mode the user's umask
+gives a new file (a temporary file is made 0600, which a colleague on a shared cluster could not
+read); missing parent directories are created. The temporary file is removed if anything fails,
+and the failure is one ``OutputError`` line. ``read_sidecar`` tells a missing sidecar (None) from
+a corrupt one (``ResultsError``), and says so on one line naming the file.
 """
 
 from __future__ import annotations
@@ -24,43 +22,8 @@ from evals.errors import OutputError, ResultsError, one_line
 
 
 def sidecar_path(csv_path: Path | str) -> Path:
-    """``run.csv`` -> ``run.json``. ``check_output`` guarantees the two are different files."""
+    """``run.csv`` -> ``run.json``. ``evals.output.paths.check_target`` (``suffix=".csv"``) guarantees the two are different files."""
     return Path(csv_path).with_suffix(".json")
-
-
-def _parent_dir(path: Path, flag: str) -> None:
-    """Refuse a path below a regular file; create the missing directories."""
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ResultsError(f"{flag}: {parent} is a file, so nothing can be written under it ({path})")
-            break
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ResultsError(f"{flag}: cannot create directory {path.parent}: {e.strerror or e}") from None
-
-
-def check_output(path: Path | str, flag: str = "--output", suffix: str = ".csv") -> Path:
-    """Validate a file to be written, before any work: the right suffix (so the data file and its
-    ``.json`` sidecar differ), not a directory, not under a file. Creates missing parents."""
-    path = Path(path)
-    if path.suffix.lower() != suffix:
-        raise ResultsError(f"{flag}: {path} must end in {suffix} (its JSON sidecar "
-                           f"{path.with_suffix('.json').name} is written beside it)")
-    if path.is_dir():
-        raise ResultsError(f"{flag}: {path} is a directory; give a file path such as {path / ('run' + suffix)}")
-    _parent_dir(path, flag)
-    return path
-
-
-def check_output_dir(path: Path | str, flag: str = "--output-dir") -> Path:
-    """Validate a directory to be written: not a file, not under a file; created if missing."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise ResultsError(f"{flag}: {path} is a file, not a directory")
-    _parent_dir(path / "x", flag)
-    return path
 
 
 def write_text(path: Path | str, text: str) -> Path:
@@ -83,10 +46,14 @@ def write_figure(fig, path: Path | str, **kwargs) -> Path:
 def write_bytes(path: Path | str, data: bytes) -> Path:
     """Replace ``path`` with ``data`` atomically: a temporary file beside it, fsync, rename.
     Nothing is left behind if it fails (``OutputError``)."""
+    from evals.output.paths import umask
+
     path = Path(path)
     tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.fchmod(fd, 0o666 & ~umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -117,3 +84,16 @@ def read_sidecar(csv_path: Path | str) -> Optional[dict]:
     if not isinstance(meta, dict):
         raise ResultsError(f"sidecar {path} is corrupt: it holds a JSON {type(meta).__name__}, not an object")
     return meta
+
+
+def is_ours(meta) -> bool:
+    """Whether a parsed sidecar was written by this tool (it records a run id, the software and the
+    command), so a run that wrote no row may replace it."""
+    return isinstance(meta, dict) and "run_id" in meta and "torch_version" in meta and "command" in meta
+
+
+def sidecar_is_ours(csv_path: Path | str) -> bool:
+    try:
+        return is_ours(read_sidecar(csv_path))
+    except ResultsError:
+        return False
