@@ -23,7 +23,8 @@ from torch import nn
 
 from . import sizing
 from .ops import BSBRPast, bsbr_attention_unchecked, bsbr_open_chunk, chunk_states, default_gamma, retrieval_weights
-from .shell import TokenMixer, check_dropout, check_float, check_heads, check_positive_int, split_heads
+from .checks import check_dropout, check_float, check_heads, check_positive_int
+from .mixer import TokenMixer, split_heads
 
 
 @dataclass

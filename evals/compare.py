@@ -307,7 +307,7 @@ def run_compare(*, models=None, seq_lengths=None, devices=None, modes=None, leve
     _check_numbers(batch_size=batch_size, repeats=repeats, decode_tokens=decode_tokens, threads=threads,
                    min_run_time=min_run_time, seed=seed, warmup=warmup, config=config)
     cfg = ModelConfig().with_(**{k: v for k, v in config.items() if v is not None})
-    from bsbr.shell import check_heads
+    from bsbr.checks import check_heads
 
     try:
         check_heads(cfg.hidden_dim, cfg.num_heads)

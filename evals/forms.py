@@ -124,7 +124,7 @@ def run_forms(*, models=None, seq_lengths=None, modes=None, hidden_dim: int = 51
               device: str = "cpu", dtype: str = "float32") -> tuple[list[dict], Path, int, str]:
     """``bsbr-eval forms``: check the options (``ResultsError`` names the bad one), run, and return
     the rows, the output path, the exit code and the closing line."""
-    from bsbr.shell import check_heads
+    from bsbr.checks import check_heads
 
     output = check_output(Path(output) if output else Path("results") / f"forms_{utc_stamp()}.csv")
     valid = models_with_recurrence()

@@ -289,7 +289,7 @@ def check_claim(csv: Path, settings: dict, resume: bool) -> None:
 
 
 def check_lengths(lengths: Optional[Sequence[int]]) -> tuple:
-    from bsbr.shell import check_positive_int
+    from bsbr.checks import check_positive_int
 
     vals = tuple(lengths) if lengths else DEFAULT_LENGTHS
     for v in vals:
