@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from . import sizing
-from .ops import BSBRPast, bsbr_attention_unchecked, bsbr_open_chunk, chunk_states, default_gamma, retrieval_weights
+from .ops import (BSBRPast, bsbr_attention_unchecked, bsbr_open_chunk, chunk_states, chunk_summaries, default_gamma,
+                  retrieval_weights)
 from .checks import check_dropout, check_float, check_heads, check_positive_int
 from .mixer import TokenMixer, split_heads
 
@@ -95,21 +96,6 @@ class BSBRStaticCache:
 def _own(*ts):
     """Contiguous copies, so that what the cache keeps holds no reference to larger tensors."""
     return tuple(t.clone(memory_format=torch.contiguous_format) for t in ts)
-
-
-def chunk_summaries(x: torch.Tensor, mask: Optional[torch.Tensor], chunk_size: int) -> torch.Tensor:
-    """Mean of x over each chunk's real tokens: (b, n, D) -> (b, C, D); 0 for an all-padding chunk."""
-    b, n, D = x.shape
-    chunk_size = min(chunk_size, n)  # one partial chunk: n rows, not chunk_size (memory follows min(c, n))
-    C = -(-n // chunk_size)
-    pad = C * chunk_size - n
-    w = torch.ones(b, n, dtype=x.dtype, device=x.device) if mask is None else mask.to(x.dtype)
-    if pad:
-        x = nn.functional.pad(x, (0, 0, 0, pad))
-        w = nn.functional.pad(w, (0, pad))
-    x = x.view(b, C, chunk_size, D)
-    w = w.view(b, C, chunk_size, 1)
-    return (x * w).sum(2) / w.sum(2).clamp_min(1.0)
 
 
 class BSBRAttention(TokenMixer):
