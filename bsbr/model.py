@@ -1,11 +1,11 @@
-"""BSBRLayer and BSBRModel: the shared shell (bsbr.shell) with BSBRAttention as the token mixer."""
+"""BSBRLayer and BSBRModel: the shared shell (bsbr.causal_lm) with BSBRAttention as the token mixer."""
 
 from __future__ import annotations
 
 from typing import Optional
 
 from .attention import BSBRAttention
-from .shell import Block, CausalLM
+from .causal_lm import Block, CausalLM
 
 
 class BSBRLayer(Block):
@@ -45,7 +45,7 @@ class BSBRModel(CausalLM):
         use_checkpointing: gradient checkpointing per layer while training.
         bias, gamma: see :class:`bsbr.attention.BSBRAttention`.
         **shell_kwargs: position ("sinusoidal" | "learned"), max_positions, tie_embeddings,
-            norm_eps, activation; see :class:`bsbr.shell.CausalLM`.
+            norm_eps, activation; see :class:`bsbr.causal_lm.CausalLM`.
 
     ``model(input_ids, attention_mask=None, cache=None)`` returns logits (batch, seq_len, vocab_size).
     """

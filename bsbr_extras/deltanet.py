@@ -56,7 +56,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from bsbr import sizing
-from bsbr.shell import CausalLM, RecurrentStateMixer, check_heads, check_positive_int, exists, split_heads
+from bsbr.causal_lm import CausalLM
+from bsbr.checks import check_heads, check_positive_int
+from bsbr.mixer import RecurrentStateMixer, exists, split_heads
 
 
 def _check_inputs(q, k, v, beta, mask):
@@ -301,7 +303,7 @@ class DeltaNetModel(CausalLM):
         vocab_size, hidden_dim, num_layers, num_heads, ff_dim, dropout: as in every model here.
         chunk_size: chunk length of the chunkwise-parallel form (a speed knob only: the output
             does not depend on it beyond round-off). Positive int.
-        **shell_kwargs: passed to :class:`bsbr.shell.CausalLM`.
+        **shell_kwargs: passed to :class:`bsbr.causal_lm.CausalLM`.
     """
 
     mixer_class = DeltaNetAttention

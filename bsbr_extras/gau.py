@@ -44,7 +44,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from bsbr import sizing
-from bsbr.shell import CausalLM, TokenMixer, check_positive_int, exists
+from bsbr.causal_lm import CausalLM
+from bsbr.checks import check_positive_int
+from bsbr.mixer import TokenMixer, exists
 
 
 _BLOCK_STATE_BYTES = 4 << 20  # cpu policy: a block of chunks holds about this much cross-chunk state
@@ -358,7 +360,7 @@ class GAUModel(CausalLM):
         chunk_size: FLASH chunk length ``c`` (positive int; also scales ``relu(q k / c)^2``).
         expansion_factor: ``e = expansion_factor * hidden_dim``, the width of ``U`` and ``V`` (positive int).
         qk_dim: ``s``, the width of the shared ``Z`` behind the queries and keys (positive int).
-        **shell_kwargs: passed to :class:`bsbr.shell.CausalLM`.
+        **shell_kwargs: passed to :class:`bsbr.causal_lm.CausalLM`.
 
     The shared shell's pre-norm block adds its feed-forward layer after the unit.
     """

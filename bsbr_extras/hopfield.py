@@ -39,7 +39,9 @@ from typing import Optional
 
 import torch
 
-from bsbr.shell import CausalLM, check_float, check_positive_int, default
+from bsbr.causal_lm import CausalLM
+from bsbr.checks import check_float, check_positive_int
+from bsbr.mixer import default
 from bsbr_extras.standard import StandardAttention, causal_softmax_unchecked, check_qkv
 
 

@@ -36,7 +36,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from bsbr import sizing
-from bsbr.shell import CausalLM, RecurrentStateMixer, check_heads, check_positive_int, exists, split_heads
+from bsbr.causal_lm import CausalLM
+from bsbr.checks import check_heads, check_positive_int
+from bsbr.mixer import RecurrentStateMixer, exists, split_heads
 
 EPS = 1e-6
 _BLOCK_STATE_BYTES = 2 << 20  # cpu policy: a block of chunks holds about this much state at a time
@@ -267,7 +269,7 @@ class LinearTransformerModel(CausalLM):
         vocab_size, hidden_dim, num_layers, num_heads, ff_dim, dropout: as in every model here.
         chunk_size: chunk length of the chunkwise-parallel form (a speed knob only: the output
             does not depend on it beyond round-off). Positive int.
-        **shell_kwargs: passed to :class:`bsbr.shell.CausalLM` (position, tie_embeddings, ...).
+        **shell_kwargs: passed to :class:`bsbr.causal_lm.CausalLM` (position, tie_embeddings, ...).
     """
 
     mixer_class = LinearAttention

@@ -35,7 +35,9 @@ import torch
 import torch.nn.functional as F
 
 from bsbr import sizing
-from bsbr.shell import CausalLM, check_positive_int, exists
+from bsbr.causal_lm import CausalLM
+from bsbr.checks import check_positive_int
+from bsbr.mixer import exists
 from bsbr_extras.standard import StandardAttention, allowed_keys, causal_softmax_unchecked, check_qkv
 
 # Queries per block in the blocked form (a CPU-tuned constant; any value gives the same result):

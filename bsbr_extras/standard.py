@@ -24,7 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bsbr.shell import CausalLM, TokenMixer, check_dropout, check_heads, exists, split_heads
+from bsbr.causal_lm import CausalLM
+from bsbr.checks import check_dropout, check_heads
+from bsbr.mixer import TokenMixer, exists, split_heads
 
 # ----------------------------------------------------------------------------- checks
 

@@ -21,7 +21,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from bsbr.shell import check_positive_int
+from bsbr.checks import check_positive_int
 
 
 @dataclass(frozen=True)

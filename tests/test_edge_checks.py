@@ -19,9 +19,10 @@ from hypothesis import given, settings, strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import bsbr.attention
+import bsbr.causal_lm
 import bsbr.checks
+import bsbr.mixer
 import bsbr.ops
-import bsbr.shell
 import bsbr_extras.deltanet
 import bsbr_extras.gau
 import bsbr_extras.hopfield
@@ -33,8 +34,8 @@ from bsbr_extras.gau import gau_mixed_chunk
 from evals.registry import MODEL_NAMES, REGISTRY
 from tests.conftest import TINY
 
-MODULES = (bsbr.shell, bsbr.checks, bsbr.attention, bsbr.ops, bsbr_extras.standard, bsbr_extras.hopfield,
-           bsbr_extras.sliding_window, bsbr_extras.linear, bsbr_extras.deltanet, bsbr_extras.gau)
+MODULES = (bsbr.causal_lm, bsbr.mixer, bsbr.checks, bsbr.attention, bsbr.ops, bsbr_extras.standard,
+           bsbr_extras.hopfield, bsbr_extras.sliding_window, bsbr_extras.linear, bsbr_extras.deltanet, bsbr_extras.gau)
 CHECKERS = ("check_input_ids", "normalize_mask", "check_positive_int", "check_float", "check_heads",
             "check_qkv", "check_bsbr_inputs", "check_beta", "_check_qkv", "_check_inputs", "check_dropout")
 

@@ -184,7 +184,12 @@ def suite_import_graph(root: Path = ROOT) -> dict:
     submodule ``evals.recall.report``; ``from evals.recall import run_recall`` one to the package
     ``evals.recall`` (its ``__init__``). A submodule's parent package is imported before it
     anyway, so that is not an edge."""
-    files = {_module_name(p, root): p for p in sorted((root / "evals").rglob("*.py"))}
+    return import_graph(root, ("evals",))
+
+
+def import_graph(root: Path, packages: tuple) -> dict:
+    """:func:`suite_import_graph` over the modules of ``packages``."""
+    files = {_module_name(p, root): p for pkg in packages for p in sorted((root / pkg).rglob("*.py"))}
     graph = {}
     for name, path in files.items():
         here = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
@@ -245,6 +250,15 @@ def test_the_suite_has_no_import_cycle():
     assert {"evals.analyze.report", "evals.convert.command", "evals.guard.runner", "evals.figures"} <= set(graph)
     assert "evals.analyze.plots" in graph["evals.analyze.report"]  # a module-level edge is seen ...
     assert "evals.recall.plots" in graph["evals.recall.report"]    # ... and one inside a function
+    assert find_cycle(graph) == [], " -> ".join(find_cycle(graph))
+
+
+def test_the_library_has_no_import_cycle():
+    # a function-level import counts: a circle broken by a lazy import is still a circle
+    graph = import_graph(ROOT, LIBRARY)
+    assert {"bsbr.decode", "bsbr.ops"} <= set(graph["bsbr.attention"])
+    assert "bsbr.mixer" in graph["bsbr_extras.linear"]
+    assert "bsbr.attention" not in graph["bsbr.decode"]  # the layer hands itself to its decoding
     assert find_cycle(graph) == [], " -> ".join(find_cycle(graph))
 
 

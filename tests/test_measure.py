@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from bsbr.shell import CausalLM, merge_heads, split_heads
+from bsbr.causal_lm import CausalLM
+from bsbr.mixer import merge_heads, split_heads
 from evals import measure as M
 from evals.grid import Case
 from evals.registry import REGISTRY, ModelConfig, ModelSpec

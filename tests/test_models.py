@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from bsbr.shell import sample_token
+from bsbr.causal_lm import sample_token
 from evals.registry import MODEL_NAMES, REGISTRY
 from tests.conftest import TINY
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from bsbr import BSBRModel
-from bsbr.shell import sinusoidal_positions
+from bsbr.causal_lm import sinusoidal_positions
 
 
 def test_cached_sinusoidal_table_equals_direct_computation_at_any_offset():

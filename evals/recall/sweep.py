@@ -153,7 +153,7 @@ class RecallPreset:
         The base task must fit, the vocabulary must hold the largest pair count, and every given
         length and pair count must take part in at least one point that fits.
         """
-        from bsbr.shell import check_heads
+        from bsbr.checks import check_heads
 
         self.train.validate()
         for name in ("seq_lens", "num_pairs", "hidden_dims", "sizes"):
