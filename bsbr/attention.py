@@ -42,6 +42,9 @@ class BSBRAttention(TokenMixer):
         gamma: retrieval scale; default 1 / (c sqrt(d/f)) (see :mod:`bsbr.ops`).
     """
 
+    # as BSBRModel builds it: dropout is the block's (residual), not the mixer's
+    config_fields = ("hidden_dim", "num_heads", "chunk_size", "compression_factor", "chunk_overlap")
+
     def __init__(self, hidden_dim: int, num_heads: int, chunk_size: int, dropout: float = 0.0,
                  compression_factor: Optional[int] = None, chunk_overlap: int = 0, bias: bool = True,
                  gamma: Optional[float] = None):

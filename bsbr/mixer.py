@@ -1,26 +1,43 @@
-"""The token-mixer contract: what ``Block`` (``bsbr.causal_lm``) and ``evals`` need from a mixer,
-and the parts of it written once for every architecture.
+"""The token-mixer contract: what the model shell (``bsbr.causal_lm``) and the evaluation suite
+need from a mixer, and the parts of it written once for every architecture. The seven built-in
+mixers follow it, and so does any architecture brought from outside (docs/plugins.md).
 
 Axis legend used in shape comments:
     b  batch            n  tokens in this call        D  hidden size
     h  heads            d  head size
 
-The protocol:
+A mixer is a subclass of ``TokenMixer`` (an ``nn.Module``). What it provides, by mode:
 
-    mixer(x, mask=None, cache=None) -> y         x, y: (b, n, D); mask: (b, n) bool, True = real
-    mixer.init_cache(batch_size, device, dtype, max_len=None) -> a mutable per-layer cache object
-                                                    (max_len: see CausalLM.init_cache)
-    mixer.op_inputs(x, mask=None)                -> the op's positional inputs (projections done;
-                                                    the mask is NOT among them)
-    mixer.op(*inputs, mask=None)                 -> the pure token-mixing computation
-    mixer.output(o, x)                           -> y from the op's output (``out_proj`` of the
-                                                    merged heads; GAU also gates by its U(x))
-    mixer.op_recurrent(*inputs, mask=None)       -> optional: the same op one token at a time
+    Mixer.from_config(config) -> mixer            built from the suite's config: the constructor's
+                                                    parameters are filled from the config's fields of
+                                                    the same names (hidden_dim, num_heads, chunk_size,
+                                                    window_size, ...; ``config_fields`` and
+                                                    ``config_names`` narrow or rename them)
+    mixer(x, mask=None, cache=None) -> y          forward and train: x, y (b, n, D); mask (b, n)
+                                                    bool, True = real. Causal: y[t] depends on x[<= t]
+                                                    only; padded positions are never attended to
+    mixer.init_cache(batch_size, device, dtype, max_len=None, static=False) -> cache
+                                                  decode: a mutable per-layer cache; ``mixer(x,
+                                                    cache=cache)`` continues the sequence held in it
+                                                    and updates it in place (no ``init_cache``: the
+                                                    decode mode is unsupported for this mixer)
+    mixer.op_inputs(x, mask=None), mixer.op(*inputs, mask=None), mixer.output(o, x)
+                                                  the op level: ``forward`` without a cache equals
+                                                    ``output(op(*op_inputs(x, mask), mask=mask), x)``
+    mixer.op_recurrent(*inputs, mask=None)        optional (forms): the op one token at a time
+    mixer.state_bytes(n) -> int                   optional (recall, frontier): the bytes its cache
+                                                    holds after n tokens at batch 1 in float32, which
+                                                    the conformance check holds the measured bytes to
 
-``forward`` without a cache equals ``output(op(*op_inputs(x, mask), mask=mask), x)``. With a cache
-the mixer continues the sequence held in it and updates it in place. No mixer applies dropout to
-its own output: ``Block`` owns the residual dropout of both branches, so every architecture's
-mixer branch is dropped exactly once.
+and, optionally, its description as class attributes: ``method``, ``complexity``, ``time_class``
+("n" or "n^2"), ``state`` and ``departures``. The suite names it by its import path
+(``package.module:Class``) or by the name its package's entry point gives it.
+
+What it gets from the shell: the token embedding and sinusoidal positions (any length), a
+pre-norm block around it (LayerNorm, the mixer, residual dropout, then a GELU feed-forward layer),
+the final norm and the tied LM head, the whole-model cache (``ModelCache``: one mixer cache per
+layer and the position reached) and ``generate``. No mixer applies dropout to its own output: the
+block owns the residual dropout of both branches, so every mixer branch is dropped exactly once.
 """
 
 from __future__ import annotations
@@ -53,11 +70,34 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
 
 
 class TokenMixer(nn.Module):
-    """Base of every token mixer: the parts of the protocol written once.
+    """Base of every token mixer: the parts of the contract written once (see the module docstring).
 
-    Subclasses define ``op_inputs``, ``op``, ``init_cache`` and ``forward``; ``output`` maps the
-    op's per-head output to the layer's (``out_proj`` of the merged heads, unless overridden).
+    Subclasses define ``forward`` (and, for the modes they support, ``init_cache``, ``op_inputs``,
+    ``op``); ``output`` maps the op's per-head output to the layer's (``out_proj`` of the merged
+    heads, unless overridden); ``from_config`` builds one from the suite's configuration.
     """
+
+    # Which constructor parameters ``from_config`` fills from the config (None: every parameter
+    # whose name the config has), and under which config names when they differ.
+    config_fields: Optional[tuple] = None
+    config_names: dict = {}
+
+    @classmethod
+    def from_config(cls, config) -> "TokenMixer":
+        """A mixer whose constructor parameters come from ``config``'s fields of the same names."""
+        import inspect
+
+        params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+        kwargs = {}
+        for p in params:
+            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                continue
+            if cls.config_fields is not None and p.name not in cls.config_fields:
+                continue
+            field = cls.config_names.get(p.name, p.name)
+            if hasattr(config, field):
+                kwargs[p.name] = getattr(config, field)
+        return cls(**kwargs)
 
     @classmethod
     def forms(cls) -> tuple:

@@ -94,6 +94,8 @@ class HopfieldAttention(StandardAttention):
     the keys.
     """
 
+    config_names = {"beta": "hopfield_beta"}
+
     def __init__(self, hidden_dim: int, num_heads: int, beta: Optional[float] = None, update_steps: int = 1,
                  dropout: float = 0.0, bias: bool = True):
         check_beta(beta)

@@ -1,6 +1,11 @@
-"""``bsbr-eval models``: the registry as a table (name, the published method each follows, its
-cost, the modes it runs, what its decoding cache holds, and every way it departs from the
-method). Read from the registry's own descriptions, so listing loads no model code."""
+"""``bsbr-eval models``: the registry as a table: each architecture's name, where it comes from
+(built in, or which installed package's entry point), the published method it follows, its
+cost, the modes and op forms it runs, what its decoding cache holds, and every way it departs
+from the method.
+
+Listing imports no model code (so no torch): the built-ins' descriptions live in the registry,
+and a plugin is listed by its entry point; ``bsbr-eval check NAME`` imports it and says the rest.
+"""
 
 from __future__ import annotations
 
@@ -9,16 +14,23 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Options:
-    """List the registry: name, the published method it follows, complexity, modes, decoding
-    state, departures from the method. Names are case-insensitive everywhere."""
+    """List the registry: built-in architectures and installed plugins, where each comes from, the
+    published method it follows, complexity, modes, op forms, decoding state and departures. Names
+    are case-insensitive; a mixer class may also be named by import path (package.module:Class)."""
 
 
 def main(o: Options) -> int:
     from evals.console import table
-    from evals.registry import REGISTRY
+    from evals.registry import REGISTRY, discover
 
-    rows = [(s.name, s.method, s.complexity, " ".join(s.modes), s.state, s.departures) for s in REGISTRY.values()]
+    discover()
+    rows = []
+    for s in REGISTRY.values():
+        known = s.declared_modes is not None
+        rows.append((s.name, s.source if s.source == "built-in" else f"{s.source}: {s.target}", s.method, s.complexity,
+                     " ".join(s.declared_modes) if known else "", " ".join(s.declared_forms or ()), s.state,
+                     s.departures))
     table("bsbr-eval models (names are case-insensitive)",
-          ("name", "method", "complexity (per head)", "modes", "decoding cache holds", "departures from the method"),
-          rows)
+          ("name", "from", "method", "complexity (per head)", "modes", "op forms", "decoding cache holds",
+           "departures from the method"), rows)
     return 0

@@ -32,7 +32,7 @@ import bsbr_extras.standard
 from bsbr import bsbr_attention_flops
 from bsbr_extras.gau import gau_mixed_chunk
 from evals.registry import MODEL_NAMES, REGISTRY
-from tests.conftest import TINY
+from tests.conftest import TINY, public_model
 
 MODULES = (bsbr.causal_lm, bsbr.mixer, bsbr.checks, bsbr.attention, bsbr.ops, bsbr_extras.standard,
            bsbr_extras.hopfield, bsbr_extras.sliding_window, bsbr_extras.linear, bsbr_extras.deltanet, bsbr_extras.gau)
@@ -42,8 +42,7 @@ CHECKERS = ("check_input_ids", "normalize_mask", "check_positive_int", "check_fl
 
 def build(name, cfg=TINY, **kw):
     torch.manual_seed(0)
-    spec = REGISTRY[name]
-    return spec.model_class()(**{**spec.kwargs(cfg), **kw}).eval()
+    return public_model(name, cfg, **kw).eval()
 
 
 @pytest.fixture

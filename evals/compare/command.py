@@ -106,9 +106,9 @@ def plan(o: Options) -> Plan:
     from evals.measure import parse_inject
     from evals.options import check_fraction, check_positive, check_seed, choose, positive_ints
     from evals.output.paths import check_target
-    from evals.registry import MODES, REGISTRY, ModelConfig, resolve_model
+    from evals.registry import MODES, ModelConfig, select
 
-    names = [resolve_model(m).name for m in choose("--models", o.models, tuple(REGISTRY), default=tuple(REGISTRY))]
+    names = select("--models", o.models)
     lengths = positive_ints("--seq-lengths", o.seq_lengths, default=DEFAULT_LENGTHS)
     devs = choose("--devices", o.devices, DEVICES, default=("cpu",))
     modes = choose("--modes", o.modes, MODES, default=("forward",))

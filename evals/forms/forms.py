@@ -29,7 +29,7 @@ from evals.output.files import write_sidecar
 from evals.interrupts import sigterm_as_interrupt
 from evals.machine import environment, utc_now
 from evals.measure import time_fn
-from evals.registry import REGISTRY, ModelConfig
+from evals.registry import REGISTRY, ModelConfig, resolve_model
 from evals.results import FORMS_COLUMNS as COLUMNS, append_row, sample_stats
 from evals.output.claims import claim_file
 from evals.workload import DTYPES, op_call
@@ -40,7 +40,17 @@ FORM_MODES = ("forward", "train")
 
 def models_with_recurrence() -> tuple:
     """Registry models whose op also has a token-by-token recurrent form."""
-    return tuple(name for name, spec in REGISTRY.items() if "recurrent" in spec.forms)
+    from evals.registry import discover
+
+    discover()
+    out = []
+    for name in list(REGISTRY):
+        try:
+            if "recurrent" in resolve_model(name).forms:
+                out.append(name)
+        except ValueError:  # a plugin that does not import is not one with a recurrence
+            continue
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -73,11 +83,12 @@ def build(model: str, form: str, mode: str, n: int, plan: FormsPlan):
         raise ValueError(f"unknown form {form!r}; valid: {', '.join(FORMS)}")
     if mode not in FORM_MODES:
         raise ValueError(f"unknown mode {mode!r}; valid: {', '.join(FORM_MODES)}")
-    if form not in REGISTRY[model].forms:
+    spec = resolve_model(model)
+    if form not in spec.forms:
         raise ValueError(f"{model} has no {form} form; models with one: {', '.join(models_with_recurrence())}")
     torch.manual_seed(plan.seed)
     g = torch.Generator().manual_seed(plan.seed)
-    mixer = REGISTRY[model].build_mixer(plan.config).eval().to(device=plan.device, dtype=DTYPES[plan.dtype])
+    mixer = spec.build_mixer(plan.config).eval().to(device=plan.device, dtype=DTYPES[plan.dtype])
     op = mixer.op if form == "parallel" else mixer.op_recurrent
     x = torch.randn(plan.batch_size, n, plan.config.hidden_dim, generator=g).to(device=plan.device,
                                                                                   dtype=DTYPES[plan.dtype])

@@ -82,12 +82,11 @@ def run(o: Options, console=None) -> dict:
     from evals.executors import make_executor
     from evals.lm.corpus import CorpusError, describe, load_documents
     from evals.lm.launch import configure, expected_runs, resume_settings, run_lm
-    from evals.options import choose
     from evals.output.claims import RunFolder
-    from evals.registry import REGISTRY, resolve_model
+    from evals.registry import select
 
     try:
-        names = [resolve_model(m).name for m in choose("--models", o.models, tuple(REGISTRY), default=tuple(REGISTRY))]
+        names = select("--models", o.models)
         if o.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device: CUDA is not available on this machine; valid: cpu")
         preset = configure(o)

@@ -186,11 +186,11 @@ def recall_command(o) -> tuple[dict, RecallPreset]:
     from evals.errors import ResultsError
     from evals.executors import make_executor
     from evals.grid import parse_shard
-    from evals.options import check_positive, check_seed, choose
-    from evals.registry import REGISTRY, resolve_model
+    from evals.options import check_positive, check_seed
+    from evals.registry import select
 
     try:
-        names = [resolve_model(m).name for m in choose("--models", o.models, tuple(REGISTRY), default=tuple(REGISTRY))]
+        names = select("--models", o.models)
         if o.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device: CUDA is not available on this machine; valid: cpu")
         check_positive(threads=o.threads)
