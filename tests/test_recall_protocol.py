@@ -144,7 +144,7 @@ def test_resume_refuses_a_foreign_folder_and_leaves_it_byte_identical(tmp_path, 
 def test_output_under_a_file_exits_2(tmp_path):
     (tmp_path / "f").write_text("x")
     assert "is a file" in _one_line(_cli("--output-dir", str(tmp_path / "f")))
-    assert "cannot create it" in _one_line(_cli("--output-dir", str(tmp_path / "f" / "run")))
+    assert "is a file, so nothing can be written under it" in _one_line(_cli("--output-dir", str(tmp_path / "f" / "run")))
 
 
 def test_shards_split_configurations_not_their_rates():
@@ -166,14 +166,14 @@ def test_the_recipe_starts_every_model_with_unit_variance_logits(name):
     # the recipe's rule: unit-variance outputs for every map, the logits included. A tied N(0, 1)
     # embedding read by the final norm's unit-variance output gives logits of variance d (std 8
     # at d = 64, initial loss ~34 at vocabulary 1,024) unless the norm's gain starts at d^-1/2
-    from evals.recall.training import reinit_for_recall
+    from evals.train import unit_variance_init
     from evals.registry import ModelConfig, resolve_model
 
     torch.manual_seed(0)
     d = 64
     model = resolve_model(name).build(ModelConfig(vocab_size=1024, hidden_dim=d, num_layers=2, num_heads=2,
                                                   ff_dim=2 * d, dropout=0.0, chunk_size=16, qk_dim=64))
-    reinit_for_recall(model)
+    unit_variance_init(model)
     assert model.lm_head.weight is model.embed.weight and float(model.embed.weight.std()) == pytest.approx(1, abs=0.02)
     with torch.no_grad():
         logits = model(torch.randint(0, 1024, (8, 64), generator=torch.Generator().manual_seed(1)))
