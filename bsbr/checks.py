@@ -66,8 +66,29 @@ def normalize_mask(attention_mask: Optional[torch.Tensor], input_ids: torch.Tens
         raise ValueError(
             f"attention_mask shape {tuple(attention_mask.shape)} must match input_ids shape {tuple(input_ids.shape)}"
         )
-    mask = attention_mask.to(device=input_ids.device) != 0
+    mask = mask_as_bool(attention_mask.to(device=input_ids.device), "attention_mask")
     return None if known_all_true(mask) else mask
+
+
+def mask_as_bool(mask: torch.Tensor, name: str = "mask") -> torch.Tensor:
+    """A padding mask as bool (True = real token): a bool tensor as it is, a numeric one only if it
+    holds 0s and 1s (2, 0.5, -1 or NaN are not a mask and would silently count as real tokens).
+    The one check of mask values, for the models' ``attention_mask`` and the ops' ``mask``.
+
+    On the CPU outside ``torch.compile`` a bad value is a ValueError naming ``name``; elsewhere
+    reading the values would synchronise with the device (or break the graph), so the check is
+    asynchronous and a bad mask fails the next synchronising call."""
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.is_complex():
+        raise ValueError(f"{name} must be bool or hold only 0/1 numbers, got a complex tensor")
+    ok = ((mask == 0) | (mask == 1)).all()
+    if mask.device.type != "cpu" or torch.compiler.is_compiling():
+        torch._assert_async(ok, f"{name} must be bool or hold only 0/1 numbers")
+    elif not bool(ok):
+        bad = mask[(mask != 0) & (mask != 1)].flatten()[0].item()
+        raise ValueError(f"{name} must be bool or hold only 0/1 numbers (1 = real token, 0 = padding), got {bad}")
+    return mask != 0
 
 
 def known_all_true(mask: torch.Tensor) -> bool:

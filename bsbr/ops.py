@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from . import sizing
+from .checks import mask_as_bool
 
 _NEG_INF = float("-inf")
 
@@ -300,11 +301,7 @@ def check_bsbr_inputs(q, k, v, r, hk, chunk_size, overlap, mask, compress, gamma
         raise ValueError(f"mask must be None or a (batch, n) = {(b, n)} tensor, True/1 = real token, got {got}")
     if mask.device != q.device:
         raise ValueError(f"mask must be on q's device {q.device}, got {mask.device}")
-    if mask.dtype != torch.bool:
-        if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
-            raise ValueError("mask must be bool or hold only 0/1 numbers")
-        mask = mask != 0
-    return mask
+    return mask_as_bool(mask, "mask")
 
 
 def bsbr_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r: torch.Tensor, hk: torch.Tensor, *,

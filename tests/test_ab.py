@@ -144,7 +144,7 @@ def test_dirty_tree_own_harness_and_injection_on_side_b_only(repo, rows, monkeyp
     try:
         state = ab.tree_state(repo)
         assert state["dirty"] is True and state["sha"] == git(repo, "rev-parse", "HEAD")
-        done = ab.against("old-harness", rows, rounds=8, threshold=0.2, alpha=0.01, inject={"Standard": 3.0},
+        done = ab.against("old-harness", rows, ab.ABPlan(rounds=8, threshold=0.2, alpha=0.01, inject={"Standard": 3.0}),
                           root=repo, b_tree=repo)
     finally:
         readme.write_text(text)
@@ -169,8 +169,9 @@ def test_cli_self_test_exit_code_and_report(tmp_path, rows, monkeypatch):
     rows.to_csv(base, index=False)  # a baseline: configurations and exact metrics, nothing timed
     seen = {}
 
-    def fake_against(ref, rows, *, findings_verdict, **kw):
-        seen.update(kw, ref=ref)
+    def fake_against(ref, rows, plan, *, findings_verdict, **rest):
+        kw = dict(rounds=plan.rounds, threshold=plan.threshold, alpha=plan.alpha, inject=plan.inject)
+        seen.update(kw, ref=ref, exact=plan.exact)
         built = {s: [dict(status="ok", error="") for _ in range(len(rows))] for s in "AB"}
         prs = {i: ([1.0] * 8, [2.0 if findings_verdict(i) else 1.0] * 8) for i in range(len(rows))}
         f = ab_findings(rows, built, prs, threshold=kw["threshold"], alpha=kw["alpha"])
@@ -179,8 +180,8 @@ def test_cli_self_test_exit_code_and_report(tmp_path, rows, monkeypatch):
 
     for slow, code, word in ((lambda i: True, 0, "SELF-TEST PASS"),
                              (lambda i: i != 1, 1, "missed: BSBR model decode")):
-        monkeypatch.setattr(ab, "against", lambda ref, rows, slow=slow, **kw: fake_against(
-            ref, rows, findings_verdict=slow, **kw))
+        monkeypatch.setattr(ab, "against", lambda ref, rows, plan, slow=slow, **kw: fake_against(
+            ref, rows, plan, findings_verdict=slow, **kw))
         r = CliRunner().invoke(app, ["regress", "--baseline", str(base), "--against", "good", "--self-test", "1.5",
                                      "--rounds", "8"])
         assert r.exit_code == code, r.output

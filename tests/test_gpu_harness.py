@@ -47,7 +47,7 @@ def test_compile_time_is_its_own_column_and_never_a_sample(monkeypatch):
     register_toys(monkeypatch)
     fake = SlowFirstCall(0.3)
     monkeypatch.setattr(M.torch, "compile", fake)
-    row = M.measure(case("Toy", n=16, compile=True), repeats=3, warmup=0, min_run_time=0.0)
+    row = M.measure(case("Toy", n=16, compile=True), M.Measurement(repeats=3, warmup=0, min_run_time=0.0))
     assert row["status"] == "ok", row["error"]
     assert row["compile"] is True and row["compile_ms"] >= 300
     samples = [float(s) for s in row["samples_ms"].split()]
@@ -65,7 +65,7 @@ def test_warmup_counts_untimed_calls(monkeypatch, warmup):
     monkeypatch.setattr(M, "_MIN_SAMPLE_S", 0.0)
     fake = SlowFirstCall(0.0)
     monkeypatch.setattr(M.torch, "compile", fake)
-    row = M.measure(case("Toy", n=16, compile=True), repeats=2, warmup=warmup, min_run_time=0.0, memory=False)
+    row = M.measure(case("Toy", n=16, compile=True), M.Measurement(repeats=2, warmup=warmup, min_run_time=0.0), memory=False)
     assert row["status"] == "ok" and row["warmup"] == warmup and row["repeats"] == 2
     # exactly: one compiling call, `warmup` untimed calls, then one call per sample
     assert fake.calls == 1 + warmup + 2
@@ -186,10 +186,10 @@ def test_forms_takes_device_and_dtype(tmp_path):
 
 def test_convert_speed_rows_take_device_and_dtype():
     from bsbr_extras.linear import LinearTransformerModel
-    from evals.convert.comparison import speed_rows
+    from evals.convert.comparison import SpeedTiming, speed_rows
 
     model = LinearTransformerModel(37, 16, 1, 2, 16)
     before = next(model.parameters()).dtype
-    rows = speed_rows({"m": model}, [16], 37, repeats=1, min_run_time=0.0, dtype="bfloat16")
+    rows = speed_rows({"m": model}, [16], 37, SpeedTiming(repeats=1, min_run_time=0.0, dtype="bfloat16"))
     assert rows[0]["dtype"] == "bfloat16" and rows[0]["device"] == "cpu" and rows[0]["timer"] == "cpu_wall"
     assert next(model.parameters()).dtype == before, "the original model must not be cast"

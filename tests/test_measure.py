@@ -25,7 +25,7 @@ from evals.registry import REGISTRY, ModelConfig, ModelSpec
 
 TOY_CFG = ModelConfig(vocab_size=37, hidden_dim=16, num_layers=1, num_heads=2, ff_dim=16, chunk_size=8,
                       window_size=8, qk_dim=8)
-FAST = dict(repeats=2, warmup=0, min_run_time=0.0)
+FAST = dict(how=M.Measurement(repeats=2, warmup=0, min_run_time=0.0))
 
 
 # ----------------------------------------------------------------------------- toy architectures
@@ -326,7 +326,7 @@ def test_row_is_consistent(monkeypatch, mode, level):
 def test_decode_restores_the_prefilled_cache_before_every_sample(monkeypatch):
     register_toys(monkeypatch)
     NaiveAttention.seen_cache_lengths.clear()
-    row = M.measure(case(n=20, mode="decode", level="layer", decode_tokens=4), repeats=3, warmup=1, min_run_time=0)
+    row = M.measure(case(n=20, mode="decode", level="layer", decode_tokens=4), M.Measurement(repeats=3, warmup=1, min_run_time=0))
     assert row["status"] == "ok"
     seen = NaiveAttention.seen_cache_lengths
     # every call (flops, memory, warm-up, samples) starts from the 20-token prefill, then grows by 1

@@ -196,7 +196,8 @@ def test_update_refuses_a_configuration_that_does_not_measure(tmp_path, monkeypa
 
 def fake_against(slow_rows=()):
     """``runner.against`` on findings we set: rows in ``slow_rows`` are 2x slower on B."""
-    def against(ref, rows, **kw):
+    def against(ref, rows, plan, **_):
+        kw = dict(rounds=plan.rounds, threshold=plan.threshold, alpha=plan.alpha, inject=plan.inject)
         built = {s: [dict(status="ok", error="") for _ in range(len(rows))] for s in "AB"}
         for i, r in enumerate(rows.itertuples()):
             built["B"][i].update(flops=r.flops, params=r.params)

@@ -77,8 +77,8 @@ def test_cli_power_writes_the_curve_and_refuses_to_overwrite_it(tmp_path, monkey
 
     seen = {}
 
-    def fake_against(ref, rows, **kw):
-        seen.update(kw)
+    def fake_against(ref, rows, plan, **kw):
+        seen.update(kw, rounds=plan.rounds, threshold=plan.threshold, alpha=plan.alpha, exact=plan.exact)
         return ab.Against(synthetic_samples(runs=2), ref, "a" * 40, dict(sha="b" * 40, dirty=False), {},
                           kw["rounds"], kw["threshold"], kw["alpha"])
 

@@ -50,7 +50,7 @@ def test_conversion_experiment_trains_through_fit(monkeypatch):
     torch.manual_seed(0)
     model = BSBRModel(64, 16, 1, 2, 8, 32)
     tokens = torch.randint(0, 64, (400,), generator=torch.Generator().manual_seed(0))
-    curve = CE.train_lm(model, tokens, steps=6, seq_len=16, batch_size=2, lr=1e-3, warmup=2, seed=0, phase="t")
+    curve = CE.train_lm(model, tokens, CE.Phase(steps=6, seq_len=16, batch_size=2, lr=1e-3, warmup=2, seed=0, name="t"))
     cfg = seen["cfg"]
     assert (cfg.betas, cfg.decay_all, cfg.min_lr_ratio, cfg.max_steps, cfg.warmup_steps) == ((0.9, 0.95), True,
                                                                                              0.1, 6, 2)

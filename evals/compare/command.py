@@ -154,7 +154,7 @@ def plan(o: Options) -> Plan:
 
 def main(o: Options) -> int:
     from evals.compare.sweep import run_sweep, summary_rows
-    from evals.console import finish, table
+    from evals.console import finish, plural, table
     from evals.output.files import sidecar_path
     from evals.results import outcome
 
@@ -162,5 +162,5 @@ def main(o: Options) -> int:
     rows = run_sweep(p.cases, p.output, resume=o.resume, how=p.how, settings=p.settings, executor=p.executor)
     table("bsbr-eval compare", *summary_rows(rows))
     code, words = outcome(rows.new)
-    return finish(code, f"wrote {len(rows)} rows to {p.output} (+ {sidecar_path(p.output).name})"
+    return finish(code, f"wrote {plural(len(rows), 'row')} to {p.output} (+ {sidecar_path(p.output).name})"
                         + (f"; {words}" if words else ""))

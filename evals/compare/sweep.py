@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -27,7 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from evals.executors import RayExecutor
 from evals.grid import Case
-from evals.measure import calibrate, empty_row, measure, parse_inject
+from evals.measure import Measurement, calibrate, empty_row, measure
 from evals import interrupts
 from evals.errors import ResultsError
 from evals.output.files import read_sidecar, write_sidecar
@@ -55,31 +54,6 @@ class Rows(list):
     @property
     def new(self) -> list:
         return self[self.kept:]
-
-
-@dataclass(frozen=True)
-class Measurement:
-    """How every case of a sweep is measured (``evals.measure.measure``'s knobs); a resumed
-    sweep must measure the same way."""
-
-    repeats: int = 10
-    warmup: int = 1
-    min_run_time: float = 0.2
-    threads: Optional[int] = None       # None: torch's current count
-    inject: Optional[dict] = None       # model -> slowdown factor; None reads $BSBR_EVAL_INJECT_SLOWDOWN
-
-    def resolved(self) -> "Measurement":
-        return replace(self, threads=self.threads or torch.get_num_threads(),
-                       inject=parse_inject() if self.inject is None else dict(self.inject))
-
-    def recorded(self) -> dict:
-        """As the sidecar records it (``measured_as``)."""
-        return dict(repeats=self.repeats, warmup=self.warmup, min_run_time=self.min_run_time, threads=self.threads,
-                    inject_slowdown=self.inject)
-
-    def measure_kw(self) -> dict:
-        return dict(repeats=self.repeats, warmup=self.warmup, min_run_time=self.min_run_time, threads=self.threads,
-                    inject=self.inject)
 
 
 def run_sweep(cases: Sequence[Case], output: Path | str, *, resume: bool = False, how: Measurement = Measurement(),
@@ -147,7 +121,7 @@ def _sweep(cases, output: Path, kept: list[dict], how: Measurement, *, settings,
         task = progress.add_task("starting", total=len(todo))
         if executor is not None:
             machines = info.setdefault("machines", {})
-            for row, mach in _ray_rows(executor, todo, oom_at, dict(how.measure_kw(), run_id=run_id)):
+            for row, mach in _ray_rows(executor, todo, oom_at, dict(how=how, run_id=run_id)):
                 if mach:
                     machines[mach["hostname"]] = mach
                 append_row(output, row)
@@ -217,7 +191,7 @@ def _local_row(case, oom_at: dict, cuda_ok: bool, how: Measurement, run_id: str)
     if g in oom_at and case.seq_len > oom_at[g]:
         return empty_row(case, "skipped", f"a shorter length (n={oom_at[g]}) of this model, device "
                          "and mode ran out of memory", **common)
-    row = measure(case, **how.measure_kw(), run_id=run_id)
+    row = measure(case, how, run_id=run_id)
     if row["status"] == "oom":
         oom_at[g] = min(oom_at.get(g, case.seq_len), case.seq_len)
     if row["status"] in ("oom", "error"):
@@ -253,7 +227,7 @@ def _measure_task(job: tuple) -> tuple:
     from evals.machine import machine
 
     case, kw = job
-    return measure(case, **kw), machine()
+    return measure(case, kw["how"], run_id=kw["run_id"]), machine()
 
 
 def ray_options(case: Case, threads: int) -> dict:
@@ -282,8 +256,9 @@ def _ray_rows(executor, todo: Sequence[Case], oom_at: dict, kw: dict):
     out-of-memory skips the longer ones exactly as a local sweep does; groups run side by side.
     CUDA cases need a GPU somewhere in the cluster, else they are ``skipped`` rows.
     """
-    common = lambda c: dict(run_id=kw["run_id"], threads=kw["threads"],  # noqa: E731
-                            inject=float(kw["inject"].get(c.model, 1.0)))
+    how = kw["how"]
+    common = lambda c: dict(run_id=kw["run_id"], threads=how.threads,  # noqa: E731
+                            inject=float(how.inject.get(c.model, 1.0)))
     if executor.address is not None:
         check_ray_cluster(executor, todo)
     gpus = executor.cluster_resources().get("GPU", 0)
@@ -299,7 +274,7 @@ def _ray_rows(executor, todo: Sequence[Case], oom_at: dict, kw: dict):
             chains.setdefault(g, []).append((case, kw))
     for (case, _), result in executor.map_chains(
             _measure_task, [sorted(ch, key=lambda j: j[0].seq_len) for ch in chains.values()],
-            options=lambda job: ray_options(job[0], kw["threads"]),
+            options=lambda job: ray_options(job[0], how.threads),
             stop=lambda job, res: res[0]["status"] == "oom"):
         if result is None:
             yield empty_row(case, "skipped", "a shorter length of this model, device and mode ran out of memory",

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 from bsbr_extras.convert import save_converted
-from evals.convert.comparison import run_comparison
+from evals.convert.comparison import SpeedTiming, run_comparison
 from evals.convert.experiment import ExperimentConfig, run_experiment
 from evals.errors import ResultsError
 from evals.output.files import write_frame, write_sidecar
@@ -100,7 +100,7 @@ def _run(o, out: Optional[Path], where: dict) -> dict:
             result = run_experiment(cfg, gpt2_dir=out / "gpt2" if (out and o.save_model) else None)
         else:
             result = run_comparison(o.model_name, o.sizes, compression_factor=o.compression_factor,
-                                    seq_len=o.seq_len, **where)
+                                    seq_len=o.seq_len, speed=(None, SpeedTiming(**where)))
     except ImportError as e:
         extras = getattr(e, "name", None) in ("transformers", "safetensors")
         raise ResultsError(f"{e}; install the converter's extras: pip install 'bsbr[convert]'" if extras

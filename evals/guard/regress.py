@@ -94,9 +94,8 @@ def _against(console: Console, base, o) -> int:
     try:
         with Progress(console=console, transient=True) as bar:
             task = bar.add_task(f"A/B against {o.against}", total=todo if o.power is None else None)
-            done = runner.against(o.against, base, rounds=rounds, threshold=threshold, alpha=o.alpha, inject=inject,
-                                  exact=o.self_test is None and o.power is None,
-                                  progress=lambda i: bar.update(task, advance=1),
+            plan = runner.ABPlan(rounds, threshold, o.alpha, inject, exact=o.self_test is None and o.power is None)
+            done = runner.against(o.against, base, plan, progress=lambda i: bar.update(task, advance=1),
                                   run=measure_power if o.power is not None else None)
     except runner.ABError as e:
         raise ResultsError(str(e)) from None

@@ -334,17 +334,31 @@ def _fresh_sampler(stack: contextlib.ExitStack, session: Session, a_tree: Path, 
     return fresh
 
 
-def against(ref: str, rows, *, rounds: int, threshold: float, alpha: float, inject: dict, threads: int = 1,
-            exact: bool = True, root: Optional[Path] = None, b_tree: Optional[Path] = None,
+@dataclass(frozen=True)
+class ABPlan:
+    """How a check runs: pairs per configuration, the rule's threshold and alpha, side B's injected
+    slowdown, threads, and whether side B's exact metrics are checked (the self-test skips them:
+    the clean check has just done them)."""
+
+    rounds: int
+    threshold: float
+    alpha: float
+    inject: dict = field(default_factory=dict)
+    threads: int = 1
+    exact: bool = True
+
+
+def against(ref: str, rows, plan: ABPlan, *, root: Optional[Path] = None, b_tree: Optional[Path] = None,
             progress: Optional[Callable[[int], None]] = None, run: Optional[Callable] = None) -> Against:
     """Materialise ``ref``, build ``rows`` on both sides, and run the check.
 
     ``run(session) -> result`` replaces the default check (``evals.guard.findings.ab_check``), e.g.
     with the power measurement. ``b_tree`` defaults to the working tree this harness runs from.
-    ``exact=False`` skips the exact metrics (the self-test: the clean check has done them).
     """
     from evals.guard.findings import ab_check
 
+    rounds, threshold, alpha, inject, threads, exact = (plan.rounds, plan.threshold, plan.alpha, plan.inject,
+                                                         plan.threads, plan.exact)
     root = root or repo_root()
     b_tree = Path(b_tree or root)
     state = tree_state(b_tree)

@@ -67,7 +67,7 @@ def main(o: Options) -> int:
     out().print(markdown(res["summary"], files.read_sidecar(res["csv"])["corpus"]), highlight=False)
     code, words = results.outcome(res["rows"])
     interrupts.hint(f"every training is in {res['csv']}")
-    return finish(code, f"wrote {len(res['rows'])} rows to {res['csv']} (+ lm.json, summary, loss_by_position.csv, "
+    return finish(code, f"wrote {plural(len(res['rows']), 'row')} to {res['csv']} (+ lm.json, summary, loss_by_position.csv, "
                         f"{plural(len(res['files']) - 3, 'figure')})" + (f"; {words}" if words else ""))
 
 
@@ -81,7 +81,7 @@ def run(o: Options, console=None) -> dict:
     from evals.errors import ResultsError
     from evals.executors import make_executor
     from evals.lm.corpus import CorpusError, describe, load_documents
-    from evals.lm.launch import configure, expected_runs, resume_settings, run_lm
+    from evals.lm.launch import LMRun, configure, expected_runs, resume_settings, run_lm
     from evals.output.claims import RunFolder
     from evals.registry import select
 
@@ -104,8 +104,8 @@ def run(o: Options, console=None) -> dict:
     with RunFolder(out, KIND, _columns(), resume=o.resume, settings=settings, header=header) as folder:
         interrupts.hint(f"every finished training is in {folder.csv}; rerun with --resume to continue")
         try:
-            rows = run_lm(names, preset, folder, executor=ex, device=o.device, threads=o.threads,
-                          run_id=header["run_id"], on_start=on_start, on_row=on_row)
+            rows = run_lm(names, preset, folder, executor=ex, run=LMRun(o.device, o.threads, header["run_id"]),
+                          on_start=on_start, on_row=on_row)
         finally:
             bar.stop()
         made = _report(folder, rows, preset, corpus)

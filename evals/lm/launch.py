@@ -9,6 +9,7 @@ rows join the same tables.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Optional, Sequence
 
@@ -57,16 +58,24 @@ def _task(case: LMCase, *, preset: LMPreset, device: str, threads: int) -> dict:
     return run_case(case, preset, device=device, threads=threads)
 
 
-def run_lm(models: Sequence[str], preset: LMPreset, folder, *, executor, device: str = "cpu", threads: int = 1,
-           run_id: str = "", on_start: Optional[Callable[[int], None]] = None,
-           on_row: Optional[Callable[[dict], None]] = None) -> list:
+@dataclass(frozen=True)
+class LMRun:
+    """What every training of one run shares besides the preset: where it trains and its run id."""
+
+    device: str = "cpu"
+    threads: int = 1
+    run_id: str = ""
+
+
+def run_lm(models: Sequence[str], preset: LMPreset, folder, *, executor, run: LMRun = LMRun(),
+           on_start: Optional[Callable[[int], None]] = None, on_row: Optional[Callable[[dict], None]] = None) -> list:
     """Phase 1 (every rate at the first seed), then phase 2 (every further seed at each group's
     best rate), appending each row to ``folder`` as it arrives; every row of the run, old first.
     ``on_start(kept)`` is called once the folder is claimed, with how many of this run's trainings
     it already holds; ``on_row(row)`` after each append."""
     rows = {row_key(r): r for r in folder.rows}
     tune = lm_grid(models, preset)
-    fn = partial(_task, preset=preset, device=device, threads=threads)
+    fn = partial(_task, preset=preset, device=run.device, threads=run.threads)
     if on_start is not None:
         wanted = {c.key() for c in tune} | {c.key() for c in seed_cases(tune, rows, preset)}
         on_start(len(wanted & set(rows)))
@@ -75,7 +84,7 @@ def run_lm(models: Sequence[str], preset: LMPreset, folder, *, executor, device:
             todo = tune if phase == "tune" else seed_cases(tune, rows, preset)
             todo = [c for c in todo if c.key() not in rows]
             for case, row in executor.map_unordered(fn, todo):
-                row["run_id"] = run_id
+                row["run_id"] = run.run_id
                 folder.append(row)
                 rows[case.key()] = row
                 if on_row is not None:
