@@ -40,6 +40,7 @@ COMMANDS = {
     "recall": "evals.recall.command",
     "frontier": "evals.frontier.command",
     "lm": "evals.lm.command",
+    "check": "evals.check.command",
 }
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,

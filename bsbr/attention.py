@@ -91,6 +91,17 @@ class BSBRAttention(TokenMixer):
         """(b, C, D) summaries -> r, h per head: (b, h, C, d)."""
         return split_heads(self.meta_query(s_prev), self.num_heads), split_heads(self.meta_key(s), self.num_heads)
 
+    def state_bytes(self, n: int) -> int:
+        """Bytes this layer's growing cache holds after a prefill of ``n`` tokens (batch 1, float32):
+        per completed chunk one (d/f) x d state and one meta key per head and a validity flag, the
+        running summary (D); for an open chunk of r tokens its K, V and input x and its state S."""
+        h, d, dk, D = self.num_heads, self.head_dim, self.key_dim, self.hidden_dim
+        done, r = divmod(n, self.chunk_size)
+        nbytes = 4 * (h * done * dk * d + h * done * d + D) + done
+        if r:
+            nbytes += 4 * (2 * h * r * d + r * D + h * dk * d) + r
+        return nbytes
+
     def op_inputs(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, key=None, value=None,
                   prev_summary: Optional[torch.Tensor] = None):
         """Per-head positional inputs of the pure op: (q, k, v, r, h). The mask is not among them

@@ -263,6 +263,10 @@ class DeltaNetAttention(RecurrentStateMixer):
         self.beta_proj = nn.Linear(hidden_dim, num_heads, bias=False)  # w_beta, one row per head
         self.out_proj = nn.Linear(hidden_dim, hidden_dim)
 
+    def state_bytes(self, n: int) -> int:
+        """Bytes of this layer's delta-rule memory (float32), whatever ``n``: one d x d matrix per head."""
+        return 4 * self.num_heads * self.head_dim * self.head_dim
+
     def op_inputs(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> tuple:
         q, k, v = self.qkv(x).chunk(3, dim=-1)                        # 3 x (b, n, D)
         q, k, v = (split_heads(t, self.num_heads) for t in (q, k, v))  # 3 x (b, h, n, d)

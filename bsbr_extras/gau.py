@@ -238,6 +238,12 @@ class GatedAttentionUnit(TokenMixer):
         self.scale_offset = ScaleOffset(qk_dim, heads=4)
         self.out_proj = nn.Linear(e, hidden_dim)
 
+    def state_bytes(self, n: int) -> int:
+        """Bytes of this layer's cache (float32), whatever ``n``: the global linear state and its
+        pending update (s x e each), the open chunk's keys (c x s) and values (c x e), and the position."""
+        s, e, c = self.qk_dim, self.expansion_dim, self.chunk_size
+        return 4 * (2 * s * e + c * s + c * e) + 8
+
     def _project(self, x: torch.Tensor) -> tuple:
         u, v = F.silu(self.uv(x)).chunk(2, dim=-1)                    # 2 x (b, n, e)
         z = F.silu(self.z(x))                                         # (b, n, s)

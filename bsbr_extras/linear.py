@@ -233,6 +233,11 @@ class LinearAttention(RecurrentStateMixer):
         self.qkv = nn.Linear(hidden_dim, 3 * hidden_dim)
         self.out_proj = nn.Linear(hidden_dim, hidden_dim)
 
+    def state_bytes(self, n: int) -> int:
+        """Bytes of this layer's state (float32), whatever ``n``: S = sum phi(k) v^T and z = sum phi(k)."""
+        d = self.head_dim
+        return 4 * self.num_heads * (d * d + d)
+
     def op_inputs(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> tuple:
         q, k, v = self.qkv(x).chunk(3, dim=-1)                        # 3 x (b, n, D)
         h = self.num_heads

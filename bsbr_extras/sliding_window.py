@@ -269,6 +269,11 @@ class SlidingWindowAttention(StandardAttention):
         super().__init__(hidden_dim, num_heads, dropout, bias)
         self.window_size = window_size
 
+    def state_bytes(self, n: int) -> int:
+        """Bytes of this layer's ring buffer (float32), whatever ``n``: w keys and values per head,
+        their validity flags and the position (a long)."""
+        return 4 * 2 * self.num_heads * self.window_size * self.head_dim + self.window_size + 8
+
     def op(self, q, k, v, *, mask=None):
         return sliding_window_unchecked(q, k, v, self.window_size, mask,
                                         dropout_p=self.dropout if self.training else 0.0)

@@ -206,6 +206,11 @@ class StandardAttention(TokenMixer):
         self.qkv = nn.Linear(hidden_dim, 3 * hidden_dim, bias=bias)
         self.out_proj = nn.Linear(hidden_dim, hidden_dim, bias=bias)
 
+    def state_bytes(self, n: int) -> int:
+        """Bytes this layer's growing KV cache holds after a prefill of ``n`` tokens (batch 1,
+        float32): K and V of every token, in a buffer of n + n/4 slots (at least 16)."""
+        return 4 * 2 * self.num_heads * max(n + n // 4, 16) * self.head_dim
+
     def op_inputs(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> tuple:
         q, k, v = self.qkv(x).chunk(3, dim=-1)  # 3 x (b, n, D)
         h = self.num_heads
