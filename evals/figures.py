@@ -34,7 +34,7 @@ from evals.output.files import write_figure
 
 METRIC_LABELS = {"time_ms": "time (ms, median of repeats)", "peak_memory_mb": "peak memory (MB)"}
 LENGTH_LABEL = "sequence length n (tokens)"
-FAILURE_MARKERS = {"oom": "X", "error": "P", "skipped": "v"}
+FAILURE_MARKERS = {"oom": "X", "error": "P", "skipped": "v", "unsupported": "1"}
 DPI = 120
 
 

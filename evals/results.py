@@ -45,7 +45,7 @@ EXTRA_COLUMNS = ("samples_ms", "seed", "threads", "decode_tokens", "inject_facto
                  "warmup", "compile_ms") + tuple(
     c for c in CONFIG_COLUMNS if c not in REQUIRED_COLUMNS) + ("host",)
 COLUMNS = REQUIRED_COLUMNS + EXTRA_COLUMNS
-STATUSES = ("ok", "oom", "error", "skipped")
+STATUSES = ("ok", "oom", "error", "skipped", "unsupported")
 # ``bsbr-eval forms``: one row per (model, mode, length, form) of an op.
 FORMS_COLUMNS = ("run_id", "model", "form", "mode", "seq_len", "batch_size", "hidden_dim", "num_heads",
                  "chunk_size", "dtype", "threads", "status", "time_ms", "time_ms_p20", "time_ms_p80", "repeats",

@@ -24,6 +24,7 @@ from evals.analyze.analysis import (CLASSES, MATERIAL, MIN_LENGTHS, MIN_SPAN, NO
 from evals.errors import ResultsError
 from evals.output.files import sidecar_path, write_frame, write_text
 from evals.registry import model_order
+from evals.results import STATUSES
 
 # Columns of the per-configuration key shown in the tables (the rest is in the report's header).
 _WHERE = ["device", "mode", "level"]
@@ -114,7 +115,7 @@ def _measured_summary(rows: pd.DataFrame) -> list:
     u = lambda c: ", ".join(map(str, model_order(rows[c]) if c == "model" else sorted(rows[c].dropna().unique())))  # noqa: E731
     lengths = " ".join(_num(v) for v in sorted(rows["seq_len"].unique()))
     counts = rows["status"].value_counts()
-    status = ", ".join(f"{counts.get(s, 0)} {s}" for s in ("ok", "oom", "error", "skipped"))
+    status = ", ".join(f"{counts.get(s, 0)} {s}" for s in STATUSES)
     return [
         f"- **models**: {u('model')}",
         f"- **devices**: {u('device')}; **modes**: {u('mode')}; **levels**: {u('level')}; **dtype**: {u('dtype')}",

@@ -181,6 +181,20 @@ def _start_session(output: Path, cases, kept: list[dict], measured_as: dict, *, 
     return info, session
 
 
+def unsupported(case: Case) -> str:
+    """Why ``case`` asks for a mode or level its mixer does not provide ("" when it does): decode
+    needs ``init_cache``, the op level ``op_inputs`` and ``op`` (the contract, ``bsbr.mixer``)."""
+    from evals.registry import resolve_model
+
+    spec = resolve_model(case.model)
+    if case.mode not in spec.modes:
+        return f"{case.model} has no {case.mode} mode: its mixer defines no init_cache"
+    cls = spec.mixer_class() if case.level == "op" else None
+    if cls is not None and not (callable(getattr(cls, "op", None)) and callable(getattr(cls, "op_inputs", None))):
+        return f"{case.model} has no op level: its mixer defines no op / op_inputs"
+    return ""
+
+
 def _local_row(case, oom_at: dict, cuda_ok: bool, how: Measurement, run_id: str) -> dict:
     """One case measured in this process, or skipped: CUDA missing, or a shorter length of its
     group already ran out of memory (``oom_at``, updated when this one does)."""
@@ -188,6 +202,9 @@ def _local_row(case, oom_at: dict, cuda_ok: bool, how: Measurement, run_id: str)
     common = dict(run_id=run_id, threads=how.threads, inject=float(how.inject.get(case.model, 1.0)))
     if case.device.startswith("cuda") and not cuda_ok:
         return empty_row(case, "skipped", "CUDA is not available on this machine", **common)
+    why = unsupported(case)
+    if why:
+        return empty_row(case, "unsupported", why, **common)
     if g in oom_at and case.seq_len > oom_at[g]:
         return empty_row(case, "skipped", f"a shorter length (n={oom_at[g]}) of this model, device "
                          "and mode ran out of memory", **common)
@@ -267,6 +284,8 @@ def _ray_rows(executor, todo: Sequence[Case], oom_at: dict, kw: dict):
         g = _group(case_key(case.fields()))
         if case.device.startswith("cuda") and gpus < 1:
             yield empty_row(case, "skipped", "the Ray cluster has no GPU", **common(case)), None
+        elif unsupported(case):
+            yield empty_row(case, "unsupported", unsupported(case), **common(case)), None
         elif g in oom_at and case.seq_len > oom_at[g]:
             yield empty_row(case, "skipped", f"a shorter length (n={oom_at[g]}) of this model, device and mode "
                             "ran out of memory", **common(case)), None
