@@ -151,7 +151,7 @@ def test_resume_measures_only_the_missing_cases(monkeypatch, tmp_path):
 
     measured = []
     real = C.measure
-    monkeypatch.setattr(C, "measure", lambda case, **kw: measured.append(case.seq_len) or real(case, **kw))
+    monkeypatch.setattr(C, "measure", lambda case, *a, **kw: measured.append(case.seq_len) or real(case, *a, **kw))
     with pytest.raises(ValueError, match="--resume"):
         C.run_sweep(cases, out, **FAST)
     rows = C.run_sweep(cases, out, resume=True, **FAST)
@@ -334,7 +334,7 @@ def test_existing_output_needs_resume(monkeypatch, tmp_path):
             "--hidden-dim", "16", "--num-heads", "2", "--output", str(out)]
     first = runner.invoke(cli.app, args)
     assert first.exit_code == 0, first.output
-    assert "wrote 1 rows" in first.output and "Toy" in first.output
+    assert "wrote 1 row to" in first.output and "Toy" in first.output
     again = runner.invoke(cli.app, args)
     assert again.exit_code == 2 and "--resume" in again.output
     assert runner.invoke(cli.app, args + ["--resume"]).exit_code == 0
@@ -347,8 +347,11 @@ def test_models_command_lists_the_registry():
     for name in MODEL_NAMES:
         assert name in res.output
     assert "Vaswani" in res.output and "Katharopoulos" in res.output
-    deltanet_row = next(line for line in res.output.splitlines() if line.lstrip("│ ").startswith("DeltaNet"))
-    assert "recurrent" in deltanet_row  # the op forms column (what `bsbr-eval forms` accepts)
+    # piped (the runner is not a terminal): a Markdown table, one whole line per model, nothing cut
+    rows = [line for line in res.output.splitlines() if line.startswith("| ")]
+    assert [r.split("|")[1].strip() for r in rows[2:]] == list(MODEL_NAMES)
+    deltanet_row = next(r for r in rows if r.startswith("| DeltaNet |"))
+    assert "recurrent" in deltanet_row and "Schlag" in deltanet_row  # the op forms column, whole
 
 
 def test_levels_and_modes_come_from_the_registry():

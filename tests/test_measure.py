@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from bsbr.causal_lm import CausalLM
-from bsbr.mixer import merge_heads, split_heads
+
+from bsbr.mixer import TokenMixer, merge_heads, split_heads
 from evals import measure as M
 from evals.grid import Case
 from evals.registry import REGISTRY, ModelConfig, ModelSpec
@@ -31,7 +31,7 @@ FAST = dict(how=M.Measurement(repeats=2, warmup=0, min_run_time=0.0))
 # ----------------------------------------------------------------------------- toy architectures
 
 
-class NaiveAttention(nn.Module):
+class NaiveAttention(TokenMixer):
     """Causal softmax attention that builds the full (b, h, n, n) score matrix (a memory oracle).
 
     ``oom_above``: raise torch.OutOfMemoryError for inputs longer than this (an injected OOM);
@@ -79,33 +79,26 @@ class NaiveAttention(nn.Module):
         return self.out_proj(merge_heads(self.op(q, k, v)))
 
 
-class ToyModel(CausalLM):
-    mixer_class = NaiveAttention
-
-    def __init__(self, vocab_size, hidden_dim, num_layers, num_heads, ff_dim, dropout, **mixer_kw):
-        super().__init__(vocab_size, hidden_dim, num_layers, ff_dim, dropout,
-                         lambda i: NaiveAttention(hidden_dim, num_heads, **mixer_kw))
+class ToyOOM(NaiveAttention):
+    def __init__(self, hidden_dim, num_heads):
+        super().__init__(hidden_dim, num_heads, oom_above=32)
 
 
-def _common(c):
-    return dict(vocab_size=c.vocab_size, hidden_dim=c.hidden_dim, num_layers=c.num_layers,
-                num_heads=c.num_heads, ff_dim=c.ff_dim, dropout=c.dropout)
+class ToyBroken(NaiveAttention):
+    def __init__(self, hidden_dim, num_heads):
+        super().__init__(hidden_dim, num_heads, broken=True)
 
 
-TOYS = {
-    "Toy": lambda c: _common(c),
-    "ToyOOM": lambda c: dict(_common(c), oom_above=32),
-    "ToyBroken": lambda c: dict(_common(c), broken=True),
-}
+TOYS = {"Toy": "tests.test_measure:NaiveAttention", "ToyOOM": "tests.test_measure:ToyOOM",
+        "ToyBroken": "tests.test_measure:ToyBroken", "ToyMissing": "tests.no_such_module:Nope"}
 
 
 def register_toys(monkeypatch):
-    """Add the toy architectures to the registry for one test (monkeypatch undoes it)."""
-    for name, kw in TOYS.items():
-        monkeypatch.setitem(REGISTRY, name, ModelSpec(name, "naive causal softmax (test toy)", "O(n^2 d)", "n^2",
-                                                      ("forward", "train", "decode"), "tests.test_measure:ToyModel", kw))
-    monkeypatch.setitem(REGISTRY, "ToyMissing", ModelSpec("ToyMissing", "not installed", "?", "n", ("forward",),
-                                                          "tests.no_such_module:Nope", _common))
+    """Add the toy architectures to the registry for one test (monkeypatch undoes it), as entries
+    like the built-ins: a name, a mixer class's import path and a description."""
+    for name, target in TOYS.items():
+        monkeypatch.setitem(REGISTRY, name, ModelSpec(name, target, "test toy", method="naive causal softmax",
+                                                      complexity="O(n^2 d)", time_class="n^2"))
 
 
 def case(model="Toy", n=16, mode="forward", level="model", cfg=TOY_CFG, **kw) -> Case:
