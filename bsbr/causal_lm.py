@@ -177,6 +177,10 @@ class CausalLM(nn.Module):
         self.norm = nn.LayerNorm(hidden_dim, eps=norm_eps)
         self.lm_head = nn.Linear(hidden_dim, vocab_size, bias=False)
         self.apply(self._init_weights)
+        for block in self.layers:  # a mixer's own initialisation of its weights comes after the shell's
+            hook = getattr(block.mixer, "init_weights", None)
+            if callable(hook):
+                hook()
         if tie_embeddings:
             self.lm_head.weight = self.embed.weight
 

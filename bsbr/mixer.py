@@ -25,6 +25,9 @@ A mixer is a subclass of ``TokenMixer`` (an ``nn.Module``). What it provides, by
                                                   the op level: ``forward`` without a cache equals
                                                     ``output(op(*op_inputs(x, mask), mask=mask), x)``
     mixer.op_recurrent(*inputs, mask=None)        optional (forms): the op one token at a time
+    mixer.init_weights()                          optional: called by the shell after it initialised
+                                                    every Linear and Embedding GPT-2 style (N(0, 0.02)),
+                                                    to set the mixer's own initialisation
     mixer.state_bytes(n) -> int                   optional (recall, frontier): the bytes its cache
                                                     holds after n tokens at batch 1 in float32, which
                                                     the conformance check holds the measured bytes to

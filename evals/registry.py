@@ -211,10 +211,12 @@ def register_path(target: str) -> ModelSpec:
 
 
 def _add(spec: ModelSpec) -> None:
+    from evals.errors import ResultsError
+
     clash = next((s for k, s in REGISTRY.items() if k.lower() == spec.name.lower()), None)
     if clash is not None and clash.target != spec.target:
-        raise ValueError(f"plugin {spec.name!r} ({spec.target}, {spec.source}) clashes with the {clash.source} "
-                         f"{clash.name} ({clash.target}); rename its entry point")
+        raise ResultsError(f"plugin {spec.name!r} ({spec.target}, {spec.source}) clashes with the {clash.source} "
+                           f"{clash.name} ({clash.target}); rename its entry point")
     REGISTRY[spec.name] = spec
 
 
@@ -236,7 +238,8 @@ def entry_points() -> list:
 
 def discover() -> None:
     """Add every installed plugin to ``REGISTRY`` (once per process). A plugin whose name clashes
-    with a built-in is a ValueError; one that fails to import is found out when it is used."""
+    with a built-in is a ``ResultsError`` (one line, exit 2); one that fails to import is found out
+    when it is used."""
     if _DISCOVERED:
         return
     _DISCOVERED.append(True)
@@ -277,9 +280,9 @@ def select(flag: str, values, default=None) -> list:
     from evals.errors import ResultsError
     from evals.options import split_list
 
+    discover()  # an installed plugin that clashes with a built-in is refused whatever is asked for
     given = split_list(values)
     if not given:
-        discover()
         return list(default if default is not None else REGISTRY)
     out = []
     for v in given:

@@ -43,10 +43,14 @@ def plan(o: Options):
     from evals.errors import ResultsError
     from evals.forms.forms import FORM_MODES, FormsPlan, models_with_recurrence
     from evals.options import check_fraction, check_positive, check_seed, choose, positive_ints
-    from evals.registry import ModelConfig
+    from evals.registry import ModelConfig, resolve_model, select
 
     valid = models_with_recurrence()
-    names = choose("--models", o.models, valid, default=valid)
+    names = select("--models", o.models, default=valid)
+    lacking = [m for m in names if "recurrent" not in resolve_model(m).forms]
+    if lacking:
+        raise ResultsError(f"--models: {', '.join(lacking)} has no recurrent op form (op_recurrent); models with "
+                           f"one: {', '.join(valid)}")
     lengths = positive_ints("--seq-lengths", o.seq_lengths, default=(1024, 4096))
     modes = choose("--modes", o.modes, FORM_MODES, default=("train",))
     if o.device == "cuda" and not torch.cuda.is_available():

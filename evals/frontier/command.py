@@ -26,6 +26,8 @@ class Options:
     See docs/recall.md and docs/lm.md."""
 
     run_dir: Path = option(..., "A finished recall or lm run's folder.", argument=True, show_default=False)
+    models: Optional[tuple] = option(None, "Only these of the run's models (names or import paths). Default: every "
+                                     "model the run trained.", many=True, show_default=False)
     lengths: Optional[tuple] = option(None, "Prefill lengths before the timed decode steps (refused when this "
                                       "machine's memory cannot hold the prefill and cache). Default: 4096 16384.",
                                       many=True, show_default=False)
@@ -80,6 +82,7 @@ def main(o: Options) -> int:
     from evals.frontier.measure import DEFAULT_LENGTHS, Timing, check_memory, measure
     from evals.locking import LockHeld, holding
     from evals.options import check_fraction, check_positive, positive_ints
+    from evals.registry import select
 
     lengths = tuple(positive_ints("--lengths", o.lengths, default=DEFAULT_LENGTHS))
     check_positive(decode_tokens=o.decode_tokens, repeats=o.repeats, threads=o.threads)
@@ -92,12 +95,19 @@ def main(o: Options) -> int:
         with holding(lock):
             _, module, rows, side = read_run(run_dir)  # again, under the lock
             k = importlib.import_module(module)
+            if o.models:
+                keep = set(select("--models", o.models))
+                rows = [r for r in rows if r["model"] in keep]
+                if not rows:
+                    raise ResultsError(f"--models: the run trained none of {', '.join(sorted(keep))}")
             targets = k.summary_targets(rows, side)
             check_memory(targets, lengths, o.device)
             interrupts.hint(f"every finished measurement is in {run_dir / 'frontier.csv'}; rerun with --resume "
                             f"to continue")
             settings = dict(command="frontier", run=str(run_dir), lengths=list(lengths),
                             decode_tokens=o.decode_tokens, device=o.device)
+            if o.models:
+                settings["models"] = sorted({r["model"] for r in rows})
             timing = Timing(o.device, o.decode_tokens, o.repeats, o.min_run_time, o.threads)
             timed, states = measure(run_dir, targets, lengths, timing, settings=settings, resume=o.resume)
             res = k.report(run_dir, rows, side, timed, states, lengths, o.device)

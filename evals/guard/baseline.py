@@ -78,9 +78,9 @@ def exact_row(row, *, threads: int = GUARD_THREADS) -> dict:
     return out
 
 
-def default_rows() -> pd.DataFrame:
-    """The guard's grid as rows (``--update`` with no baseline file yet)."""
-    return pd.DataFrame([dict(c.fields(), threads=GUARD_THREADS) for c in guard_cases()])
+def default_rows(models=None) -> pd.DataFrame:
+    """The guard's grid as rows (``--update`` with no baseline file yet), for ``models`` or the built-ins."""
+    return pd.DataFrame([dict(c.fields(), threads=GUARD_THREADS) for c in guard_cases(models)])
 
 
 def measure_baseline(rows: pd.DataFrame, *, measure: Optional[Callable] = None,

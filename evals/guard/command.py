@@ -64,6 +64,9 @@ class Options:
                                           "$GITHUB_STEP_SUMMARY when that is set).", flags=("--summary",),
                                           show_default=False)
     show_all: bool = option(False, "Show every check, not only what moved.", flags=("--all",))
+    models: Optional[tuple] = option(None, "Only these models' configurations (names or import paths). With "
+                                     "--update and no baseline file yet: the guard's grid for these models, plugins "
+                                     "included. Default: every model of the baseline.", many=True, show_default=False)
 
 
 def _finite(flag: str, value, above: float = 0.0) -> None:

@@ -24,6 +24,7 @@ from rich.progress import Progress
 
 from evals.output import files
 from evals.output.paths import check_target
+from evals.registry import select
 from evals import machine
 from evals import results
 from evals.guard import baseline as bl
@@ -41,16 +42,28 @@ def run_regress(console: Console, o) -> int:
         raise ResultsError(f"no baseline at {o.baseline}; create it with: "
                            f"bsbr-eval regress --baseline {o.baseline} --update")
     base = results.read_table(o.baseline, required=bl.REQUIRED, what="baseline").rows if o.baseline.is_file() else None
+    models = select("--models", o.models) if o.models else None
     if o.update:
         check_target(o.baseline, "--baseline", folder=False, suffix=".csv")
         bl.check_replaceable(o.baseline)
-        return _update(console, base, o.baseline)
+        if base is None or not models:
+            return _update(console, base if base is not None else bl.default_rows(models), o.baseline)
+        theirs = base[base["model"].isin(models)]  # re-measured (or the grid, for models new to it) ...
+        keep = base[~base["model"].isin(models)]   # ... and every other row kept as it is
+        return _update(console, theirs if len(theirs) else bl.default_rows(models), o.baseline, keep=keep)
+    if models:
+        base = base[base["model"].isin(models)].reset_index(drop=True)
+        if base.empty:
+            raise ResultsError(f"--models: {o.baseline} holds no configuration of {', '.join(models)}")
     return _against(console, base, o)
 
 
-def _update(console: Console, base, path: Path) -> int:
+def _update(console: Console, rows, path: Path, keep=None) -> int:
+    """Measure ``rows``' exact metrics and write the baseline: those rows, after ``keep`` (rows
+    of other models, kept as they are) when given."""
+    import pandas as pd
+
     start = machine.utc_now()
-    rows = base if base is not None else bl.default_rows()
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("measuring exact metrics", total=len(rows))
         new = bl.measure_baseline(rows, progress=lambda label: bar.update(task, description=label, advance=1))
@@ -60,17 +73,18 @@ def _update(console: Console, base, path: Path) -> int:
             console.print(f"{fd.config_label(r)}: {r['status']} {r.get('error', '')}")
         console.print(f"FAIL: not writing {path}: {len(broken)} configuration(s) did not measure ok")
         return 1
+    if keep is not None and len(keep):
+        new = pd.concat([keep, new[[c for c in keep.columns if c in new.columns]]], ignore_index=True)
     bl.write_baseline(path, new, start=start, source="measured now")
     console.print(f"wrote baseline {path} ({len(new)} rows) and {files.sidecar_path(path)}")
     return 0
 
 
-def _inject(o) -> dict:
+def _inject(o, base) -> dict:
     from evals.measure import parse_inject
-    from evals.registry import MODEL_NAMES
 
-    if o.self_test is not None:
-        return {m: float(o.self_test) for m in MODEL_NAMES}
+    if o.self_test is not None:  # every model of the baseline, plugins included
+        return {m: float(o.self_test) for m in dict.fromkeys(base["model"])}
     try:
         return parse_inject()  # side B only: the workers never read the variable themselves
     except ValueError as e:
@@ -85,7 +99,7 @@ def _against(console: Console, base, o) -> int:
     settings = fd.ab_settings()
     threshold = settings["threshold"] if o.threshold is None else o.threshold
     rounds = settings["rounds"] if o.rounds is None else o.rounds
-    inject = _inject(o)
+    inject = _inject(o, base)
     todo = int((base["status"] == "ok").sum())
 
     def measure_power(session):

@@ -38,14 +38,15 @@ GUARD_THREADS = 1
 STEADY_METHOD = "cpu_alloc_trace_steady"
 
 
-def guard_cases() -> list:
-    """The cases of a fresh baseline (``--update`` with no baseline file yet), model by model."""
+def guard_cases(models=None) -> list:
+    """The cases of a fresh baseline (``--update`` with no baseline file yet), model by model: the
+    built-ins, or ``models`` (names or import paths, a plugin's too)."""
     from evals.grid import GridSpec, expand_grid
     from evals.registry import MODEL_NAMES, ModelConfig
 
     cfg = ModelConfig(**GUARD_CONFIG)
     out = []
-    for m in MODEL_NAMES:
+    for m in models or MODEL_NAMES:
         out += expand_grid([m], GUARD_LENGTHS, modes=GUARD_MODES, spec=GridSpec(config=cfg))
         out += expand_grid([m], GUARD_DECODE_LENGTHS, modes=["decode"], spec=GridSpec(config=cfg))
         out += expand_grid([m], GUARD_LAYER_LENGTHS, modes=GUARD_MODES, spec=GridSpec(level="layer", config=cfg))
