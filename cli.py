@@ -17,17 +17,23 @@ Nothing heavy is imported until a command runs, so ``--help`` answers at once.
 
 from __future__ import annotations
 
-import dataclasses
-import enum
-import importlib
-import inspect
-import re
-import sys
-import typing
-from typing import Annotated, Optional
+from evals import interrupts
 
-import typer
-import typer.core
+interrupts.install()  # first: from here on Ctrl-C and SIGTERM end in one line, while Python loads the rest too
+try:
+    import dataclasses
+    import enum
+    import importlib
+    import inspect
+    import re
+    import sys
+    import typing
+    from typing import Annotated, Optional
+
+    import typer
+    import typer.core
+except KeyboardInterrupt as _stop:
+    interrupts.exit_now(_stop)
 
 # command name -> the module holding its Options and main (registry order is --help's order)
 COMMANDS = {
@@ -88,6 +94,11 @@ class Command(typer.core.TyperCommand):
             typer.echo(f"error: {' '.join(e.format_message().split())}", err=True)
             raise typer.Exit(2) from None
 
+    def collect_usage_pieces(self, ctx):
+        """``RUN_DIR``, as Unix usage lines spell a required argument (typer writes ``{RUN_DIR}``,
+        which reads like a template left unfilled)."""
+        return [p[1:-1] if p.startswith("{") and p.endswith("}") else p for p in super().collect_usage_pieces(ctx)]
+
 
 def _flags(f: dataclasses.Field) -> list[str]:
     return list(f.metadata.get("flags") or ()) or [f"--{f.name.replace('_', '-')}"]
@@ -104,7 +115,8 @@ def _parameter(f: dataclasses.Field, hint) -> inspect.Parameter:
         default = None if default is None else choice(default)
     elif md.get("many"):
         annotation = Optional[list[str]]
-    info = (typer.Argument(help=md["help"], show_default=md.get("show_default", True)) if md.get("argument") else
+    info = (typer.Argument(help=md["help"], show_default=md.get("show_default", True), metavar=f.name.upper())
+            if md.get("argument") else
             typer.Option(*_flags(f), help=md["help"], show_default=md.get("show_default", True),
                          case_sensitive=False) if md.get("choices") else
             typer.Option(*_flags(f), help=md["help"], show_default=md.get("show_default", True)))
@@ -138,8 +150,11 @@ def command(name: str, module: str) -> None:
     app.command(name, cls=cls)(run)
 
 
-for _name, _module in COMMANDS.items():
-    command(_name, _module)
+try:
+    for _name, _module in COMMANDS.items():
+        command(_name, _module)
+except KeyboardInterrupt as _stop:
+    interrupts.exit_now(_stop)
 
 
 def ended(main_fn, options) -> int:
@@ -195,8 +210,6 @@ class _Stdout:
 
 def main(argv: Optional[list] = None, *, prog_name: str = "bsbr-eval", exit: bool = True) -> int:
     """Run the command line; every way it can end is here (see the module docstring)."""
-    from evals import interrupts
-
     interrupts.install()
     real = sys.stdout
     sys.stdout = _Stdout(real)

@@ -1,7 +1,7 @@
 """One way to stop: SIGINT and SIGTERM end every command the same way, from start-up on.
 
-``install()`` runs first thing in ``cli.main``, before torch or anything slow is imported. From
-then on both signals raise ``Interrupted`` (a ``KeyboardInterrupt``, so every ``finally`` runs:
+``install()`` runs first thing when ``cli`` is imported (and again in ``cli.main``), before typer,
+torch or anything slow is imported. From then on both signals raise ``Interrupted`` (a ``KeyboardInterrupt``, so every ``finally`` runs:
 locks released, executors and workers stopped, a run stopped before its first row cleaned up).
 ``cli.main`` catches it and prints one line, ``interrupted: <what was kept>``, and exits 130 for
 SIGINT or 143 for SIGTERM, the shell's codes for a process those signals ended.
@@ -20,7 +20,10 @@ import os
 import signal
 import threading
 from contextlib import contextmanager
-from typing import Iterator, Optional
+
+TYPE_CHECKING = False  # typing itself is not imported: this module is the first the command line loads
+if TYPE_CHECKING:
+    from typing import Iterator, Optional
 
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 NOTHING_WRITTEN = "nothing was written"
@@ -57,6 +60,14 @@ def install() -> None:
     _hint[0] = NOTHING_WRITTEN
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _handler)
+
+
+def exit_now(err: BaseException) -> None:
+    """Stop at once, as a command stopped before it began: the one line, and the exit code."""
+    import sys
+
+    print(f"interrupted: {current_hint()}", file=sys.stderr)
+    raise SystemExit(exit_code(err))
 
 
 def hint(text: str) -> None:

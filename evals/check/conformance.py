@@ -47,7 +47,7 @@ class Result:
         err = "" if math.isnan(self.error) else f"error {self.error:.3g}"
         bound = "" if math.isnan(self.bound) else f"<= {self.bound:.3g}"
         measured = " ".join(p for p in (err, bound) if p)
-        return f"{self.status.upper():4s}  {self.name:28s} {measured:24s} {self.detail}".rstrip()
+        return f"{self.status.upper():4s}  {self.name:30s} {measured:24s} {self.detail}".rstrip()
 
 
 @dataclass(frozen=True)
