@@ -1,5 +1,6 @@
 """The suite's shared figure conventions, for every command that draws (``evals.analyze.plots``,
-``evals.recall.plots``, ``evals.recall.frontier``, ``evals.convert.plots``, ``evals.guard.figure``).
+``evals.recall.plots``, ``evals.frontier.recall``, ``evals.lm.plots``, ``evals.convert.plots``,
+``evals.guard.figure``).
 
 - matplotlib with the Agg backend (files only: no display on CI machines or cluster nodes), and
   ``plt``/``sns`` for the drawing modules;

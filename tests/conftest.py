@@ -23,7 +23,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def public_model(name: str, cfg: ModelConfig = TINY, **kw):
     """The library's own model class for ``name`` (``bsbr.BSBRModel``, ``bsbr_extras.GAUModel``, ...),
     built from ``cfg`` as a user of the library would, with ``kw`` for its other arguments. The
-    registry builds the same network generically (tests/test_models.py holds the two equal)."""
+    registry builds the same network generically (tests/bsbr/test_models.py holds the two equal)."""
     from bsbr.model import BSBRModel
     from bsbr_extras.deltanet import DeltaNetModel
     from bsbr_extras.gau import GAUModel

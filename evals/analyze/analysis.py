@@ -11,7 +11,7 @@ Legend of the quantities used below
     k       number of distinct lengths in one fit
     p       number of non-negative coefficients of a candidate class
 
-What is computed (docs/evaluation.md and the README's "Analysing a run"):
+What is computed (docs/evaluation.md, "bsbr-eval analyze"):
 
 * **Log-log slope** ``log y = a + s log n`` by ordinary least squares with a 95% confidence
   interval from Student's t with m - 2 degrees of freedom, over the whole range and over the upper

@@ -3,7 +3,7 @@
 Each property is a function ``(subject) -> Result``: it builds what it needs from the subject (an
 architecture and a small configuration in which several chunks and windows fit in ~30 tokens),
 measures one error, and compares it with a stated bound. The suite's own tests run the seven
-built-ins through these same functions (tests/test_invariants.py), and a user's pytest can too::
+built-ins through these same functions (tests/evals/check/test_conformance.py), and a user's pytest can too::
 
     from evals.check.conformance import PROPERTIES, Subject
     @pytest.mark.parametrize("prop", PROPERTIES)

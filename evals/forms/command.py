@@ -15,7 +15,7 @@ class Options:
     Both forms compute the same outputs (the tests pin it); the table shows how much faster the
     parallel form is. The recurrence is slow by nature: keep lengths modest."""
 
-    models: Optional[tuple] = option(None, "Models with a recurrent op form (see `bsbr-eval check`), space- or "
+    models: Optional[tuple] = option(None, "Models with a recurrent op form (`bsbr-eval models` lists op forms), space- or "
                                      "comma-separated. Default: all of them.", many=True, show_default=False)
     seq_lengths: Optional[tuple] = option(None, "Sequence lengths, space- or comma-separated. Default: 1024 4096.",
                                           many=True, show_default=False)

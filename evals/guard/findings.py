@@ -1,6 +1,6 @@
 """What the guard finds: every check of an A/B run, one row per (configuration, metric).
 
-Two kinds of check, and nothing else (docs/evaluation.md, "bsbr-eval regress"):
+Two kinds of check, and nothing else (docs/guard.md):
 
 1. **Exact metrics** (``flops``, ``params``, and ``peak_memory_mb`` when it comes from a
    deterministic trace) of the working tree must equal the committed baseline's, to the unit.
@@ -8,8 +8,8 @@ Two kinds of check, and nothing else (docs/evaluation.md, "bsbr-eval regress"):
    with the change that caused it.
 2. **Time** is decided by the paired A/B rule alone (``evals.guard.rule.paired_verdict``) on
    samples of the accepted commit and the working tree taken back to back now. No stored time
-   is ever compared. A configuration that regresses is measured once more (fresh pairs, the
-   same workers) and reported only if it regresses again; otherwise it is ``transient``. One
+   is ever compared. A configuration that regresses is measured once more (fresh pairs, on two
+   newly started workers) and reported only if it regresses again; otherwise it is ``transient``. One
    whose ratio is over the threshold but not significant is measured once more too, and the
    fresh pairs decide it (``evals.guard.rule.looks_again``).
 
@@ -41,7 +41,7 @@ KEY_COLUMNS = ("model", "device", "mode", "level", "dtype", "batch_size", "seq_l
 # Counted, not timed: the same code must give the same numbers.
 EXACT_COLUMNS = ("flops", "params")
 # Memory methods whose number is a pure function of the code, configuration and thread count
-# (every guard configuration, five fresh processes: tests/test_exact_memory.py); only those are
+# (every guard configuration, five fresh processes: tests/evals/guard/test_exact_memory.py); only those are
 # compared exactly. Any other method (the first call's ``cpu_alloc_trace``, or a baseline from
 # an older harness) is shown and never fails the check.
 EXACT_MEMORY_METHODS = ("cpu_alloc_trace_steady",)

@@ -1,6 +1,6 @@
 """``bsbr-eval regress``'s work, after ``evals.guard.command`` has checked its options.
 
-One timing method (docs/evaluation.md, "bsbr-eval regress"):
+One timing method (docs/guard.md):
 
 - ``--against REF`` (what CI runs): REF and the working tree measured side by side now
   (``evals.guard.runner``), decided pair by pair (``evals.guard.findings.ab_check``), the

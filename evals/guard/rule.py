@@ -1,8 +1,7 @@
 """The guard's one timing rule: the paired A/B verdict, and the names of every verdict.
 
 The accepted commit (side A) and the working tree (side B) are timed back to back, ``s`` pairs
-per configuration; a configuration is decided on its pairs alone (docs/evaluation.md,
-"bsbr-eval regress"):
+per configuration; a configuration is decided on its pairs alone (docs/guard.md):
 
 - the paired ratio is the geometric mean of ``b_k / a_k`` over the pairs;
 - ``regression`` when that ratio exceeds ``1 + threshold`` *and* the one-sided Wilcoxon

@@ -48,7 +48,7 @@ def query_logits(model: torch.nn.Module, x: torch.Tensor, sel: torch.Tensor) -> 
     Why: only the query positions carry a label (P of n, 8 of 128 in the cpu preset), and the
     vocabulary projection at every position is most of a small model's cost at V = 1024. The
     shell's forward ends in ``lm_head(norm(h))``, so the head is swapped for the call; the result
-    equals ``model(x)[sel]`` (tests/test_recall.py checks it). Models without ``lm_head`` get the
+    equals ``model(x)[sel]`` (tests/evals/recall/test_recall.py checks it). Models without ``lm_head`` get the
     plain forward.
     """
     head = getattr(model, "lm_head", None)

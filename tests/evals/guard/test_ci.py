@@ -11,7 +11,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 WORKFLOW = ROOT / ".github" / "workflows" / "guard.yml"
 
 
@@ -63,7 +63,7 @@ def test_the_guard_step_writes_its_verdicts(flow, tmp_path, monkeypatch):
     from cli import app
     from evals.guard import baseline as bl
     from evals.guard import runner
-    from tests.test_regress import fake_against, tiny_rows
+    from tests.evals.guard.test_command import fake_against, tiny_rows
 
     monkeypatch.chdir(tmp_path)
     Path("results/baselines").mkdir(parents=True)  # a write never creates its folder (evals.claims.locked)

@@ -21,16 +21,16 @@ def test_every_built_in_conforms(name, prop):
 
 
 @pytest.mark.parametrize("target, prop", [
-    ("tests.plugin_mixers:PeeksAhead", "causal_perturbation"),
-    ("tests.plugin_mixers:PeeksAhead", "causal_jacobian"),
-    ("tests.plugin_mixers:IgnoresPadding", "padding"),
-    ("tests.plugin_mixers:ForgetsItsCache", "streaming"),
-    ("tests.plugin_mixers:ForgetsItsCache", "decode_step"),
-    ("tests.plugin_mixers:MisstatesItsState", "state_formula"),
-    ("tests.plugin_mixers:ReadsTheHost", "device_clean"),
+    ("tests.evals.check.plugin_mixers:PeeksAhead", "causal_perturbation"),
+    ("tests.evals.check.plugin_mixers:PeeksAhead", "causal_jacobian"),
+    ("tests.evals.check.plugin_mixers:IgnoresPadding", "padding"),
+    ("tests.evals.check.plugin_mixers:ForgetsItsCache", "streaming"),
+    ("tests.evals.check.plugin_mixers:ForgetsItsCache", "decode_step"),
+    ("tests.evals.check.plugin_mixers:MisstatesItsState", "state_formula"),
+    ("tests.evals.check.plugin_mixers:ReadsTheHost", "device_clean"),
 ], ids=lambda v: v.split(":")[-1])
 def test_a_property_fails_on_a_mixer_broken_its_way(target, prop):
     """A check that cannot fail proves nothing: each property fails on a mixer broken in its way
-    (tests/plugin_mixers.py), and the same mixer's other contract still holds where it should."""
+    (tests/evals/check/plugin_mixers.py), and the same mixer's other contract still holds where it should."""
     result = PROPERTIES[prop](Subject.of(target))
     assert result.status == "fail", result.line()

@@ -20,7 +20,7 @@ from evals import errors
 from evals.compare import sweep as C
 from evals import results as R
 from evals.options import check_finite
-from tests.test_measure import register_toys
+from tests.evals.test_measure import register_toys
 
 runner = CliRunner()
 TOY = ["--models", "Toy", "--hidden-dim", "16", "--num-heads", "2", "--repeats", "1", "--min-run-time", "0",
@@ -278,7 +278,7 @@ def test_sigterm_stops_convert_like_ctrl_c_and_leaves_no_lock(tmp_path):
     import sys
 
     out = tmp_path / "conv"
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     proc = subprocess.Popen([sys.executable, "-c", "from cli import main; main()", "convert", "--experiment",
                              "--output-dir", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     t0 = time.time()

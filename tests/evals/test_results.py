@@ -2,7 +2,7 @@
 whole run, never replaced or truncated without ``--resume``; write failures keep the rows and leave
 no temporary file; untrustworthy input is refused (regress) or left out and listed (analyze).
 
-Measuring runs use the tiny toy architectures of ``tests.test_measure`` in-process; the one test
+Measuring runs use the tiny toy architectures of ``tests.evals.test_measure`` in-process; the one test
 with two real processes uses a real model at a toy size.
 """
 
@@ -26,10 +26,10 @@ from evals.output import files
 from evals import errors
 from evals.compare import sweep as C
 from evals import results as R
-from tests.test_measure import register_toys
+from tests.evals.test_measure import register_toys
 
 runner = CliRunner()
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TOY = ["--models", "Toy", "--hidden-dim", "16", "--num-heads", "2", "--repeats", "1", "--min-run-time", "0"]
 
 

@@ -1,6 +1,6 @@
 """Linear attention (Katharopoulos et al., 2020): the chunkwise op and the step form against the
 full-matrix oracle, masking, the head-dimension guard, bad op arguments. Bad hyperparameters and
-streaming through the cache: tests/test_models.py."""
+streaming through the cache: tests/bsbr/test_models.py."""
 
 import pytest
 import torch

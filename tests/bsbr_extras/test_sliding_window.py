@@ -1,5 +1,5 @@
 """Sliding-window attention: blocked op vs the token-loop oracle, ring-buffer decoding, w >= n == Standard.
-Bad hyperparameters and ring-buffer streaming with a mask: tests/test_models.py."""
+Bad hyperparameters and ring-buffer streaming with a mask: tests/bsbr/test_models.py."""
 
 import pytest
 import torch
@@ -10,7 +10,7 @@ from bsbr_extras.sliding_window import (SlidingWindowAttention, SlidingWindowTra
 from bsbr_extras.standard import StandardTransformerModel, causal_softmax_attention
 from tests.conftest import rel_err
 from tests.reference_softmax import softmax_attention_loop
-from tests.test_standard import at_real, pad_mask, qkv
+from tests.bsbr_extras.test_standard import at_real, pad_mask, qkv
 
 CASES = [(29, 8), (37, 5), (16, 8), (29, 1), (6, 8)]  # (n, w): n not a multiple of w, exact, w=1, w > n
 

@@ -1,6 +1,6 @@
 """The sweep, the results files and the ``compare`` / ``models`` commands.
 
-Sweeps run on the toy architectures of ``tests.test_measure`` (tiny, naive attention); CLI tests
+Sweeps run on the toy architectures of ``tests.evals.test_measure`` (tiny, naive attention); CLI tests
 that only check parsing replace the sweep by a recorder so they measure nothing.
 """
 
@@ -19,7 +19,7 @@ from evals import results as R
 from evals.grid import Case, GridSpec, expand_grid, parse_shard, shard
 from evals.results import KEY_COLUMNS, case_key
 from evals.registry import LEVELS, MODEL_NAMES, MODES, ModelConfig
-from tests.test_measure import TOY_CFG, register_toys
+from tests.evals.test_measure import TOY_CFG, register_toys
 
 runner = CliRunner()
 

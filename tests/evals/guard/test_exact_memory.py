@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from evals.measure import cpu_alloc_peak
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 F32 = 4  # bytes per element
 
 

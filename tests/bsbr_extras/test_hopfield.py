@@ -1,6 +1,6 @@
 """Causal modern-Hopfield retrieval (Ramsauer et al., 2021): the op against an oracle written from
 the paper's equations (update in key space, values read once), one step == Standard, KV-cache
-decoding with several steps. Bad hyperparameters and streaming with a mask: tests/test_models.py."""
+decoding with several steps. Bad hyperparameters and streaming with a mask: tests/bsbr/test_models.py."""
 
 import math
 
@@ -11,7 +11,7 @@ from bsbr_extras.hopfield import HopfieldAttention, HopfieldNetworkModel, hopfie
 from bsbr_extras.standard import StandardAttention, StandardTransformerModel, causal_softmax_attention
 from tests.conftest import rel_err
 from tests.reference_softmax import hopfield_loop
-from tests.test_standard import at_real, pad_mask, qkv
+from tests.bsbr_extras.test_standard import at_real, pad_mask, qkv
 
 
 @pytest.mark.parametrize("steps, beta", [(1, None), (1, 0.7), (2, 0.5), (3, 1.3)], ids=lambda x: str(x))

@@ -75,7 +75,7 @@ TOTAL = 2 * (2 + 1)
 
 
 def _start(out, *extra):
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     return subprocess.Popen([sys.executable, "-c", "from cli import main; main()", "recall", *ARGS,
                              "--output-dir", str(out), *extra], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, start_new_session=True)

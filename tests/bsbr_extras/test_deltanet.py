@@ -1,6 +1,6 @@
 """DeltaNet (Schlag et al.'s 2021 delta rule, Yang et al.'s 2024 chunkwise form): the WY/UT form and
 the recurrence against the token-loop oracle, the delta rule's exact-recall property, masking, the
-mixer's q/k normalisation and beta. Bad hyperparameters and streaming: tests/test_models.py."""
+mixer's q/k normalisation and beta. Bad hyperparameters and streaming: tests/bsbr/test_models.py."""
 
 import pytest
 import torch

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from cli import app
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
 TINY_COMPARE = ["--models", "Standard", "--seq-lengths", "8", "--hidden-dim", "16", "--num-heads", "2",
                 "--num-layers", "1", "--ff-dim", "16", "--vocab-size", "32", "--repeats", "1", "--min-run-time", "0",

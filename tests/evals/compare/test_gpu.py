@@ -21,7 +21,7 @@ from evals import results as R
 from evals.analyze import analysis as A
 from evals.grid import Case, GridSpec, expand_grid
 from evals.registry import ModelConfig
-from tests.test_measure import FAST, TOY_CFG, case, register_toys
+from tests.evals.test_measure import FAST, TOY_CFG, case, register_toys
 
 OP_CFG = ModelConfig(hidden_dim=16, num_heads=2, num_layers=1, vocab_size=37, ff_dim=16, chunk_size=8,
                      window_size=8, qk_dim=8)

@@ -89,8 +89,8 @@ class ToyBroken(NaiveAttention):
         super().__init__(hidden_dim, num_heads, broken=True)
 
 
-TOYS = {"Toy": "tests.test_measure:NaiveAttention", "ToyOOM": "tests.test_measure:ToyOOM",
-        "ToyBroken": "tests.test_measure:ToyBroken", "ToyMissing": "tests.no_such_module:Nope"}
+TOYS = {"Toy": "tests.evals.test_measure:NaiveAttention", "ToyOOM": "tests.evals.test_measure:ToyOOM",
+        "ToyBroken": "tests.evals.test_measure:ToyBroken", "ToyMissing": "tests.no_such_module:Nope"}
 
 
 def register_toys(monkeypatch):

@@ -17,11 +17,12 @@ from evals.guard import runner as ab
 from evals.guard.findings import AB_TIME_METRIC, failures
 from evals.guard.rule import CHANGED, REGRESSION
 
-TREE = Path(__file__).resolve().parents[1]
+TREE = Path(__file__).resolve().parents[3]
 # the old layout's flat modules, and the modules it did not have yet (results.py's parts, figures)
 OLD_ONLY = ("guard", "regress", "ab", "ab_worker", "regress_power", "analysis", "plots", "report",
             "convert_experiment")
-NEW_ONLY = ("errors", "files", "locking", "machine", "resume", "figures")
+NEW_ONLY = ("errors", "locking", "machine", "resume", "figures")
+NEW_PACKAGES = ("output",)  # the output layer, a package since results.py's files.py moved into it
 
 
 def git(root, *args):
@@ -59,6 +60,8 @@ def repo(tmp_path_factory):
         (root / "evals" / f"{name}.py").write_text(f'raise ImportError("the old {name}.py was imported")\n')
     for name in NEW_ONLY:
         (root / "evals" / f"{name}.py").unlink()
+    for name in NEW_PACKAGES:
+        shutil.rmtree(root / "evals" / name)
     git(root, "add", "-A")
     git(root, "commit", "-qm", "old layout")
     git(root, "tag", "old-layout")
@@ -67,6 +70,8 @@ def repo(tmp_path_factory):
         shutil.copytree(TREE / "evals" / folder, root / "evals" / folder, ignore=shutil.ignore_patterns("__pycache__"))
     for name in NEW_ONLY:
         shutil.copy(TREE / "evals" / f"{name}.py", root / "evals" / f"{name}.py")
+    for name in NEW_PACKAGES:
+        shutil.copytree(TREE / "evals" / name, root / "evals" / name, ignore=shutil.ignore_patterns("__pycache__"))
     git(root, "add", "-A")
     git(root, "commit", "-qm", "fixed")
     return root

@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 from cli import app
 from evals.registry import MODEL_NAMES, REGISTRY, resolve_model, select
 
-ROOT = Path(__file__).resolve().parents[1]
-MINE = "tests.plugin_mixers:MyStandard"
+ROOT = Path(__file__).resolve().parents[2]
+MINE = "tests.evals.check.plugin_mixers:MyStandard"
 
 
 def _cli(*args):
@@ -50,9 +50,9 @@ def test_a_path_to_a_built_ins_own_class_is_that_built_in():
 
 @pytest.mark.parametrize("path, says", [
     ("nowhere.at_all:Mixer", "cannot import nowhere.at_all"),
-    ("tests.plugin_mixers:Absent", "tests.plugin_mixers has no Absent"),
+    ("tests.evals.check.plugin_mixers:Absent", "tests.evals.check.plugin_mixers has no Absent"),
     ("evals.registry:ModelConfig", "is not a token mixer"),
-    ("tests.plugin_mixers:", "is not an import path"),
+    ("tests.evals.check.plugin_mixers:", "is not an import path"),
     (":Mixer", "is not an import path"),
     ("NotAModel", "unknown model 'NotAModel'; valid: BSBR, Standard"),
 ])
@@ -97,9 +97,9 @@ def test_a_mode_a_mixer_lacks_is_an_unsupported_row(tmp_path, monkeypatch):
     class NoCache(StandardAttention):
         init_cache = None  # no decoding: the contract's decode mode is absent
 
-    monkeypatch.setattr(sys.modules["tests.plugin_mixers"], "NoCache", NoCache, raising=False)
+    monkeypatch.setattr(sys.modules["tests.evals.check.plugin_mixers"], "NoCache", NoCache, raising=False)
     out = tmp_path / "nc.csv"
-    res = _cli("compare", "--models", "tests.plugin_mixers:NoCache", "--modes", "forward", "decode",
+    res = _cli("compare", "--models", "tests.evals.check.plugin_mixers:NoCache", "--modes", "forward", "decode",
                "--seq-lengths", "16", "--hidden-dim", "32", "--num-heads", "2", "--num-layers", "1", "--ff-dim", "32",
                "--vocab-size", "64", "--repeats", "1", "--min-run-time", "0", "--output", out)
     assert res.exit_code == 0, res.output
@@ -115,7 +115,7 @@ def test_check_passes_a_conforming_plugin_and_fails_a_leaky_one_naming_causality
     ok = _cli("check", MINE)
     assert ok.exit_code == 0, ok.output
     assert ok.output.count("PASS") == 11 and "conforms" in ok.output
-    leaky = _cli("check", "tests.plugin_mixers:PeeksAhead")
+    leaky = _cli("check", "tests.evals.check.plugin_mixers:PeeksAhead")
     assert leaky.exit_code == 1
     fails = [line for line in leaky.output.splitlines() if line.startswith("FAIL")]
     assert any("causality" in line for line in fails), leaky.output

@@ -73,7 +73,7 @@ def test_cli_power_writes_the_curve_and_refuses_to_overwrite_it(tmp_path, monkey
 
     from cli import app
     from evals.guard import runner as ab
-    from tests.test_regress_ab import _stored, committed_rows
+    from tests.evals.guard.test_findings import _stored, committed_rows
 
     seen = {}
 

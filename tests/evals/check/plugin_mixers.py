@@ -1,5 +1,5 @@
 """Mixers from outside the project, as a user would bring them (named by import path,
-``tests.plugin_mixers:Name``): one that follows the contract, and one broken in each way the
+``tests.evals.check.plugin_mixers:Name``): one that follows the contract, and one broken in each way the
 conformance check must catch. Tests import them only through the registry or the check."""
 
 from __future__ import annotations

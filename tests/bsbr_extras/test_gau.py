@@ -1,6 +1,6 @@
 """GAU / FLASH mixed-chunk attention (Hua et al., 2022): the op against the full-matrix oracle,
 the step form, the two terms separately, the unit against its weights, bad op arguments. Bad
-hyperparameters, streaming through the cache and GAU taking no num_heads: tests/test_models.py."""
+hyperparameters, streaming through the cache and GAU taking no num_heads: tests/bsbr/test_models.py."""
 
 import pytest
 import torch

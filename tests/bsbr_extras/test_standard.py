@@ -1,5 +1,5 @@
 """Standard causal softmax attention: parallel op vs the token-loop oracle, KV-cache decoding, masks.
-Bad hyperparameters and streaming through the cache with a mask: tests/test_models.py."""
+Bad hyperparameters and streaming through the cache with a mask: tests/bsbr/test_models.py."""
 
 import pytest
 import torch
