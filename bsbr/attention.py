@@ -33,7 +33,7 @@ class BSBRAttention(TokenMixer):
         hidden_dim: model width D.
         num_heads: heads h; D must be divisible by h.
         chunk_size: tokens per chunk c (> 0).
-        dropout: kept in the seed's fourth positional slot and validated, but the mixer applies no
+        dropout: kept in the earlier package's fourth positional slot and validated, but the mixer applies no
             dropout: the residual dropout of its output belongs to the block (``BSBRLayer``,
             ``BSBRModel``), as for every mixer here. A value > 0 raises a warning saying so.
         compression_factor: f dividing the head size d; chunk states become (d/f) x d. None = no compression.

@@ -11,7 +11,7 @@ from .causal_lm import Block, CausalLM
 class BSBRLayer(Block):
     """A pre-norm transformer layer: BSBR attention then a feed-forward network.
 
-    Positional order (the seed's): ``hidden_dim, num_heads, chunk_size, ff_dim, dropout``; ``dropout``
+    Positional order (the earlier package's): ``hidden_dim, num_heads, chunk_size, ff_dim, dropout``; ``dropout``
     is the residual dropout of both branches (applied once to each, by the block).
     ``forward(x, mask=None, cache=None)`` with x (batch, seq_len, hidden_dim).
     """
@@ -31,7 +31,7 @@ class BSBRLayer(Block):
 class BSBRModel(CausalLM):
     """Block Sparse attention with Block Retrieval language model.
 
-    Positional order: BSBRModel keeps the seed's ``vocab_size, hidden_dim, num_layers, num_heads,
+    Positional order: BSBRModel keeps the earlier package's ``vocab_size, hidden_dim, num_layers, num_heads,
     chunk_size, ff_dim, dropout``, with ``chunk_size`` fifth and ``ff_dim`` sixth. The other six
     models take ``ff_dim`` fifth (``vocab_size, hidden_dim, num_layers, num_heads, ff_dim, dropout``;
     GAU has no ``num_heads``), so pass ``chunk_size=`` and ``ff_dim=`` by keyword when code builds

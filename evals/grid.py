@@ -3,7 +3,7 @@
 The grid is the cross product ``models x devices x modes x seq_lengths`` for one level, one
 dtype, one batch size and one ``ModelConfig``. Its order is fixed by the order the caller
 gives (the CLI passes the registry's order), with lengths ascending inside each
-(model, device, mode) group so that an out-of-memory at length ``n`` can skip the longer
+(model, device, mode) series so that an out-of-memory at length ``n`` can skip the longer
 lengths after it.
 
 ``--shard i/N`` keeps every N-th case starting at the i-th (round robin), so the N slices are
@@ -19,7 +19,7 @@ from typing import Iterable, Optional, Sequence
 from evals.registry import LEVELS, MODES, ModelConfig
 
 DEVICES = ("cpu", "cuda")
-DTYPES = ("float32", "float64", "float16", "bfloat16")
+DTYPE_NAMES = ("float32", "float64", "float16", "bfloat16")  # what a dtype flag may say (workload.DTYPES maps them)
 # torch.nn.attention.SDPBackend members a sweep can restrict SDPA to ("auto": no restriction).
 SDPA_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")
 
@@ -46,8 +46,8 @@ class Case:
     sdpa_backend: str = "auto"  # restrict torch's SDPA to one backend (``SDPA_BACKENDS``); auto: torch picks
 
     @property
-    def group(self) -> tuple:
-        """Cases in one group share everything but the length: an OOM skips the rest of a group."""
+    def series(self) -> tuple:
+        """Cases in one series share everything but the length: an OOM skips the rest of a series."""
         return (self.model, self.device, self.mode, self.level, self.dtype, self.batch_size,
                 self.config, self.decode_tokens, self.seed, self.compile, self.sdpa_backend)
 
@@ -115,7 +115,7 @@ def expand_grid(models: Sequence[str], seq_lengths: Iterable[int], devices: Sequ
     if lengths[0] <= 0:
         raise ValueError(f"sequence lengths must be positive integers, got {lengths[0]}")
     for name, values, valid in (("device", devices, DEVICES), ("mode", modes, MODES),
-                                ("level", [level], LEVELS), ("dtype", [dtype], DTYPES),
+                                ("level", [level], LEVELS), ("dtype", [dtype], DTYPE_NAMES),
                                 ("sdpa_backend", [sdpa_backend], SDPA_BACKENDS)):
         for v in values:
             if v not in valid:

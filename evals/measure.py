@@ -1,4 +1,5 @@
-"""Measure one case: time, peak memory, FLOPs and parameters. The only module that reads a clock.
+"""Measure one case: time, peak memory, FLOPs and parameters. The one module that times a case
+(the trainers time their own trainings; the guard's runqueue probe subtracts waits from these samples).
 
 A case is measured in four passes over the same built workload, in this order:
 

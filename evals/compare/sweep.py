@@ -41,8 +41,8 @@ log = logging.getLogger(__name__)
 _SEQ = KEY_COLUMNS.index("seq_len")
 
 
-def _group(key: tuple) -> tuple:
-    """A case identity without its length: an OOM skips the rest of its group."""
+def _series(key: tuple) -> tuple:
+    """A case identity without its length: an OOM skips the rest of its series."""
     return key[:_SEQ] + key[_SEQ + 1:]
 
 
@@ -150,7 +150,7 @@ def _first_oom(kept: list[dict]) -> dict:
     oom_at = {}
     for r in kept:
         if r["status"] == "oom":
-            g = _group(case_key(r))
+            g = _series(case_key(r))
             oom_at[g] = min(oom_at.get(g, int(r["seq_len"])), int(r["seq_len"]))
     return oom_at
 
@@ -200,8 +200,8 @@ def unsupported(case: Case) -> str:
 
 def _local_row(case, oom_at: dict, cuda_ok: bool, how: Measurement, run_id: str) -> dict:
     """One case measured in this process, or skipped: CUDA missing, or a shorter length of its
-    group already ran out of memory (``oom_at``, updated when this one does)."""
-    g = _group(case_key(case.fields()))
+    series already ran out of memory (``oom_at``, updated when this one does)."""
+    g = _series(case_key(case.fields()))
     common = dict(run_id=run_id, threads=how.threads, inject=float(how.inject.get(case.model, 1.0)))
     if case.device.startswith("cuda") and not cuda_ok:
         return empty_row(case, "skipped", "CUDA is not available on this machine", **common)
@@ -272,8 +272,8 @@ def _ray_rows(executor, todo: Sequence[Case], oom_at: dict, kw: dict):
 
     Each case is one Ray task holding its device's timing slot (:func:`ray_options`): on a node,
     at most one CPU case and one case per GPU are timed at any moment. The lengths of one
-    (model, device, mode, ...) group run in ascending order, one at a time, so that an
-    out-of-memory skips the longer ones exactly as a local sweep does; groups run side by side.
+    (model, device, mode, ...) series run in ascending order, one at a time, so that an
+    out-of-memory skips the longer ones exactly as a local sweep does; series run side by side.
     CUDA cases need a GPU somewhere in the cluster, else they are ``skipped`` rows.
     """
     how = kw["how"]
@@ -284,7 +284,7 @@ def _ray_rows(executor, todo: Sequence[Case], oom_at: dict, kw: dict):
     gpus = executor.cluster_resources().get("GPU", 0)
     chains: dict = {}
     for case in todo:
-        g = _group(case_key(case.fields()))
+        g = _series(case_key(case.fields()))
         if case.device.startswith("cuda") and gpus < 1:
             yield empty_row(case, "skipped", "the Ray cluster has no GPU", **common(case)), None
         elif unsupported(case):

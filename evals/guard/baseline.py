@@ -21,12 +21,12 @@ import pandas as pd
 from evals.output import files
 from evals.output import claims
 from evals import machine
-from evals.guard.findings import EXACT_COLUMNS, KEY_COLUMNS, config_label
+from evals.guard.findings import EXACT_COLUMNS, BASELINE_KEY, config_label
 from evals.guard.timing import GUARD_THREADS, case_from_row, exact_metrics, guard_cases
 
 KIND = "baseline"
 # What reading a baseline requires: the configuration and its exact metrics.
-REQUIRED = tuple(KEY_COLUMNS) + ("status",) + tuple(EXACT_COLUMNS)
+REQUIRED = tuple(BASELINE_KEY) + ("status",) + tuple(EXACT_COLUMNS)
 
 
 def sidecar_kind(meta: Optional[dict]) -> Optional[str]:

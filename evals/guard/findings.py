@@ -35,8 +35,9 @@ from evals.guard.rule import (AB_ROUNDS, AB_THRESHOLD, CHANGED, DEFAULT_ALPHA, F
                               REGRESSION, TRANSIENT, UNTESTABLE, looks_again, paired_verdict)
 from evals.guard.sampling import interleave
 
-# What identifies one configuration of the baseline (its CSV columns).
-KEY_COLUMNS = ("model", "device", "mode", "level", "dtype", "batch_size", "seq_len",
+# What identifies one configuration of the baseline (its CSV columns; a compare row is identified by
+# more: evals.grid.KEY_COLUMNS).
+BASELINE_KEY = ("model", "device", "mode", "level", "dtype", "batch_size", "seq_len",
                "hidden_dim", "num_layers", "num_heads", "chunk_size")
 # Counted, not timed: the same code must give the same numbers.
 EXACT_COLUMNS = ("flops", "params")

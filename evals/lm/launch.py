@@ -69,7 +69,7 @@ class LMRun:
 
 def run_lm(models: Sequence[str], preset: LMPreset, folder, *, executor, run: LMRun = LMRun(),
            on_start: Optional[Callable[[int], None]] = None, on_row: Optional[Callable[[dict], None]] = None) -> list:
-    """Phase 1 (every rate at the first seed), then phase 2 (every further seed at each group's
+    """Phase 1 (every rate at the first seed), then phase 2 (every further seed at each configuration's
     best rate), appending each row to ``folder`` as it arrives; every row of the run, old first.
     ``on_start(kept)`` is called once the folder is claimed, with how many of this run's trainings
     it already holds; ``on_row(row)`` after each append."""

@@ -1,6 +1,6 @@
 """The language-modelling sweep: its cases, its presets, matched models, and one run -> one row.
 
-The protocol is recall's (``evals.recall.sweep``): for every model and context (a *group*), train
+The protocol is recall's (``evals.recall.sweep``): for every model and context (a *configuration*), train
 once per learning rate at the first seed, choose the rate with the best *validation* bits per
 byte, then train every other seed at that rate. Test bits per byte is reported, never used to
 choose.
@@ -33,11 +33,11 @@ class LMCase:
     seed: int
     phase: str = "tune"
 
-    def group(self) -> tuple:
+    def config(self) -> tuple:
         return (self.model, self.context)
 
     def key(self) -> tuple:
-        return self.group() + (float(self.lr), int(self.seed))
+        return self.config() + (float(self.lr), int(self.seed))
 
     def label(self) -> str:
         return f"{self.model} context={self.context} lr={self.lr:g} seed={self.seed}"
@@ -139,15 +139,15 @@ def best_lr(rows: Sequence[dict]) -> Optional[float]:
 
 
 def seed_cases(tune: Sequence[LMCase], rows_by_key: dict, preset: LMPreset) -> list:
-    """Each group once per further seed at its best rate, once all its tune rows are in."""
+    """Each configuration once per further seed at its best rate, once all its tune rows are in."""
     out = []
-    for group in dict.fromkeys(c.group() for c in tune):
-        rows = [rows_by_key.get(group + (float(lr), preset.seeds[0])) for lr in preset.lrs]
+    for config in dict.fromkeys(c.config() for c in tune):
+        rows = [rows_by_key.get(config + (float(lr), preset.seeds[0])) for lr in preset.lrs]
         if any(r is None for r in rows):
             continue
         lr = best_lr(rows)
         if lr is not None:
-            out += [LMCase(*group, lr, s, "seed") for s in preset.seeds[1:]]
+            out += [LMCase(*config, lr, s, "seed") for s in preset.seeds[1:]]
     return out
 
 

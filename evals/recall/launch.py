@@ -17,7 +17,7 @@ from typing import Callable, Optional, Sequence
 
 from evals.output import files
 from evals import machine
-from evals.recall.sweep import COLUMNS, RecallCase, RecallPreset, recall_grid, row_key, run_case, seed_cases, shard_groups
+from evals.recall.sweep import COLUMNS, RecallCase, RecallPreset, recall_grid, row_key, run_case, seed_cases, shard_configs
 
 KIND = "recall"
 CSV_NAME, LOCK_NAME, SIDECAR_NAME = "recall.csv", "recall.lock", "recall.json"
@@ -104,7 +104,7 @@ def run_phases(models, preset: RecallPreset, folder, *, executor, run: RecallRun
     rows = {row_key(r): r for r in folder.rows}
     tune = recall_grid(models, preset)
     if run.shard is not None:
-        tune = shard_groups(tune, *run.shard)
+        tune = shard_configs(tune, *run.shard)
     if on_start is not None:
         wanted = {c.key() for c in tune} | {c.key() for c in seed_cases(tune, rows, preset)}
         on_start(len(wanted & set(rows)))
@@ -124,7 +124,7 @@ def run_phases(models, preset: RecallPreset, folder, *, executor, run: RecallRun
 
 def expected_runs(models: Sequence[str], preset: RecallPreset, shard: Optional[tuple]) -> int:
     tune = recall_grid(models, preset)
-    n_tune = len(shard_groups(tune, *shard) if shard else tune)
+    n_tune = len(shard_configs(tune, *shard) if shard else tune)
     return n_tune + n_tune // len(preset.lrs) * (len(preset.seeds) - 1)
 
 

@@ -286,7 +286,7 @@ def test_seed_quick_start_runs_as_written():
 
 
 def test_seed_signatures_and_positional_orders():
-    # BSBRModel keeps the seed's order (chunk_size fifth, ff_dim sixth); the other models take ff_dim fifth
+    # BSBRModel keeps the earlier package's order (chunk_size fifth, ff_dim sixth); the other models take ff_dim fifth
     m = BSBRModel(41, 16, 1, 2, 8, 32, 0.0)
     assert (m.chunk_size, m.layers[0].ffn.fc_in.out_features) == (8, 32)
     assert m.layers[0].mixer.chunk_size == 8

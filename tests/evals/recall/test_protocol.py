@@ -148,17 +148,17 @@ def test_output_under_a_file_exits_2(tmp_path):
 
 
 def test_shards_split_configurations_not_their_rates():
-    from evals.recall.sweep import recall_grid, shard_groups
+    from evals.recall.sweep import recall_grid, shard_configs
 
     p = TINY.with_(seq_lens=(12, 24), hidden_dims=(16, 32), cross=True)
     cases = recall_grid(["Standard", "GAU", "BSBR"], p)
-    parts = [shard_groups(cases, i, 3) for i in (1, 2, 3)]
+    parts = [shard_configs(cases, i, 3) for i in (1, 2, 3)]
     assert sorted(c.key() for part in parts for c in part) == sorted(c.key() for c in cases), "a partition"
-    groups = [{c.group() for c in part} for part in parts]
+    groups = [{c.config() for c in part} for part in parts]
     assert all(g for g in groups) and not (groups[0] & groups[1] or groups[0] & groups[2] or groups[1] & groups[2])
     for part in parts:  # each configuration in a shard carries every rate
-        for g in {c.group() for c in part}:
-            assert sorted(c.lr for c in part if c.group() == g) == sorted(p.lrs)
+        for g in {c.config() for c in part}:
+            assert sorted(c.lr for c in part if c.config() == g) == sorted(p.lrs)
 
 
 @pytest.mark.parametrize("name", ["Standard", "GAU", "BSBR", "DeltaNet"])

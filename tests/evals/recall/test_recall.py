@@ -152,12 +152,12 @@ def test_grid_axes_and_cross_product():
     cases = recall_grid(["standard", "BSBR"], p)
     keys = [c.key() for c in cases]
     assert len(keys) == len(set(keys)) and {c.model for c in cases} == {"Standard", "BSBR"}
-    configs = {c.group()[1:] for c in cases}
+    configs = {c.config()[1:] for c in cases}
     # axes through the base point (64 tokens, 8 pairs, d=64, size 16); 16 tokens x 8 pairs does not fit
     assert configs == {(64, 8, 64, 16), (64, 4, 64, 16), (64, 8, 64, 8), (64, 8, 32, 16)}
     with pytest.raises(ValueError, match="seq_len=16 fits no requested pair count"):
         p.check()
-    cross = {c.group()[1:] for c in recall_grid(["Standard"], p.with_(cross=True))}
+    cross = {c.config()[1:] for c in recall_grid(["Standard"], p.with_(cross=True))}
     assert {(16, 4, 64, 16), (64, 4, 64, 16), (64, 8, 32, 8)} <= cross and (16, 8, 64, 16) not in cross
     # zoology's full grid: 3 task points that fit x 4 (d, size) points
     assert cross == {(n, P, D, sz) for n, P in [(16, 4), (64, 4), (64, 8)] for D in (32, 64) for sz in (8, 16)}
