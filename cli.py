@@ -41,7 +41,7 @@ COMMANDS = {
     "compare": "evals.compare.command",
     "forms": "evals.forms.command",
     "analyze": "evals.analyze.command",
-    "regress": "evals.guard.command",
+    "guard": "evals.guard.command",
     "convert": "evals.convert.command",
     "recall": "evals.recall.command",
     "frontier": "evals.frontier.command",
@@ -132,7 +132,11 @@ def _value(v):
     return v
 
 
-def command(name: str, module: str) -> None:
+# older names that still work, hidden from --help
+ALIASES = {"regress": "guard"}
+
+
+def command(name: str, module: str, hidden: bool = False) -> None:
     """Register ``name``: its parameters from ``module.Options``, its body ``module.main``."""
     mod = importlib.import_module(module)
     options = mod.Options
@@ -147,12 +151,14 @@ def command(name: str, module: str) -> None:
     run.__name__ = name
     cls = type(f"{name.title()}Command", (Command,),
                {"list_flags": {fl for f in fields if f.metadata.get("many") for fl in _flags(f)}})
-    app.command(name, cls=cls)(run)
+    app.command(name, cls=cls, hidden=hidden)(run)
 
 
 try:
     for _name, _module in COMMANDS.items():
         command(_name, _module)
+    for _alias, _name in ALIASES.items():
+        command(_alias, COMMANDS[_name], hidden=True)
 except KeyboardInterrupt as _stop:
     interrupts.exit_now(_stop)
 

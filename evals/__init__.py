@@ -2,7 +2,7 @@
 foundation of flat modules.
 
 Commands, one package each (its ``__init__`` says what it owns; ``command.py`` holds the options
-and ``main``): ``compare/``, ``forms/``, ``analyze/``, ``guard/`` (``bsbr-eval regress``),
+and ``main``): ``compare/``, ``forms/``, ``analyze/``, ``guard/`` (``bsbr-eval guard``),
 ``convert/``, ``recall/``, ``frontier/`` (recall and lm runs), ``lm/``, ``check/``; and
 ``models.py`` (``bsbr-eval models``).
 

@@ -1,4 +1,4 @@
-"""``bsbr-eval regress``, the performance guard: its ``Options``, their checks, and ``main``.
+"""``bsbr-eval guard``, the performance guard: its ``Options``, their checks, and ``main``.
 
 One timing method (docs/guard.md):
 
@@ -11,7 +11,7 @@ One timing method (docs/guard.md):
 
 ``main`` returns the exit code (0 pass, 1 fail) or raises ``ResultsError`` (exit 2, one line):
 a bad option, a torn or short baseline, a file that is not a baseline, an unknown ref or one
-whose code cannot be imported. The work itself is ``evals.guard.regress``.
+whose code cannot be imported. The work itself is ``evals.guard.run``.
 """
 
 from __future__ import annotations
@@ -44,12 +44,12 @@ class Options:
                           "whose sidecar says it is a baseline is replaced). With no baseline file yet, measures "
                           "the guard's default grid.", flags=("--update",))
     threshold: Optional[float] = option(None, "Smallest slowdown that can count as a regression (0.2 = 20%). "
-                                        "Default: the one chosen from results/regress_power/ (0.2 until it "
+                                        "Default: the one chosen from results/guard/power/ (0.2 until it "
                                         "exists).", show_default=False)
     alpha: float = option(0.01, "Significance level of the one-sided Wilcoxon signed-rank test on the paired log "
                           "ratios.")
     rounds: Optional[int] = option(None, "With --against: interleaved A/B pairs per configuration. Default: chosen "
-                                   "from results/regress_power/ (16 until it exists).", show_default=False)
+                                   "from results/guard/power/ (16 until it exists).", show_default=False)
     self_test: Optional[float] = option(None, "With --against: make every model FACTOR times slower on the "
                                         "working-tree side; exit 0 only if every model is caught in every level "
                                         "and mode of the grid.", flags=("--self-test",), show_default=False)
@@ -121,7 +121,7 @@ def check(o: Options) -> None:
 
 def main(o: Options) -> int:
     from evals.console import out
-    from evals.guard.regress import run_regress
+    from evals.guard.run import run_regress
 
     check(o)
     return run_regress(out(), o)

@@ -47,7 +47,7 @@ EXACT_COLUMNS = ("flops", "params")
 # an older harness) is shown and never fails the check.
 EXACT_MEMORY_METHODS = ("cpu_alloc_trace_steady",)
 AB_TIME_METRIC = "time B/A"
-POWER_FILE = "results/regress_power/power.json"
+POWER_FILE = "results/guard/power/power.json"
 FINDING_COLUMNS = ["config", "model", "mode", "seq_len", "metric", "baseline", "current", "change", "p_value",
                    "verdict", "i"]
 

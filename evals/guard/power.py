@@ -1,4 +1,4 @@
-"""The power curve of the A/B guard (``bsbr-eval regress --against REF --power DIR``).
+"""The power curve of the A/B guard (``bsbr-eval guard --against REF --power DIR``).
 
 How often does the guard catch a slowdown of a given size, and how often does it fail unchanged
 code? Both are measured, on the machine the guard runs on, with the guard's own workers:

@@ -46,7 +46,7 @@ def _moved(findings: pd.DataFrame) -> pd.Series:
     return (findings["verdict"] != OK) | ((findings["metric"] == AB_TIME_METRIC) & (findings["change"].abs() > 0.1))
 
 
-def render(findings: pd.DataFrame, *, show_all: bool = False, title: str = "bsbr-eval regress",
+def render(findings: pd.DataFrame, *, show_all: bool = False, title: str = "bsbr-eval guard",
            columns: tuple = ("A (ms)", "B (ms)")):
     """A rich Table of what moved and by how much (every row with ``show_all``)."""
     from rich.table import Table
@@ -159,7 +159,7 @@ def markdown(report: dict) -> str:
     confs = report["configurations"]
     moved = [c for c in confs if c["verdict"] != OK or (c["ratio"] is not None and abs(c["ratio"] - 1) > 0.1)]
     icon = "✅" if report["passed"] else "❌"
-    out = [f"## {icon} bsbr-eval regress: {'PASS' if report['passed'] else 'FAIL'} (exit {report['exit_code']})",
+    out = [f"## {icon} bsbr-eval guard: {'PASS' if report['passed'] else 'FAIL'} (exit {report['exit_code']})",
            "", _md_cell(report["summary"]), "", f"- {_md_cell(report.get('sides', ''))}",
            f"- machine: {_md_cell(report['machine']['name'])}", ""]
     if moved:

@@ -36,7 +36,7 @@ FAILING = (REGRESSION, CHANGED, MISSING)
 VERDICTS = (REGRESSION, CHANGED, MISSING, TRANSIENT, FASTER, OK, NEW, UNTESTABLE)
 
 DEFAULT_ALPHA = 0.01
-# Provisional defaults, until results/regress_power/power.json records the ones chosen from the
+# Provisional defaults, until results/guard/power/power.json records the ones chosen from the
 # measured power curve (``evals.guard.findings.ab_settings``).
 AB_THRESHOLD = 0.2
 AB_ROUNDS = 16

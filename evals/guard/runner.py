@@ -1,4 +1,4 @@
-"""The A/B runner of ``bsbr-eval regress --against REF``: materialise the accepted commit, start
+"""The A/B runner of ``bsbr-eval guard --against REF``: materialise the accepted commit, start
 one worker per side, and collect interleaved, paired samples.
 
 Times do not transfer between machines, so the guard never compares a stored time: it measures

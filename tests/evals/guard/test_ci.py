@@ -72,7 +72,7 @@ def test_the_guard_step_writes_its_verdicts(flow, tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "against", fake_against())
     run = steps(flow)["guard"]["run"].replace("${{ steps.base.outputs.sha }}", "good")
     argv = shlex.split(run)
-    assert argv[:2] == ["bsbr-eval", "regress"]
+    assert argv[:2] == ["bsbr-eval", "guard"]
     summary = tmp_path / "step_summary.md"
     r = CliRunner().invoke(app, argv[1:], env={"GITHUB_STEP_SUMMARY": str(summary)})
     assert r.exit_code == 0, r.output

@@ -272,3 +272,15 @@ def test_the_json_has_a_verdict_for_every_configuration(kinds):
     assert [c["verdict"] for c in rep["configurations"]] == [want[k] for k in kinds]
     assert all(set(c) >= {"ratio", "interval", "p", "verdict", "machine"} for c in rep["configurations"])
     assert AB_TIME_METRIC not in {ch["metric"] for c in rep["configurations"] for ch in c["checks"]}
+
+
+def test_regress_is_still_the_guard():
+    """The command was called ``regress``; the old name still runs it, hidden from --help."""
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    top = CliRunner().invoke(app, ["--help"]).output
+    assert " guard " in top and " regress " not in top
+    a, b = (CliRunner().invoke(app, [name, "--help"]).output for name in ("guard", "regress"))
+    assert a.replace("guard", "X") == b.replace("regress", "X")

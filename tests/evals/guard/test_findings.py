@@ -274,10 +274,10 @@ def test_self_test_needs_every_injected_group_caught_and_nothing_else():
 
 def test_settings_come_from_the_power_curve_when_it_exists(tmp_path):
     assert ab_settings(tmp_path)["source"].startswith("provisional")
-    (tmp_path / "results" / "regress_power").mkdir(parents=True)
-    (tmp_path / "results" / "regress_power" / "power.json").write_text(json.dumps(
+    (tmp_path / "results" / "guard" / "power").mkdir(parents=True)
+    (tmp_path / "results" / "guard" / "power" / "power.json").write_text(json.dumps(
         {"chosen": {"threshold": 0.15, "rounds": 20}}))
-    assert ab_settings(tmp_path) == dict(threshold=0.15, rounds=20, source="results/regress_power/power.json")
+    assert ab_settings(tmp_path) == dict(threshold=0.15, rounds=20, source="results/guard/power/power.json")
 
 
 # ----------------------------------------------------------------------------- the command's options

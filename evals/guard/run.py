@@ -1,4 +1,4 @@
-"""``bsbr-eval regress``'s work, after ``evals.guard.command`` has checked its options.
+"""``bsbr-eval guard``'s work, after ``evals.guard.command`` has checked its options.
 
 One timing method (docs/guard.md):
 
@@ -40,7 +40,7 @@ def run_regress(console: Console, o) -> int:
     check or the update."""
     if not o.update and not o.baseline.is_file():
         raise ResultsError(f"no baseline at {o.baseline}; create it with: "
-                           f"bsbr-eval regress --baseline {o.baseline} --update")
+                           f"bsbr-eval guard --baseline {o.baseline} --update")
     base = results.read_table(o.baseline, required=bl.REQUIRED, what="baseline").rows if o.baseline.is_file() else None
     models = select("--models", o.models) if o.models else None
     if o.update:
@@ -126,7 +126,7 @@ def _against(console: Console, base, o) -> int:
 def _verdict(console: Console, base, o, done) -> int:
     """Show the findings, decide the exit code, and hand the verdicts on (JSON, Markdown)."""
     findings = done.result.findings
-    console.print(report.render(findings, show_all=o.show_all, title=f"bsbr-eval regress --against {o.against}"))
+    console.print(report.render(findings, show_all=o.show_all, title=f"bsbr-eval guard --against {o.against}"))
     summary = fd.ab_summary(findings, ref=f"{o.against} ({done.ref_sha[:12]})", baseline=str(o.baseline))
     if o.self_test is None:
         code = 1 if not fd.failures(findings).empty else 0
