@@ -246,16 +246,16 @@ class BSBRStaticCache:
     def close(self, layer, j: int) -> None:
         """The open chunk is complete (known in Python): fold it into slot ``j``, keep its last o
         tokens as the next tail, and make the next chunk's S over the j + 1 filled slots only."""
-        c, o = layer.chunk_size, layer.chunk_overlap
+        o = layer.chunk_overlap
         Fj, hkj, valid, s = self.fold(layer)
         self.F[:, :, j:j + 1] = Fj
         self.hk[:, :, j:j + 1] = hkj
         self.valid[:, j:j + 1] = valid
         self.last_summary.copy_(s)
-        if o:  # the chunk's last o tokens (slots c .. c+o-1) become the tail (slots 0 .. o-1)
-            self.k[:, :, :o] = self.k[:, :, c:]
-            self.v[:, :, :o] = self.v[:, :, c:]
-            self.m[:, :o] = self.m[:, c:]
+        if o:  # the chunk's last o tokens (the buffer's last o slots) become the tail (slots 0 .. o-1)
+            self.k[:, :, :o] = self.k[:, :, -o:]
+            self.v[:, :, :o] = self.v[:, :, -o:]
+            self.m[:, :o] = self.m[:, -o:]
         self.S.copy_(self.open_state(layer, j + 1))
 
     def summary_before(self, s):
@@ -384,15 +384,15 @@ def step_static(layer, cache: BSBRStaticCache, x, mask) -> torch.Tensor:
 def _close_static(layer, cache: BSBRStaticCache, j: torch.Tensor, full: torch.Tensor) -> None:
     """``BSBRStaticCache.close`` with no branch on a value: slot ``j`` (1,) long, and every write
     kept only where ``full`` (1,) bool is True (``torch.where``), so one graph serves every step."""
-    c, o = layer.chunk_size, layer.chunk_overlap
+    o = layer.chunk_overlap
     keep = lambda new, old: torch.where(full, new, old)  # noqa: E731
     Fj, hkj, valid, s = cache.fold(layer)
     cache.F.index_copy_(2, j, keep(Fj, cache.F.index_select(2, j)))
     cache.hk.index_copy_(2, j, keep(hkj, cache.hk.index_select(2, j)))
     cache.valid.index_copy_(1, j, keep(valid, cache.valid.index_select(1, j)))
     cache.last_summary.copy_(keep(s, cache.last_summary))
-    if o:
-        cache.k[:, :, :o] = keep(cache.k[:, :, c:], cache.k[:, :, :o])
-        cache.v[:, :, :o] = keep(cache.v[:, :, c:], cache.v[:, :, :o])
-        cache.m[:, :o] = keep(cache.m[:, c:], cache.m[:, :o])
+    if o:  # the last o slots, not c:, since a buffer of max_len < c rows holds o + max_len slots
+        cache.k[:, :, :o] = keep(cache.k[:, :, -o:], cache.k[:, :, :o])
+        cache.v[:, :, :o] = keep(cache.v[:, :, -o:], cache.v[:, :, :o])
+        cache.m[:, :o] = keep(cache.m[:, -o:], cache.m[:, :o])
     cache.S.copy_(keep(cache.open_state(layer), cache.S))

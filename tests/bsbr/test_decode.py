@@ -128,3 +128,25 @@ def test_static_needs_max_len():
         model.init_cache(1, static=True)
     with pytest.raises(ValueError, match="static must be True or False"):
         model.init_cache(1, max_len=8, static="yes")
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(chunk=st.integers(2, 9), overlap=st.integers(0, 4), max_len=st.integers(1, 24),
+       prefill=st.integers(0, 6), seed=st.integers(0, 2**16))
+def test_bsbr_streaming_equals_one_shot_for_any_buffer(chunk, overlap, max_len, prefill, seed):
+    """Any chunk size, overlap and buffer, a buffer shorter than a chunk among them (its o + max_len
+    slots hold no slot c + o - 1): both step forms give the one-shot forward's logits."""
+    from bsbr import BSBRModel
+    overlap = min(overlap, chunk - 1)
+    torch.manual_seed(seed)
+    model = BSBRModel(vocab_size=50, hidden_dim=16, num_layers=1, num_heads=2, chunk_size=chunk,
+                      ff_dim=16, chunk_overlap=overlap).eval()
+    ids = torch.randint(0, 50, (1, max_len), generator=torch.Generator().manual_seed(seed))
+    prefill = min(prefill, max_len)
+    with torch.no_grad():
+        want = model(ids)
+        for static in (False, True):
+            cache = model.init_cache(1, max_len=max_len, static=static)
+            outs = [model(ids[:, :prefill], cache=cache)] if prefill else []
+            outs += [model(ids[:, t:t + 1], cache=cache) for t in range(prefill, max_len)]
+            assert rel_err(torch.cat(outs, dim=1), want) <= 1e-5, f"static={static}"
