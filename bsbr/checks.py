@@ -91,6 +91,16 @@ def mask_as_bool(mask: torch.Tensor, name: str = "mask") -> torch.Tensor:
     return mask != 0
 
 
+def check_qkv_aligned(q, k, v, mask: Optional[torch.Tensor] = None) -> None:
+    """Per-head inputs of an op whose queries and keys are the same tokens (the recurrent and
+    chunked ops): q, k (b, h, n, d), v (b, h, n, d_v), mask None or (b, n)."""
+    if q.dim() != 4 or q.shape != k.shape or q.shape[:3] != v.shape[:3]:
+        raise ValueError(f"q, k must be (b, h, n, d) and v (b, h, n, d_v) with matching b, h, n; "
+                         f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if mask is not None and mask.shape != (q.shape[0], q.shape[2]):
+        raise ValueError(f"mask must be (batch, n) = {(q.shape[0], q.shape[2])}, got {tuple(mask.shape)}")
+
+
 def known_all_true(mask: torch.Tensor) -> bool:
     """True when ``mask`` is all True and that can be read for free: on a CPU tensor outside
     ``torch.compile``. Elsewhere reading it would synchronise with the device or break the graph, so

@@ -37,7 +37,7 @@ from torch import nn
 
 from bsbr import sizing
 from bsbr.causal_lm import CausalLM
-from bsbr.checks import check_heads, check_positive_int
+from bsbr.checks import check_heads, check_positive_int, check_qkv_aligned
 from bsbr.mixer import RecurrentStateMixer, exists, split_heads
 
 EPS = 1e-6
@@ -47,14 +47,6 @@ _BLOCK_STATE_BYTES = 2 << 20  # cpu policy: a block of chunks holds about this m
 def feature_map(x: torch.Tensor) -> torch.Tensor:
     """phi(x) = elu(x) + 1 > 0 (Katharopoulos et al., 2020, eq. 7)."""
     return F.elu(x).add_(1.0)  # in place: elu's backward needs its input, not its output
-
-
-def _check_qkv(q, k, v, mask):
-    if q.dim() != 4 or q.shape != k.shape or q.shape[:3] != v.shape[:3]:
-        raise ValueError(f"q, k must be (b, h, n, d) and v (b, h, n, d_v) with matching b, h, n; "
-                         f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if exists(mask) and mask.shape != (q.shape[0], q.shape[2]):
-        raise ValueError(f"mask must be (batch, n) = {(q.shape[0], q.shape[2])}, got {tuple(mask.shape)}")
 
 
 # ----------------------------------------------------------------------------- ops
@@ -95,7 +87,7 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_si
     check_positive_int("chunk_size", chunk_size)
     if exists(block_chunks):
         check_positive_int("block_chunks", block_chunks)
-    _check_qkv(q, k, v, mask)
+    check_qkv_aligned(q, k, v, mask)
     return linear_attention_unchecked(q, k, v, chunk_size, mask, initial_state=initial_state,
                                       output_final_state=output_final_state, eps=eps, block_chunks=block_chunks)
 
@@ -197,7 +189,7 @@ def linear_attention_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     for training and prefill (``bsbr-eval forms`` times the two). Same arguments as that function,
     without ``chunk_size``; returns (b, h, n, d_v).
     """
-    _check_qkv(q, k, v, mask)
+    check_qkv_aligned(q, k, v, mask)
     dtype = v.dtype
     q, k, v = sizing.upcast(q, k, v)                                  # the sums in fp32 for half precision
     fq, fk = feature_map(q), feature_map(k)                           # (b, h, n, d)

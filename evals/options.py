@@ -33,6 +33,13 @@ def option(default, help: str, *, flags: Sequence[str] = (), choices: Sequence[s
                                                  argument=argument, show_default=show_default))
 
 
+def models_option(help: str = "Models (built-in names, case-insensitive, or plugins: an import path "
+                  "pkg.mod:Class or an installed entry point), space- or comma-separated. Default: every "
+                  "registered model."):
+    """The ``--models`` option every command that picks models shares (``evals.registry.select``)."""
+    return option(None, help, many=True, show_default=False)
+
+
 def split_list(values: Optional[Iterable]) -> list[str]:
     """Flatten repeated and comma-separated values, dropping blanks and duplicates (order kept)."""
     out = []

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from evals.options import option
+from evals.options import models_option, option
 
 DEFAULT_LENGTHS = (64, 128, 256, 512, 1024)
 
@@ -24,9 +24,7 @@ class Options:
     which none succeeded exits 1. BSBR_EVAL_INJECT_SLOWDOWN="MODEL=FACTOR" slows a model down on
     purpose (the guard's self-test)."""
 
-    models: Optional[tuple] = option(None, "Models (built-in names, case-insensitive, or plugins), space- or "
-                                     "comma-separated. Default: every registered model.", many=True,
-                                     show_default=False)
+    models: Optional[tuple] = models_option()
     seq_lengths: Optional[tuple] = option(None, "Sequence lengths, space- or comma-separated. Default: 64 128 256 "
                                           "512 1024.", many=True, show_default=False)
     devices: Optional[tuple] = option(None, "cpu and/or cuda. cuda without a GPU is an error, unless cpu is also "

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from evals.options import option
+from evals.options import models_option, option
 
 
 @dataclass(frozen=True)
@@ -15,8 +15,8 @@ class Options:
     Both forms compute the same outputs (the tests pin it); the table shows how much faster the
     parallel form is. The recurrence is slow by nature: keep lengths modest."""
 
-    models: Optional[tuple] = option(None, "Models with a recurrent op form (`bsbr-eval models` lists op forms), space- or "
-                                     "comma-separated. Default: all of them.", many=True, show_default=False)
+    models: Optional[tuple] = models_option("Models with a recurrent op form (`bsbr-eval models` lists op forms), "
+                                            "space- or comma-separated. Default: all of them.")
     seq_lengths: Optional[tuple] = option(None, "Sequence lengths, space- or comma-separated. Default: 1024 4096.",
                                           many=True, show_default=False)
     modes: Optional[tuple] = option(None, "forward and/or train (forward + backward). Default: train.", many=True,

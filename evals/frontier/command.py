@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from evals.options import option
+from evals.options import models_option, option
 
 KINDS = {"mqar": ("recall", "evals.frontier.recall"), "lm": ("lm", "evals.frontier.lm")}
 
@@ -26,8 +26,8 @@ class Options:
     See docs/recall.md and docs/lm.md."""
 
     run_dir: Path = option(..., "A finished recall or lm run's folder.", argument=True, show_default=False)
-    models: Optional[tuple] = option(None, "Only these of the run's models (names or import paths). Default: every "
-                                     "model the run trained.", many=True, show_default=False)
+    models: Optional[tuple] = models_option("Only these of the run's models (names or import paths). Default: "
+                                            "every model the run trained.")
     lengths: Optional[tuple] = option(None, "Prefill lengths before the timed decode steps (refused when this "
                                       "machine's memory cannot hold the prefill and cache). Default: 4096 16384.",
                                       many=True, show_default=False)

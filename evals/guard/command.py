@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from evals.errors import ResultsError
-from evals.options import option
+from evals.options import models_option, option
 
 
 @dataclass(frozen=True)
@@ -64,9 +64,9 @@ class Options:
                                           "$GITHUB_STEP_SUMMARY when that is set).", flags=("--summary",),
                                           show_default=False)
     show_all: bool = option(False, "Show every check, not only what moved.", flags=("--all",))
-    models: Optional[tuple] = option(None, "Only these models' configurations (names or import paths). With "
-                                     "--update and no baseline file yet: the guard's grid for these models, plugins "
-                                     "included. Default: every model of the baseline.", many=True, show_default=False)
+    models: Optional[tuple] = models_option("Only these models' configurations (names or import paths). With "
+                                            "--update and no baseline file yet: the guard's grid for these models, "
+                                            "plugins included. Default: every model of the baseline.")
 
 
 def _finite(flag: str, value, above: float = 0.0) -> None:
@@ -121,7 +121,7 @@ def check(o: Options) -> None:
 
 def main(o: Options) -> int:
     from evals.console import out
-    from evals.guard.run import run_regress
+    from evals.guard.run import run_guard
 
     check(o)
-    return run_regress(out(), o)
+    return run_guard(out(), o)

@@ -1,17 +1,8 @@
-"""``bsbr-eval guard``'s work, after ``evals.guard.command`` has checked its options.
-
-One timing method (docs/guard.md):
-
-- ``--against REF`` (what CI runs): REF and the working tree measured side by side now
-  (``evals.guard.runner``), decided pair by pair (``evals.guard.findings.ab_check``), the
-  working tree's exact metrics held to the baseline; ``--self-test`` and ``--power`` are
-  variants of it; ``--json FILE``, ``--summary FILE`` and ``$GITHUB_STEP_SUMMARY`` receive
-  the verdicts (``evals.guard.report``);
-- ``--update`` rewrites the baseline's exact metrics (``evals.guard.baseline``).
-
-Every function here returns the exit code (0 pass, 1 fail) or raises ``ResultsError`` (exit 2,
-one line): a bad option, a torn or short baseline, a file that is not a baseline, an unknown ref
-or one whose code cannot be imported.
+"""``bsbr-eval guard``'s work, after ``evals.guard.command`` has checked its options (its
+docstring and docs/guard.md describe the method): ``--against``, ``--self-test``, ``--power``
+and ``--update``, each a function that returns the exit code (0 pass, 1 fail) or raises
+``ResultsError`` (exit 2, one line): a torn or short baseline, a file that is not a baseline,
+an unknown ref or one whose code cannot be imported.
 """
 
 from __future__ import annotations
@@ -35,7 +26,7 @@ from evals.errors import ResultsError
 STEP_SUMMARY = "GITHUB_STEP_SUMMARY"
 
 
-def run_regress(console: Console, o) -> int:
+def run_guard(console: Console, o) -> int:
     """The whole command after the options are checked: read the baseline strictly, then the A/B
     check or the update."""
     if not o.update and not o.baseline.is_file():

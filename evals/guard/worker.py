@@ -45,7 +45,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-HARNESS = ROOT_OF_REPO  # the working tree's evals/
+HARNESS = Path(__file__).resolve().parents[1]  # the working tree's evals/
 # (name, is a package), in import order: what the results layer is made of first (an accepted
 # commit may have none of them: it predates the output package, or results.py's split), then the
 # results layer, which the workload builder and measure import (sample statistics, case keys);

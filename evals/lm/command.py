@@ -17,7 +17,7 @@ from typing import Optional
 
 from evals.output import files
 from evals import machine
-from evals.options import option
+from evals.options import models_option, option
 
 KIND = "lm"
 
@@ -30,8 +30,7 @@ class Options:
 
     preset: str = option("quick", "quick (a smoke run, seconds), cpu (the committed run: contexts 512 and 2048, "
                          "3 rates, 2 seeds; hours on 2 cores) or gpu (contexts to 16k, 25x the bytes).")
-    models: Optional[tuple] = option(None, "Models (built-in names or plugins), space- or comma-separated. "
-                                     "Default: every registered model.", many=True, show_default=False)
+    models: Optional[tuple] = models_option()
     contexts: Optional[tuple] = option(None, "Context lengths in bytes (each shorter than the corpus's shortest "
                                        "document). Default: the preset's.", many=True, show_default=False)
     lrs: Optional[tuple] = option(None, "Learning rates tried on the first seed; each (model, context) is "

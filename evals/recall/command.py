@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from evals.options import option
+from evals.options import models_option, option
 
 
 @dataclass(frozen=True)
@@ -26,8 +26,7 @@ class Options:
     preset: Optional[str] = option(None, "quick (smoke run, minutes), cpu (the protocol on 2 cores), cpu-v1024 "
                                    "(vocabulary 1024, opt-in) or zoology (zoology's grid; use with --device cuda). "
                                    "Default: quick.", show_default=False)
-    models: Optional[tuple] = option(None, "Models (built-in names or plugins), space- or comma-separated. "
-                                     "Default: every registered model.", many=True, show_default=False)
+    models: Optional[tuple] = models_option()
     seq_lengths: Optional[tuple] = option(None, "Sequence lengths; with --num-pairs they replace the preset's "
                                           "(length, pairs) points. Default: the preset's.", many=True,
                                           show_default=False)

@@ -31,13 +31,13 @@ import bsbr_extras.sliding_window
 import bsbr_extras.standard
 from bsbr import bsbr_attention_flops
 from bsbr_extras.gau import gau_mixed_chunk
-from evals.registry import MODEL_NAMES, REGISTRY
+from evals.registry import MODEL_NAMES
 from tests.conftest import TINY, public_model
 
 MODULES = (bsbr.causal_lm, bsbr.mixer, bsbr.checks, bsbr.attention, bsbr.ops, bsbr_extras.standard,
            bsbr_extras.hopfield, bsbr_extras.sliding_window, bsbr_extras.linear, bsbr_extras.deltanet, bsbr_extras.gau)
 CHECKERS = ("check_input_ids", "normalize_mask", "check_positive_int", "check_float", "check_heads",
-            "check_qkv", "check_bsbr_inputs", "check_beta", "_check_qkv", "_check_inputs", "check_dropout")
+            "check_qkv", "check_qkv_aligned", "check_bsbr_inputs", "check_beta", "_check_inputs", "check_dropout")
 
 
 def build(name, cfg=TINY, **kw):

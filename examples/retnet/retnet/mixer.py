@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bsbr import sizing
-from bsbr.checks import check_heads, check_positive_int
+from bsbr.checks import check_heads, check_positive_int, check_qkv_aligned
 from bsbr.mixer import RecurrentStateMixer, exists, merge_heads, split_heads
 
 
@@ -69,14 +69,6 @@ def log_decays(num_heads: int, device=None, dtype=torch.float32) -> torch.Tensor
     """``log gamma_h``, (h,), made on ``device``: ``log1p`` keeps it exact where gamma is near 1."""
     h = torch.arange(num_heads, device=device, dtype=dtype)
     return torch.log1p(-torch.exp2(-5.0 - h))
-
-
-def _check_qkv(q, k, v, mask):
-    if q.dim() != 4 or q.shape != k.shape or q.shape[:3] != v.shape[:3]:
-        raise ValueError(f"q, k must be (b, h, n, d) and v (b, h, n, d_v) with matching b, h, n; "
-                         f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if exists(mask) and mask.shape != (q.shape[0], q.shape[2]):
-        raise ValueError(f"mask must be (batch, n) = {(q.shape[0], q.shape[2])}, got {tuple(mask.shape)}")
 
 
 def _masked(k: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -94,7 +86,7 @@ def retention_parallel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     Args: q, k (b, h, n, d); v (b, h, n, d_v); mask (b, n) bool, True = real.
     Returns: o (b, h, n, d_v) in v's dtype.
     """
-    _check_qkv(q, k, v, mask)
+    check_qkv_aligned(q, k, v, mask)
     dtype = v.dtype
     q, k, v = sizing.upcast(q, k, v)
     k = _masked(k, mask)
@@ -125,7 +117,7 @@ def retention_chunkwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk
         o (b, h, n, d_v) in v's dtype, and ``S`` if ``output_final_state``.
     """
     check_positive_int("chunk_size", chunk_size)
-    _check_qkv(q, k, v, mask)
+    check_qkv_aligned(q, k, v, mask)
     return _chunkwise(q, k, v, chunk_size, mask, initial_state, output_final_state)
 
 
@@ -179,7 +171,7 @@ def retention_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """Retention one token at a time, out of place (autograd can train through it):
     ``S_t = gamma S_{t-1} + k_t^T v_t``, ``o_t = q_t S_t``. Same arguments as
     :func:`retention_parallel`; returns (b, h, n, d_v) in v's dtype."""
-    _check_qkv(q, k, v, mask)
+    check_qkv_aligned(q, k, v, mask)
     dtype = v.dtype
     q, k, v = sizing.upcast(q, k, v)
     k = _masked(k, mask)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 if importlib.util.find_spec("retnet") is None:  # not installed and not on PYTHONPATH: the package beside us
-    sys.path.insert(0, str(ROOT_OF_REPO))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from retnet.mixer import (MultiScaleRetention, retention_chunkwise, retention_parallel,  # noqa: E402
                           retention_recurrent)
