@@ -84,6 +84,7 @@ class Command(typer.core.TyperCommand):
     """List flags joined before parsing; a usage error is one line on stderr and exit 2."""
 
     list_flags: set = set()
+    choices: dict = {}  # parameter name -> its valid values
 
     def parse_args(self, ctx, args):
         try:
@@ -91,13 +92,26 @@ class Command(typer.core.TyperCommand):
         except typer.TyperException as e:  # click's usage errors (typer ships its own click)
             if getattr(e, "exit_code", None) != 2 or not hasattr(e, "format_message"):
                 raise
-            typer.echo(f"error: {' '.join(e.format_message().split())}", err=True)
+            typer.echo(f"error: {_usage_line(e, self.choices)}", err=True)
             raise typer.Exit(2) from None
 
     def collect_usage_pieces(self, ctx):
         """``RUN_DIR``, as Unix usage lines spell a required argument (typer writes ``{RUN_DIR}``,
         which reads like a template left unfilled)."""
         return [p[1:-1] if p.startswith("{") and p.endswith("}") else p for p in super().collect_usage_pieces(ctx)]
+
+
+def _usage_line(e, choices: Optional[dict] = None) -> str:
+    """A usage error as one line; a value outside a flag's choices (``choices``: parameter name ->
+    valid values) in the words every other bad value gets (``evals.options.choose``):
+    ``--executor: unknown value 'slurm'; valid: local, ray``."""
+    param, text = getattr(e, "param", None), " ".join(e.format_message().split())
+    valid = (choices or {}).get(getattr(param, "name", None))
+    given = re.search(r"'([^']*)' is not one of", text)
+    if valid and given:
+        flag = max((o for o in param.opts if o.startswith("--")), key=len, default=param.opts[0])
+        return f"{flag}: unknown value {given.group(1)!r}; valid: {', '.join(valid)}"
+    return text
 
 
 def _flags(f: dataclasses.Field) -> list[str]:
@@ -150,7 +164,8 @@ def command(name: str, module: str, hidden: bool = False) -> None:
     run.__doc__ = inspect.getdoc(options)
     run.__name__ = name
     cls = type(f"{name.title()}Command", (Command,),
-               {"list_flags": {fl for f in fields if f.metadata.get("many") for fl in _flags(f)}})
+               {"list_flags": {fl for f in fields if f.metadata.get("many") for fl in _flags(f)},
+                "choices": {f.name: f.metadata["choices"] for f in fields if f.metadata.get("choices")}})
     app.command(name, cls=cls, hidden=hidden)(run)
 
 

@@ -58,11 +58,15 @@ def model_markers(models: Iterable[str] = ()) -> dict:
     return {m: MODEL_MARKERS[i % len(MODEL_MARKERS)] for i, m in enumerate(names)}
 
 
+MAX_LENGTH_LABELS = 6  # a sweep's lengths labelled on one log x axis, at most (wider ones collide)
+
+
 def log_axes(ax, axes: str = "xy", *, at: Iterable = ()) -> None:
     """Log axes with plain tick labels (20, 50, 100 rather than 2x10^1). Call after drawing.
 
     ``at``: the values an x axis is labelled at (a sweep's lengths: 128, 256, 512 on a
-    128-512 sweep, where 1-2-5 ticks labelled only 200 and 500). Otherwise the ticks follow the
+    128-512 sweep, where 1-2-5 ticks labelled only 200 and 500); past ``MAX_LENGTH_LABELS`` of
+    them, every k-th is labelled and the others keep a bare tick. Otherwise the ticks follow the
     span of the data: 1-2-3-5 under one decade and a half (0.3 to 4.6 ms gets 0.3, 0.5, 1, 2, 3,
     5, where 1-2-5 labelled only 1 and 2), 1-2-5 up to the room the labels have side by side (x:
     2 decades; y, whose labels stack and are short: 4), and powers of ten beyond, so the labels
@@ -75,9 +79,11 @@ def log_axes(ax, axes: str = "xy", *, at: Iterable = ()) -> None:
         axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         values = sorted({float(v) for v in at if float(v) > 0}) if name == "x" else []
         if values:
-            axis.set_major_locator(matplotlib.ticker.FixedLocator(values))
+            # at most MAX_LENGTH_LABELS labelled (every k-th length); the rest keep an unlabelled tick
+            labelled = values[::-(-len(values) // MAX_LENGTH_LABELS)]
+            axis.set_major_locator(matplotlib.ticker.FixedLocator(labelled))
             axis.set_major_formatter(plain)
-            axis.set_minor_locator(matplotlib.ticker.NullLocator())
+            axis.set_minor_locator(matplotlib.ticker.FixedLocator([v for v in values if v not in labelled]))
             continue
         lo, hi = (float(v) for v in axis.get_data_interval())
         span = np.log10(hi / lo) if lo > 0 and np.isfinite(hi / lo) else 0.0

@@ -21,11 +21,10 @@ class Options:
 
 def main(o: Options) -> int:
     from evals.console import table
-    from evals.registry import REGISTRY, discover
+    from evals.registry import REGISTRY, registered
 
-    discover()
     rows = []
-    for s in REGISTRY.values():
+    for s in (REGISTRY[name] for name in registered()):
         known = s.declared_modes is not None
         rows.append((s.name, s.source if s.source == "built-in" else f"{s.source}: {s.target}", s.method, s.complexity,
                      " ".join(s.declared_modes) if known else "", " ".join(s.declared_forms or ()), s.state,

@@ -260,7 +260,7 @@ def resolve_model(name: str) -> ModelSpec:
     for key, spec in REGISTRY.items():
         if key.lower() == text.lower():
             return _loaded(spec)
-    raise ValueError(f"unknown model {name!r}; valid: {', '.join(REGISTRY)}, or a mixer's import path "
+    raise ValueError(f"unknown model {name!r}; valid: {', '.join(registered())}, or a mixer's import path "
                      f"package.module:ClassName")
 
 
@@ -273,6 +273,14 @@ def _loaded(spec: ModelSpec) -> ModelSpec:
     return full
 
 
+def registered() -> list:
+    """The names a default means: the built-ins and the installed plugins, in registry order. A
+    mixer named by import path is registered only to be found again (by a worker, a later
+    command); asking for it once does not add it to every later default."""
+    discover()
+    return [k for k, s in REGISTRY.items() if s.source != "import path"]
+
+
 def select(flag: str, values, default=None) -> list:
     """Canonical names of the models ``values`` names (names, or import paths, space- or comma-
     separated), each registered; every registered model when none is given. One ``ResultsError``
@@ -283,7 +291,7 @@ def select(flag: str, values, default=None) -> list:
     discover()  # an installed plugin that clashes with a built-in is refused whatever is asked for
     given = split_list(values)
     if not given:
-        return list(default if default is not None else REGISTRY)
+        return list(default if default is not None else registered())
     out = []
     for v in given:
         try:

@@ -102,7 +102,7 @@ def test_the_reference_check_sees_every_spelling(source):
     assert suite_references(source)
 
 
-def test_the_seed_command_is_served_by_whoever_registers_it(tmp_path):
+def test_the_convert_example_command_is_served_by_whoever_registers_it(tmp_path):
     # A stand-in for the installed project's metadata: the entry point pyproject.toml declares.
     import re
 

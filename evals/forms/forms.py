@@ -29,7 +29,7 @@ from evals.output.files import write_sidecar
 from evals.interrupts import sigterm_as_interrupt
 from evals.machine import environment, utc_now
 from evals.measure import time_fn
-from evals.registry import REGISTRY, ModelConfig, resolve_model
+from evals.registry import ModelConfig, resolve_model
 from evals.results import FORMS_COLUMNS as COLUMNS, append_row, sample_stats
 from evals.output.claims import claim_file
 from evals.workload import DTYPES, op_call
@@ -40,11 +40,10 @@ FORM_MODES = ("forward", "train")
 
 def models_with_recurrence() -> tuple:
     """Registry models whose op also has a token-by-token recurrent form."""
-    from evals.registry import discover
+    from evals.registry import registered
 
-    discover()
     out = []
-    for name in list(REGISTRY):
+    for name in registered():
         try:
             if "recurrent" in resolve_model(name).forms:
                 out.append(name)

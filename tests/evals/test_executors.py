@@ -135,7 +135,7 @@ def test_sigterm_stops_cleanly_with_rows_kept(tmp_path):
     tree = descendants(proc.pid)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "interrupted: every finished run is in" in err.decode(), err.decode()
+    assert proc.returncode == 143 and "interrupted: every finished run is in" in err.decode(), err.decode()
     assert _all_dead(tree) == []
     df = _rows(out)
     assert len(df) >= 1 and set(df["status"]) == {"ok"}

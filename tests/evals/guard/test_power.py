@@ -80,7 +80,7 @@ def test_cli_power_writes_the_curve_and_refuses_to_overwrite_it(tmp_path, monkey
     def fake_against(ref, rows, plan, **kw):
         seen.update(kw, rounds=plan.rounds, threshold=plan.threshold, alpha=plan.alpha, exact=plan.exact)
         return ab.Against(synthetic_samples(runs=2), ref, "a" * 40, dict(sha="b" * 40, dirty=False), {},
-                          kw["rounds"], kw["threshold"], kw["alpha"])
+                          plan.rounds, plan.threshold, plan.alpha)
 
     monkeypatch.setattr(ab, "against", fake_against)
     base = _stored(tmp_path, "base.csv", committed_rows())
