@@ -45,7 +45,9 @@ class Result:
 
     def line(self) -> str:
         err = "" if math.isnan(self.error) else f"error {self.error:.3g}"
-        bound = "" if math.isnan(self.bound) else f"<= {self.bound:.3g}"
+        # the comparison as measured: a failure reads "error 0.0011 > 1e-12", a pass "<="
+        over = self.status == "fail" and not math.isnan(self.error) and self.error > self.bound
+        bound = "" if math.isnan(self.bound) else f"{'>' if over else '<='} {self.bound:.3g}"
         measured = " ".join(p for p in (err, bound) if p)
         return f"{self.status.upper():4s}  {self.name:30s} {measured:24s} {self.detail}".rstrip()
 
