@@ -184,6 +184,9 @@ def ended(main_fn, options) -> int:
     from evals.errors import OutputError, ResultsError, one_line
 
     try:
+        if getattr(sys.modules.get(main_fn.__module__), "USES_TORCH", True) and "torch" not in sys.modules:
+            with interrupts.deferred():  # a signal mid-import would abort inside torch's C++
+                import torch  # noqa: F401
         return main_fn(options)
     except KeyboardInterrupt as e:
         typer.echo(f"interrupted: {interrupts.current_hint()}", err=True)

@@ -44,8 +44,15 @@ class Interrupted(KeyboardInterrupt):
         return EXIT_CODES.get(self.signum, 130)
 
 
+_deferring: list = []  # depth of open ``deferred()`` blocks
+_pending: list = []    # the signal a deferred block holds back
+
+
 def _handler(signum, frame):
     _stopping[0] += 1
+    if _stopping[0] == 1 and _deferring:
+        _pending.append(signum)  # raised when the block ends (``deferred``)
+        return
     if _stopping[0] == 1:
         raise Interrupted(signum)
     if _stopping[0] >= 3:  # the clean-up hangs: stop now, as the user insists
@@ -58,8 +65,25 @@ def install() -> None:
         return
     _stopping[0] = 0
     _hint[0] = NOTHING_WRITTEN
+    _pending.clear()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _handler)
+
+
+@contextmanager
+def deferred() -> Iterator[None]:
+    """Hold a SIGINT or SIGTERM that arrives in the block until the block ends, then raise it.
+
+    For importing torch: parts of its import run Python from C++ (pybind11), and an exception
+    raised there is not a Python exception to C++: the process aborts ("terminate called after
+    throwing an instance of 'pybind11::error_already_set'") instead of ending in one line."""
+    _deferring.append(True)
+    try:
+        yield
+    finally:
+        _deferring.pop()
+    if _pending and not _deferring:
+        raise Interrupted(_pending.pop())
 
 
 def exit_now(err: BaseException) -> None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+USES_TORCH = False  # cli.ended imports torch before every other command (where a signal must wait)
+
 
 @dataclass(frozen=True)
 class Options:

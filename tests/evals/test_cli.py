@@ -370,3 +370,24 @@ def test_log_axes_are_labelled_at_a_sweeps_lengths_and_densely_on_a_narrow_range
     plt.close(fig)
     assert xs == ["128", "256", "512"]
     assert {"0.5", "1", "2", "3"} <= set(ys), ys
+
+
+def test_a_signal_during_a_deferred_block_is_raised_when_the_block_ends():
+    # torch's import runs Python from C++: a KeyboardInterrupt raised there aborted the process
+    # ("terminate called after throwing an instance of 'pybind11::error_already_set'"), so the
+    # command line imports torch in a deferred block: the signal waits for the block's end.
+    from evals import interrupts
+
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    interrupts.install()
+    reached = []
+    try:
+        with pytest.raises(interrupts.Interrupted) as stop:
+            with interrupts.deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)  # the handler has run by now (main thread, between bytecodes)
+                reached.append("end of block")
+        assert reached == ["end of block"] and stop.value.exit_code == 143
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
