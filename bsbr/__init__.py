@@ -6,10 +6,11 @@ number of chunks. See README.md and docs/.
 """
 
 from .attention import BSBRAttention, BSBRCache, BSBRStaticCache
+from .causal_lm import CausalLM, ModelCache
+from .mixer import RecurrentStateMixer, TokenMixer
 from .model import BSBRLayer, BSBRModel
 from .ops import bsbr_attention, bsbr_attention_flops
-from .shell import CausalLM, ModelCache
 
 __all__ = ["BSBRAttention", "BSBRCache", "BSBRStaticCache", "BSBRLayer", "BSBRModel", "CausalLM", "ModelCache",
-           "bsbr_attention", "bsbr_attention_flops"]
+           "RecurrentStateMixer", "TokenMixer", "bsbr_attention", "bsbr_attention_flops"]
 __version__ = "0.2.0"

@@ -66,8 +66,39 @@ def normalize_mask(attention_mask: Optional[torch.Tensor], input_ids: torch.Tens
         raise ValueError(
             f"attention_mask shape {tuple(attention_mask.shape)} must match input_ids shape {tuple(input_ids.shape)}"
         )
-    mask = attention_mask.to(device=input_ids.device) != 0
+    mask = mask_as_bool(attention_mask.to(device=input_ids.device), "attention_mask")
     return None if known_all_true(mask) else mask
+
+
+def mask_as_bool(mask: torch.Tensor, name: str = "mask") -> torch.Tensor:
+    """A padding mask as bool (True = real token): a bool tensor as it is, a numeric one only if it
+    holds 0s and 1s (2, 0.5, -1 or NaN are not a mask and would silently count as real tokens).
+    The one check of mask values, for the models' ``attention_mask`` and the ops' ``mask``.
+
+    On the CPU outside ``torch.compile`` a bad value is a ValueError naming ``name``; elsewhere
+    reading the values would synchronise with the device (or break the graph), so the check is
+    asynchronous and a bad mask fails the next synchronising call."""
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.is_complex():
+        raise ValueError(f"{name} must be bool or hold only 0/1 numbers, got a complex tensor")
+    ok = ((mask == 0) | (mask == 1)).all()
+    if mask.device.type != "cpu" or torch.compiler.is_compiling():
+        torch._assert_async(ok, f"{name} must be bool or hold only 0/1 numbers")
+    elif not bool(ok):
+        bad = mask[(mask != 0) & (mask != 1)].flatten()[0].item()
+        raise ValueError(f"{name} must be bool or hold only 0/1 numbers (1 = real token, 0 = padding), got {bad}")
+    return mask != 0
+
+
+def check_qkv_aligned(q, k, v, mask: Optional[torch.Tensor] = None) -> None:
+    """Per-head inputs of an op whose queries and keys are the same tokens (the recurrent and
+    chunked ops): q, k (b, h, n, d), v (b, h, n, d_v), mask None or (b, n)."""
+    if q.dim() != 4 or q.shape != k.shape or q.shape[:3] != v.shape[:3]:
+        raise ValueError(f"q, k must be (b, h, n, d) and v (b, h, n, d_v) with matching b, h, n; "
+                         f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if mask is not None and mask.shape != (q.shape[0], q.shape[2]):
+        raise ValueError(f"mask must be (batch, n) = {(q.shape[0], q.shape[2])}, got {tuple(mask.shape)}")
 
 
 def known_all_true(mask: torch.Tensor) -> bool:

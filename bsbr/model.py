@@ -1,17 +1,17 @@
-"""BSBRLayer and BSBRModel: the shared shell (bsbr.shell) with BSBRAttention as the token mixer."""
+"""BSBRLayer and BSBRModel: the shared shell (bsbr.causal_lm) with BSBRAttention as the token mixer."""
 
 from __future__ import annotations
 
 from typing import Optional
 
 from .attention import BSBRAttention
-from .shell import Block, CausalLM
+from .causal_lm import Block, CausalLM
 
 
 class BSBRLayer(Block):
     """A pre-norm transformer layer: BSBR attention then a feed-forward network.
 
-    Positional order (the seed's): ``hidden_dim, num_heads, chunk_size, ff_dim, dropout``; ``dropout``
+    Positional order (the earlier package's): ``hidden_dim, num_heads, chunk_size, ff_dim, dropout``; ``dropout``
     is the residual dropout of both branches (applied once to each, by the block).
     ``forward(x, mask=None, cache=None)`` with x (batch, seq_len, hidden_dim).
     """
@@ -31,7 +31,7 @@ class BSBRLayer(Block):
 class BSBRModel(CausalLM):
     """Block Sparse attention with Block Retrieval language model.
 
-    Positional order: BSBRModel keeps the seed's ``vocab_size, hidden_dim, num_layers, num_heads,
+    Positional order: BSBRModel keeps the earlier package's ``vocab_size, hidden_dim, num_layers, num_heads,
     chunk_size, ff_dim, dropout``, with ``chunk_size`` fifth and ``ff_dim`` sixth. The other six
     models take ``ff_dim`` fifth (``vocab_size, hidden_dim, num_layers, num_heads, ff_dim, dropout``;
     GAU has no ``num_heads``), so pass ``chunk_size=`` and ``ff_dim=`` by keyword when code builds
@@ -45,7 +45,7 @@ class BSBRModel(CausalLM):
         use_checkpointing: gradient checkpointing per layer while training.
         bias, gamma: see :class:`bsbr.attention.BSBRAttention`.
         **shell_kwargs: position ("sinusoidal" | "learned"), max_positions, tie_embeddings,
-            norm_eps, activation; see :class:`bsbr.shell.CausalLM`.
+            norm_eps, activation; see :class:`bsbr.causal_lm.CausalLM`.
 
     ``model(input_ids, attention_mask=None, cache=None)`` returns logits (batch, seq_len, vocab_size).
     """

@@ -5,6 +5,7 @@ Axis legend:
     c  chunk size     C  chunks in call  P  chunks already in the cache (past)
     o  overlap        L  keys seen by one chunk's queries (c + o)
     e  compressed key size d / f
+    D  model width (a layer input before the head split: chunk summaries only)
 
 For token t in chunk i the output is (README.md, "What BSBR computes")
 
@@ -45,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from . import sizing
+from .checks import mask_as_bool
 
 _NEG_INF = float("-inf")
 
@@ -199,6 +201,22 @@ def _local_attention_sdpa(q, k, v, c, o, mask, tail_k, tail_v, tail_m, readout) 
 # ----------------------------------------------------------------------------- retrieval term
 
 
+def chunk_summaries(x: torch.Tensor, mask: Optional[torch.Tensor], chunk_size: int) -> torch.Tensor:
+    """s_j: the mean of x over chunk j's real tokens, (b, n, D) -> (b, C, D); 0 for an all-padding
+    chunk. The meta key of chunk j is read from s_j, the meta query of chunk j + 1 too."""
+    b, n, D = x.shape
+    chunk_size = min(chunk_size, n)  # one partial chunk: n rows, not chunk_size (memory follows min(c, n))
+    C = -(-n // chunk_size)
+    pad = C * chunk_size - n
+    w = torch.ones(b, n, dtype=x.dtype, device=x.device) if mask is None else mask.to(x.dtype)
+    if pad:
+        x = F.pad(x, (0, 0, 0, pad))
+        w = F.pad(w, (0, pad))
+    x = x.view(b, C, chunk_size, D)
+    w = w.view(b, C, chunk_size, 1)
+    return (x * w).sum(2) / w.sum(2).clamp_min(1.0)  # (b, C, D)
+
+
 def chunk_states(k: torch.Tensor, v: torch.Tensor, chunk_size: int, mask: Optional[torch.Tensor] = None,
                  compress: Optional[torch.Tensor] = None) -> torch.Tensor:
     """F_j = sum_{s in chunk j, real} (A^T k_s) v_s^T.  k, v: (b, h, C*c, d) -> (b, h, C, e, d).
@@ -283,11 +301,7 @@ def check_bsbr_inputs(q, k, v, r, hk, chunk_size, overlap, mask, compress, gamma
         raise ValueError(f"mask must be None or a (batch, n) = {(b, n)} tensor, True/1 = real token, got {got}")
     if mask.device != q.device:
         raise ValueError(f"mask must be on q's device {q.device}, got {mask.device}")
-    if mask.dtype != torch.bool:
-        if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
-            raise ValueError("mask must be bool or hold only 0/1 numbers")
-        mask = mask != 0
-    return mask
+    return mask_as_bool(mask, "mask")
 
 
 def bsbr_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r: torch.Tensor, hk: torch.Tensor, *,

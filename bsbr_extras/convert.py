@@ -2,7 +2,7 @@
 
 GPT-2 (Radford et al., 2019) is a pre-norm decoder: ``x + attn(ln_1(x))``, ``x + mlp(ln_2(x))``,
 final ``ln_f``, LM head tied to the token embedding ``wte``, learned absolute positions ``wpe``.
-:class:`bsbr.BSBRModel` is built on the same shell (``bsbr/shell.py``), so everything but the token
+:class:`bsbr.BSBRModel` is built on the same shell (``bsbr/causal_lm.py``), so everything but the token
 mixer carries over weight for weight. The mixer is BSBR (README.md, "What BSBR computes"): inside a
 chunk it is exactly causal softmax attention with scale ``1/sqrt(head_dim)``, so
 
@@ -120,7 +120,7 @@ NEW: dict = {
     "layers.{}.mixer.compress": "per-head compression map d -> d/f (only with compression_factor)",
 }
 
-# GPT-2 ``activation_function`` -> the shell's activation name (bsbr.shell._ACTIVATIONS).
+# GPT-2 ``activation_function`` -> the shell's activation name (bsbr.causal_lm._ACTIVATIONS).
 ACTIVATIONS: dict = {
     "gelu_new": "gelu_tanh",          # GPT-2's own: 0.5 x (1 + tanh(sqrt(2/pi)(x + 0.044715 x^3)))
     "gelu_pytorch_tanh": "gelu_tanh",

@@ -1,11 +1,11 @@
-"""``python -m bsbr_extras.convert_example``: the seed's command line for the GPT-2 -> BSBR
+"""``python -m bsbr_extras.convert_example``: the earlier package's command line for the GPT-2 -> BSBR
 comparison and the train -> convert -> fine-tune experiment.
 
 The experiment is evaluation code and does not live in the library; the library depends on
 nothing outside it, not even by name. Whatever package provides this command registers it
 under the entry-point group ``bsbr_extras.commands`` with the name ``convert_example``: a
 function ``main(argv) -> exit code``. This module looks the command up there and runs it; the
-project's own ``pyproject.toml`` registers its convert command (same options, the seed's
+project's own ``pyproject.toml`` registers its convert command (same options, the earlier package's
 spellings included), so an installed project serves it.
 """
 

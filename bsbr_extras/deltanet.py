@@ -56,7 +56,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from bsbr import sizing
-from bsbr.shell import CausalLM, RecurrentStateMixer, check_heads, check_positive_int, exists, split_heads
+from bsbr.causal_lm import CausalLM
+from bsbr.checks import check_heads, check_positive_int
+from bsbr.mixer import RecurrentStateMixer, exists, split_heads
 
 
 def _check_inputs(q, k, v, beta, mask):
@@ -261,6 +263,10 @@ class DeltaNetAttention(RecurrentStateMixer):
         self.beta_proj = nn.Linear(hidden_dim, num_heads, bias=False)  # w_beta, one row per head
         self.out_proj = nn.Linear(hidden_dim, hidden_dim)
 
+    def state_bytes(self, n: int) -> int:
+        """Bytes of this layer's delta-rule memory (float32), whatever ``n``: one d x d matrix per head."""
+        return 4 * self.num_heads * self.head_dim * self.head_dim
+
     def op_inputs(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> tuple:
         q, k, v = self.qkv(x).chunk(3, dim=-1)                        # 3 x (b, n, D)
         q, k, v = (split_heads(t, self.num_heads) for t in (q, k, v))  # 3 x (b, h, n, d)
@@ -301,7 +307,7 @@ class DeltaNetModel(CausalLM):
         vocab_size, hidden_dim, num_layers, num_heads, ff_dim, dropout: as in every model here.
         chunk_size: chunk length of the chunkwise-parallel form (a speed knob only: the output
             does not depend on it beyond round-off). Positive int.
-        **shell_kwargs: passed to :class:`bsbr.shell.CausalLM`.
+        **shell_kwargs: passed to :class:`bsbr.causal_lm.CausalLM`.
     """
 
     mixer_class = DeltaNetAttention

@@ -44,7 +44,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from bsbr import sizing
-from bsbr.shell import CausalLM, TokenMixer, check_positive_int, exists
+from bsbr.causal_lm import CausalLM
+from bsbr.checks import check_positive_int
+from bsbr.mixer import TokenMixer, exists
 
 
 _BLOCK_STATE_BYTES = 4 << 20  # cpu policy: a block of chunks holds about this much cross-chunk state
@@ -236,6 +238,12 @@ class GatedAttentionUnit(TokenMixer):
         self.scale_offset = ScaleOffset(qk_dim, heads=4)
         self.out_proj = nn.Linear(e, hidden_dim)
 
+    def state_bytes(self, n: int) -> int:
+        """Bytes of this layer's cache (float32), whatever ``n``: the global linear state and its
+        pending update (s x e each), the open chunk's keys (c x s) and values (c x e), and the position."""
+        s, e, c = self.qk_dim, self.expansion_dim, self.chunk_size
+        return 4 * (2 * s * e + c * s + c * e) + 8
+
     def _project(self, x: torch.Tensor) -> tuple:
         u, v = F.silu(self.uv(x)).chunk(2, dim=-1)                    # 2 x (b, n, e)
         z = F.silu(self.z(x))                                         # (b, n, s)
@@ -358,7 +366,7 @@ class GAUModel(CausalLM):
         chunk_size: FLASH chunk length ``c`` (positive int; also scales ``relu(q k / c)^2``).
         expansion_factor: ``e = expansion_factor * hidden_dim``, the width of ``U`` and ``V`` (positive int).
         qk_dim: ``s``, the width of the shared ``Z`` behind the queries and keys (positive int).
-        **shell_kwargs: passed to :class:`bsbr.shell.CausalLM`.
+        **shell_kwargs: passed to :class:`bsbr.causal_lm.CausalLM`.
 
     The shared shell's pre-norm block adds its feed-forward layer after the unit.
     """

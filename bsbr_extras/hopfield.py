@@ -39,7 +39,9 @@ from typing import Optional
 
 import torch
 
-from bsbr.shell import CausalLM, check_float, check_positive_int, default
+from bsbr.causal_lm import CausalLM
+from bsbr.checks import check_float, check_positive_int
+from bsbr.mixer import default
 from bsbr_extras.standard import StandardAttention, causal_softmax_unchecked, check_qkv
 
 
@@ -91,6 +93,8 @@ class HopfieldAttention(StandardAttention):
     With ``update_steps > 1`` the layer has no parameter beyond Standard's: the extra updates reuse
     the keys.
     """
+
+    config_names = {"beta": "hopfield_beta"}
 
     def __init__(self, hidden_dim: int, num_heads: int, beta: Optional[float] = None, update_steps: int = 1,
                  dropout: float = 0.0, bias: bool = True):

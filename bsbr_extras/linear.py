@@ -36,7 +36,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from bsbr import sizing
-from bsbr.shell import CausalLM, RecurrentStateMixer, check_heads, check_positive_int, exists, split_heads
+from bsbr.causal_lm import CausalLM
+from bsbr.checks import check_heads, check_positive_int, check_qkv_aligned
+from bsbr.mixer import RecurrentStateMixer, exists, split_heads
 
 EPS = 1e-6
 _BLOCK_STATE_BYTES = 2 << 20  # cpu policy: a block of chunks holds about this much state at a time
@@ -45,14 +47,6 @@ _BLOCK_STATE_BYTES = 2 << 20  # cpu policy: a block of chunks holds about this m
 def feature_map(x: torch.Tensor) -> torch.Tensor:
     """phi(x) = elu(x) + 1 > 0 (Katharopoulos et al., 2020, eq. 7)."""
     return F.elu(x).add_(1.0)  # in place: elu's backward needs its input, not its output
-
-
-def _check_qkv(q, k, v, mask):
-    if q.dim() != 4 or q.shape != k.shape or q.shape[:3] != v.shape[:3]:
-        raise ValueError(f"q, k must be (b, h, n, d) and v (b, h, n, d_v) with matching b, h, n; "
-                         f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if exists(mask) and mask.shape != (q.shape[0], q.shape[2]):
-        raise ValueError(f"mask must be (batch, n) = {(q.shape[0], q.shape[2])}, got {tuple(mask.shape)}")
 
 
 # ----------------------------------------------------------------------------- ops
@@ -93,7 +87,7 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_si
     check_positive_int("chunk_size", chunk_size)
     if exists(block_chunks):
         check_positive_int("block_chunks", block_chunks)
-    _check_qkv(q, k, v, mask)
+    check_qkv_aligned(q, k, v, mask)
     return linear_attention_unchecked(q, k, v, chunk_size, mask, initial_state=initial_state,
                                       output_final_state=output_final_state, eps=eps, block_chunks=block_chunks)
 
@@ -195,7 +189,7 @@ def linear_attention_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     for training and prefill (``bsbr-eval forms`` times the two). Same arguments as that function,
     without ``chunk_size``; returns (b, h, n, d_v).
     """
-    _check_qkv(q, k, v, mask)
+    check_qkv_aligned(q, k, v, mask)
     dtype = v.dtype
     q, k, v = sizing.upcast(q, k, v)                                  # the sums in fp32 for half precision
     fq, fk = feature_map(q), feature_map(k)                           # (b, h, n, d)
@@ -230,6 +224,11 @@ class LinearAttention(RecurrentStateMixer):
         self.num_heads, self.chunk_size = num_heads, chunk_size
         self.qkv = nn.Linear(hidden_dim, 3 * hidden_dim)
         self.out_proj = nn.Linear(hidden_dim, hidden_dim)
+
+    def state_bytes(self, n: int) -> int:
+        """Bytes of this layer's state (float32), whatever ``n``: S = sum phi(k) v^T and z = sum phi(k)."""
+        d = self.head_dim
+        return 4 * self.num_heads * (d * d + d)
 
     def op_inputs(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> tuple:
         q, k, v = self.qkv(x).chunk(3, dim=-1)                        # 3 x (b, n, D)
@@ -267,7 +266,7 @@ class LinearTransformerModel(CausalLM):
         vocab_size, hidden_dim, num_layers, num_heads, ff_dim, dropout: as in every model here.
         chunk_size: chunk length of the chunkwise-parallel form (a speed knob only: the output
             does not depend on it beyond round-off). Positive int.
-        **shell_kwargs: passed to :class:`bsbr.shell.CausalLM` (position, tie_embeddings, ...).
+        **shell_kwargs: passed to :class:`bsbr.causal_lm.CausalLM` (position, tie_embeddings, ...).
     """
 
     mixer_class = LinearAttention

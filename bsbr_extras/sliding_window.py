@@ -35,7 +35,9 @@ import torch
 import torch.nn.functional as F
 
 from bsbr import sizing
-from bsbr.shell import CausalLM, check_positive_int, exists
+from bsbr.causal_lm import CausalLM
+from bsbr.checks import check_positive_int
+from bsbr.mixer import exists
 from bsbr_extras.standard import StandardAttention, allowed_keys, causal_softmax_unchecked, check_qkv
 
 # Queries per block in the blocked form (a CPU-tuned constant; any value gives the same result):
@@ -266,6 +268,11 @@ class SlidingWindowAttention(StandardAttention):
         check_positive_int("window_size", window_size)
         super().__init__(hidden_dim, num_heads, dropout, bias)
         self.window_size = window_size
+
+    def state_bytes(self, n: int) -> int:
+        """Bytes of this layer's ring buffer (float32), whatever ``n``: w keys and values per head,
+        their validity flags and the position (a long)."""
+        return 4 * 2 * self.num_heads * self.window_size * self.head_dim + self.window_size + 8
 
     def op(self, q, k, v, *, mask=None):
         return sliding_window_unchecked(q, k, v, self.window_size, mask,

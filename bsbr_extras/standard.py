@@ -24,7 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bsbr.shell import CausalLM, TokenMixer, check_dropout, check_heads, exists, split_heads
+from bsbr.causal_lm import CausalLM
+from bsbr.checks import check_dropout, check_heads
+from bsbr.mixer import TokenMixer, exists, split_heads
 
 # ----------------------------------------------------------------------------- checks
 
@@ -203,6 +205,11 @@ class StandardAttention(TokenMixer):
         self.hidden_dim, self.num_heads, self.dropout = hidden_dim, num_heads, float(dropout)
         self.qkv = nn.Linear(hidden_dim, 3 * hidden_dim, bias=bias)
         self.out_proj = nn.Linear(hidden_dim, hidden_dim, bias=bias)
+
+    def state_bytes(self, n: int) -> int:
+        """Bytes this layer's growing KV cache holds after a prefill of ``n`` tokens (batch 1,
+        float32): K and V of every token, in a buffer of n + n/4 slots (at least 16)."""
+        return 4 * 2 * self.num_heads * max(n + n // 4, 16) * self.head_dim
 
     def op_inputs(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> tuple:
         q, k, v = self.qkv(x).chunk(3, dim=-1)  # 3 x (b, n, D)

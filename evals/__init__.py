@@ -1,20 +1,18 @@
 """The evaluation suite behind ``bsbr-eval`` (``cli.py``): one package per command, over a shared
 foundation of flat modules.
 
-Commands (each package's ``__init__`` says what it owns):
-
-- ``guard/``: ``bsbr-eval regress``, the performance-regression guard;
-- ``analyze/``: ``bsbr-eval analyze``, fits and figures from ``compare``'s CSVs;
-- ``recall/``: ``bsbr-eval recall`` and ``frontier``, multi-query associative recall;
-- ``convert/``: ``bsbr-eval convert``, GPT-2 -> BSBR;
-- ``compare`` and ``forms``: ``bsbr-eval compare`` (the sweep) and ``forms``, one module each.
+Commands, one package each (its ``__init__`` says what it owns; ``command.py`` holds the options
+and ``main``): ``compare/``, ``forms/``, ``analyze/``, ``guard/`` (``bsbr-eval guard``),
+``convert/``, ``recall/``, ``frontier/`` (recall and lm runs), ``lm/``, ``check/``; and
+``models.py`` (``bsbr-eval models``).
 
 Foundation (used by the commands, never using them):
 
-- ``registry`` (the models), ``grid`` (configurations and shards), ``workload`` (building one
-  configuration's call) and ``measure`` (timing, FLOPs, memory; the one module that reads a clock);
-- ``results`` (the CSV contract and its writes) with ``errors``, ``files``, ``locking``,
-  ``machine`` and ``resume``; ``options`` (option checks); ``interrupts`` (SIGTERM as Ctrl-C);
+- ``registry`` (built-ins, entry points and import paths), ``grid`` (configurations and shards),
+  ``workload`` (building one configuration's call) and ``measure`` (timing, FLOPs, memory);
+- ``output/`` (where a run may write, whole-file writes, claims: locks and resumes), ``results``
+  (the CSV contract), ``errors``, ``locking``, ``machine``, ``resume``; ``options`` (declaring and
+  checking options); ``console`` (what is printed, and how); ``interrupts`` (one way to stop);
 - ``executors`` (local or Ray), ``train`` (the one trainer), ``figures`` (palette, markers, saving).
 
 Nothing is imported here: the guard's worker imports this package first (the accepted commit's or

@@ -2,7 +2,7 @@
 
 An executor maps a picklable top-level function over items and yields ``(item, result)`` as each
 finishes (in completion order; the caller writes each result as it arrives). Two guarantees, both
-tested in tests/test_executors.py:
+tested in tests/evals/test_executors.py:
 
 - *Nothing outlives the command.* Local workers ask the kernel to SIGKILL them when their parent
   dies (``prctl(PR_SET_PDEATHSIG)``). A Ray cluster that ``ray.init()`` starts here is mostly

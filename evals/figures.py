@@ -1,5 +1,6 @@
 """The suite's shared figure conventions, for every command that draws (``evals.analyze.plots``,
-``evals.recall.plots``, ``evals.recall.frontier``, ``evals.convert.plots``, ``evals.guard.figure``).
+``evals.recall.plots``, ``evals.frontier.recall``, ``evals.lm.plots``, ``evals.convert.plots``,
+``evals.guard.figure``).
 
 - matplotlib with the Agg backend (files only: no display on CI machines or cluster nodes), and
   ``plt``/``sns`` for the drawing modules;
@@ -30,11 +31,11 @@ import numpy as np  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from evals.registry import MODEL_NAMES, model_order  # noqa: E402
-from evals.results import write_figure  # noqa: E402
+from evals.output.files import write_figure
 
 METRIC_LABELS = {"time_ms": "time (ms, median of repeats)", "peak_memory_mb": "peak memory (MB)"}
 LENGTH_LABEL = "sequence length n (tokens)"
-FAILURE_MARKERS = {"oom": "X", "error": "P", "skipped": "v"}
+FAILURE_MARKERS = {"oom": "X", "error": "P", "skipped": "v", "unsupported": "1"}
 DPI = 120
 
 
@@ -57,22 +58,38 @@ def model_markers(models: Iterable[str] = ()) -> dict:
     return {m: MODEL_MARKERS[i % len(MODEL_MARKERS)] for i, m in enumerate(names)}
 
 
-def log_axes(ax, axes: str = "xy") -> None:
+MAX_LENGTH_LABELS = 6  # a sweep's lengths labelled on one log x axis, at most (wider ones collide)
+
+
+def log_axes(ax, axes: str = "xy", *, at: Iterable = ()) -> None:
     """Log axes with plain tick labels (20, 50, 100 rather than 2x10^1). Call after drawing.
 
-    1-2-5 ticks, so a narrow range still gets several labels; powers of ten only when the data
-    span more decades than the labels have room for side by side (x: 2; y, whose labels stack and
-    are short: 4), so the labels of a wide range never run into each other.
+    ``at``: the values an x axis is labelled at (a sweep's lengths: 128, 256, 512 on a
+    128-512 sweep, where 1-2-5 ticks labelled only 200 and 500); past ``MAX_LENGTH_LABELS`` of
+    them, every k-th is labelled and the others keep a bare tick. Otherwise the ticks follow the
+    span of the data: 1-2-3-5 under one decade and a half (0.3 to 4.6 ms gets 0.3, 0.5, 1, 2, 3,
+    5, where 1-2-5 labelled only 1 and 2), 1-2-5 up to the room the labels have side by side (x:
+    2 decades; y, whose labels stack and are short: 4), and powers of ten beyond, so the labels
+    of a wide range never run into each other.
     """
     plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
     for name in axes:
         axis = getattr(ax, f"{name}axis")
         getattr(ax, f"set_{name}scale")("log")
-        lo, hi = (float(v) for v in axis.get_data_interval())
-        wide = lo > 0 and np.isfinite(hi / lo) and np.log10(hi / lo) > (2 if name == "x" else 4)
-        axis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0,) if wide else (1.0, 2.0, 5.0)))
-        axis.set_major_formatter(plain)
         axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        values = sorted({float(v) for v in at if float(v) > 0}) if name == "x" else []
+        if values:
+            # at most MAX_LENGTH_LABELS labelled (every k-th length); the rest keep an unlabelled tick
+            labelled = values[::-(-len(values) // MAX_LENGTH_LABELS)]
+            axis.set_major_locator(matplotlib.ticker.FixedLocator(labelled))
+            axis.set_major_formatter(plain)
+            axis.set_minor_locator(matplotlib.ticker.FixedLocator([v for v in values if v not in labelled]))
+            continue
+        lo, hi = (float(v) for v in axis.get_data_interval())
+        span = np.log10(hi / lo) if lo > 0 and np.isfinite(hi / lo) else 0.0
+        subs = (1.0,) if span > (2 if name == "x" else 4) else (1.0, 2.0, 5.0) if span > 1.5 else (1.0, 2.0, 3.0, 5.0)
+        axis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=subs))
+        axis.set_major_formatter(plain)
 
 
 def save(fig, path: Path) -> Path:

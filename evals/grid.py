@@ -3,7 +3,7 @@
 The grid is the cross product ``models x devices x modes x seq_lengths`` for one level, one
 dtype, one batch size and one ``ModelConfig``. Its order is fixed by the order the caller
 gives (the CLI passes the registry's order), with lengths ascending inside each
-(model, device, mode) group so that an out-of-memory at length ``n`` can skip the longer
+(model, device, mode) series so that an out-of-memory at length ``n`` can skip the longer
 lengths after it.
 
 ``--shard i/N`` keeps every N-th case starting at the i-th (round robin), so the N slices are
@@ -13,13 +13,13 @@ Slices from many machines are concatenated afterwards; nothing in a slice depend
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Iterable, Optional, Sequence
 
 from evals.registry import LEVELS, MODES, ModelConfig
 
 DEVICES = ("cpu", "cuda")
-DTYPES = ("float32", "float64", "float16", "bfloat16")
+DTYPE_NAMES = ("float32", "float64", "float16", "bfloat16")  # what a dtype flag may say (workload.DTYPES maps them)
 # torch.nn.attention.SDPBackend members a sweep can restrict SDPA to ("auto": no restriction).
 SDPA_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")
 
@@ -46,8 +46,8 @@ class Case:
     sdpa_backend: str = "auto"  # restrict torch's SDPA to one backend (``SDPA_BACKENDS``); auto: torch picks
 
     @property
-    def group(self) -> tuple:
-        """Cases in one group share everything but the length: an OOM skips the rest of a group."""
+    def series(self) -> tuple:
+        """Cases in one series share everything but the length: an OOM skips the rest of a series."""
         return (self.model, self.device, self.mode, self.level, self.dtype, self.batch_size,
                 self.config, self.decode_tokens, self.seed, self.compile, self.sdpa_backend)
 
@@ -78,23 +78,44 @@ class Case:
 KEY_COLUMNS = tuple(Case("x", "cpu", "forward", "model", "float32", 1, 1, ModelConfig()).fields())
 
 
+@dataclass(frozen=True)
+class GridSpec:
+    """What every case of one sweep shares: the level, the model configuration, the batch, the
+    dtype, the decode steps, the seed, compilation and the SDPA backend."""
+
+    level: str = "model"
+    config: ModelConfig = field(default_factory=ModelConfig)
+    batch_size: int = 1
+    dtype: str = "float32"
+    decode_tokens: int = 16
+    seed: int = 0
+    compile: bool = False
+    sdpa_backend: str = "auto"
+
+    def settings(self) -> dict:
+        """As a sidecar records it (the configuration as a plain dict)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["config"] = self.config.as_dict()
+        return out
+
+
 def expand_grid(models: Sequence[str], seq_lengths: Iterable[int], devices: Sequence[str] = ("cpu",),
-                modes: Sequence[str] = ("forward",), *, level: str = "model", config: Optional[ModelConfig] = None,
-                batch_size: int = 1, dtype: str = "float32", decode_tokens: int = 16, seed: int = 0,
-                compile: bool = False, sdpa_backend: str = "auto") -> list[Case]:
+                modes: Sequence[str] = ("forward",), spec: Optional[GridSpec] = None) -> list[Case]:
     """Every case of the sweep, model-major, lengths ascending inside each (model, device, mode).
 
     Raises ValueError naming the valid choices for an unknown device, mode, level or dtype, or a
     non-positive length. Model names must already be canonical (see ``registry.resolve_model``).
     """
-    config = config or ModelConfig()
+    s = spec or GridSpec()
+    level, config, batch_size, dtype, decode_tokens = s.level, s.config, s.batch_size, s.dtype, s.decode_tokens
+    seed, compile, sdpa_backend = s.seed, s.compile, s.sdpa_backend
     lengths = sorted(set(int(n) for n in seq_lengths))
     if not lengths:
         raise ValueError("seq_lengths must name at least one length")
     if lengths[0] <= 0:
         raise ValueError(f"sequence lengths must be positive integers, got {lengths[0]}")
     for name, values, valid in (("device", devices, DEVICES), ("mode", modes, MODES),
-                                ("level", [level], LEVELS), ("dtype", [dtype], DTYPES),
+                                ("level", [level], LEVELS), ("dtype", [dtype], DTYPE_NAMES),
                                 ("sdpa_backend", [sdpa_backend], SDPA_BACKENDS)):
         for v in values:
             if v not in valid:

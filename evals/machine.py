@@ -121,7 +121,10 @@ def environment() -> dict:
     """Software, machine and code facts for the sidecar."""
     sha = git_sha()
     env = machine()
+    from evals.registry import plugins_in_use
+
     env.update({
+        "plugins": plugins_in_use(),
         "git_sha": sha or None,
         "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")) if sha else None,
         "command": shlex.join([Path(sys.argv[0]).name] + sys.argv[1:]),

@@ -1,4 +1,5 @@
-"""Measure one case: time, peak memory, FLOPs and parameters. The only module that reads a clock.
+"""Measure one case: time, peak memory, FLOPs and parameters. The one module that times a case
+(the trainers time their own trainings; the guard's runqueue probe subtracts waits from these samples).
 
 A case is measured in four passes over the same built workload, in this order:
 
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass, replace
 import os
 import platform
 import statistics
@@ -52,9 +54,9 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 from evals.grid import Case
 from evals.registry import resolve_model
-from evals.results import one_line, sample_stats
-# the workload builder lives in evals.workload; these names stay importable from here
-from evals.workload import DTYPES, Workload, _compiled, build_workload, op_call  # noqa: F401
+from evals.errors import one_line
+from evals.results import sample_stats
+from evals.workload import DTYPES, _compiled, build_workload
 
 aten = torch.ops.aten
 
@@ -414,9 +416,29 @@ def one_call_ms(fn: Callable[[], object], device: str, setup: Optional[Callable[
     return (time.perf_counter() - t0) * 1e3
 
 
-def measure(case: Case, *, repeats: int = 10, warmup: int = 1, min_run_time: float = 0.2,
-            threads: Optional[int] = None, inject: Optional[dict] = None, run_id: str = "",
-            memory: bool = True, flops: bool = True) -> dict:
+@dataclass(frozen=True)
+class Measurement:
+    """How every case of a sweep is measured (``evals.measure.measure``'s knobs); a resumed
+    sweep must measure the same way."""
+
+    repeats: int = 10
+    warmup: int = 1
+    min_run_time: float = 0.2
+    threads: Optional[int] = None       # None: torch's current count
+    inject: Optional[dict] = None       # model -> slowdown factor; None reads $BSBR_EVAL_INJECT_SLOWDOWN
+
+    def resolved(self) -> "Measurement":
+        return replace(self, threads=self.threads or torch.get_num_threads(),
+                       inject=parse_inject() if self.inject is None else dict(self.inject))
+
+    def recorded(self) -> dict:
+        """As the sidecar records it (``measured_as``)."""
+        return dict(repeats=self.repeats, warmup=self.warmup, min_run_time=self.min_run_time, threads=self.threads,
+                    inject_slowdown=self.inject)
+
+
+def measure(case: Case, how: Measurement = Measurement(), *, run_id: str = "", memory: bool = True,
+            flops: bool = True) -> dict:
     """Measure ``case`` and return its row (see ``evals.results.COLUMNS``).
 
     Never raises for a failing model: an out-of-memory gives ``status = oom``, any other exception
@@ -427,9 +449,10 @@ def measure(case: Case, *, repeats: int = 10, warmup: int = 1, min_run_time: flo
     on its own (``compile_ms``) and is never a sample; ``warmup`` more untimed calls follow, and
     the FLOPs are counted on the eager workload.
     """
-    inject = parse_inject() if inject is None else inject
+    repeats, warmup, min_run_time = how.repeats, how.warmup, how.min_run_time
+    inject = parse_inject() if how.inject is None else how.inject
     factor = float(inject.get(case.model, 1.0))
-    threads = threads or torch.get_num_threads()
+    threads = how.threads or torch.get_num_threads()
     base = dict(run_id=run_id, threads=threads)
     host = platform.node()
     prev_threads = torch.get_num_threads()

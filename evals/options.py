@@ -1,17 +1,43 @@
-"""Checking what a user typed: list flags, choices and positive numbers, each failure one
-``ResultsError`` line that names the flag and what is valid (the CLI maps it to exit code 2).
+"""What a command's options are, and checking what a user typed.
 
-The commands' functions call these, so tests can call the functions directly and get the same
-errors as the command line.
+Declaring: every command's ``Options`` is a frozen dataclass whose fields are declared with
+``option(default, help, ...)``: the default and the help text live there and nowhere else, and
+``cli.py`` turns the fields into flags (``--hidden-dim`` for ``hidden_dim``). Nothing here
+imports torch, pandas or matplotlib, so building the command line (and ``--help``) stays fast.
+
+Checking: list flags, choices and positive numbers, each failure one ``ResultsError`` line that
+names the flag and what is valid (the CLI maps it to exit code 2). The commands call these, so
+tests can call a command's ``main(Options(...))`` directly and get the same errors.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from dataclasses import field
 from typing import Iterable, Optional, Sequence
 
-from evals.results import ResultsError
+from evals.errors import ResultsError
+
+
+def option(default, help: str, *, flags: Sequence[str] = (), choices: Sequence[str] = (), many: bool = False,
+           argument: bool = False, show_default: bool = True):
+    """A dataclass field that is also a command-line option.
+
+    ``flags``: the spellings (default ``--field-name``); ``choices``: the valid values (shown in
+    ``--help`` and checked by the parser); ``many``: a list flag that takes several values, space-
+    or comma-separated (the field holds a tuple of strings, or None when not given);
+    ``argument``: a positional argument instead of a flag.
+    """
+    return field(default=default, metadata=dict(help=help, flags=tuple(flags), choices=tuple(choices), many=many,
+                                                 argument=argument, show_default=show_default))
+
+
+def models_option(help: str = "Models (built-in names, case-insensitive, or plugins: an import path "
+                  "pkg.mod:Class or an installed entry point), space- or comma-separated. Default: every "
+                  "registered model."):
+    """The ``--models`` option every command that picks models shares (``evals.registry.select``)."""
+    return option(None, help, many=True, show_default=False)
 
 
 def split_list(values: Optional[Iterable]) -> list[str]:
@@ -134,3 +160,28 @@ def check_finite(name: str, value, *, low=None, high=None, low_open: bool = Fals
     if high is not None and (num > high or (high_open and num == high)):
         raise ResultsError(f"{want}, got {shown}")
     return num
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask; a container's limit shows there too)."""
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def check_jobs(jobs: Optional[int], threads: int, executor: str, *, default: int = 1) -> int:
+    """How many jobs to run at once. The local executor runs ``jobs`` processes of ``threads``
+    threads each on this machine: asking for more than its usable CPUs only makes every job slower
+    (21 trainings on 2 cores finished none), so it is refused; a preset's ``default`` is capped to
+    fit instead. Ray schedules by its own resources, so it may go wider."""
+    cpus = usable_cpus()
+    if jobs is None:
+        return default if executor != "local" else max(1, min(default, cpus // max(threads, 1)))
+    if executor == "local" and jobs * threads > cpus:
+        raise ResultsError(f"--jobs {jobs} x --threads {threads} asks for {jobs * threads} CPUs, but this machine "
+                           f"lets this process use {cpus}; give --jobs at most {max(1, cpus // threads)}, or "
+                           f"--executor ray for a cluster")
+    return jobs

@@ -1,28 +1,17 @@
-"""The results layer: the only module that knows the CSV schema, case identity, sidecar files,
-output locks and safe writes, and the one-line error text. Every command that writes or reads a
-results file goes through it (design: "Writing results safely").
+"""The CSV contract: the only module that knows the result rows' schema, case identity, how a
+row is appended and how a results file is read back.
 
-Writing:
-
-- ``claim_output`` validates an output path before any work (a CSV ends in ``.csv``, so its JSON
-  sidecar can never be the same file; no path under a regular file; no directory where a file
-  goes; a place we can write), takes an exclusive lock (``evals.locking``: a ``<name>.lock`` file
-  beside it, removed at the end) for the whole run, refuses to replace existing output without
-  ``resume``, and on ``resume`` checks the header and every row *before* touching the file, so a
-  file this tool did not write, or a torn one, stays byte-identical. A run stopped before its
-  first row leaves nothing behind.
 - ``append_row`` writes one whole row in one ``write`` (flushed and fsync'ed); if the write fails
-  part-way the file is cut back to its previous size, so only whole rows are ever on disk.
-  ``write_text``/``write_frame`` replace a whole file through a temporary file and a rename; the
-  temporary file is removed if anything fails.
-- Whole-file writes, output-path checks and the sidecar live in ``evals.files``; errors in
-  ``evals.errors``; machine facts in ``evals.machine`` (all re-exported here).
-- A failed write raises ``OutputError`` (one line, exit 1: the rows already written are kept);
-  bad input raises ``ResultsError`` (one line, exit 2).
+  part-way the file is cut back to its previous size, so only whole rows are ever on disk (a
+  failure is an ``OutputError``: one line, exit 1, the rows already written kept).
+- ``check_header``, ``resume_problem``, ``repair`` and ``read_rows`` are what a resume checks and
+  reads before it touches a file (``evals.output.claims``), so a file this tool did not write,
+  or a torn one, stays byte-identical.
+- ``read_table`` refuses (or, for ``analyze``, drops and reports) torn rows, missing columns,
+  unknown statuses, non-numeric or out-of-range values (``VALUE_RANGES``).
 
-Reading: ``read_table`` refuses (or, for ``analyze``, drops and reports) torn rows, missing
-columns, unknown statuses, non-numeric or out-of-range values (``VALUE_RANGES``); ``read_sidecar`` tells a missing sidecar (None)
-from a corrupt one (``ResultsError``).
+Where files may be written, whole-file writes and sidecars are ``evals.output``; errors
+``evals.errors``; machine facts ``evals.machine``.
 """
 
 from __future__ import annotations
@@ -32,19 +21,14 @@ import io
 import math
 import os
 import statistics
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
-from evals.errors import OutputError, ResultsError, one_line  # noqa: F401 (re-exported)
-from evals.resume import check_same_settings  # noqa: F401 (re-exported)
-from evals.files import (check_output, check_output_dir, read_sidecar, sidecar_path, write_bytes,  # noqa: F401
-                         write_figure, write_frame, write_sidecar, write_text)
+from evals.errors import OutputError, ResultsError, one_line
 from evals.grid import CONFIG_COLUMNS, KEY_COLUMNS
-from evals.locking import LockHeld, acquire, lock_path, release
-from evals.machine import (environment, git_sha, gpu, machine, new_run_id, numerics, utc_now,  # noqa: F401
-                           utc_stamp)
+from evals.output.files import read_sidecar
 
 
 # ----------------------------------------------------------------------------- schema
@@ -61,7 +45,7 @@ EXTRA_COLUMNS = ("samples_ms", "seed", "threads", "decode_tokens", "inject_facto
                  "warmup", "compile_ms") + tuple(
     c for c in CONFIG_COLUMNS if c not in REQUIRED_COLUMNS) + ("host",)
 COLUMNS = REQUIRED_COLUMNS + EXTRA_COLUMNS
-STATUSES = ("ok", "oom", "error", "skipped")
+STATUSES = ("ok", "oom", "error", "skipped", "unsupported")
 # ``bsbr-eval forms``: one row per (model, mode, length, form) of an op.
 FORMS_COLUMNS = ("run_id", "model", "form", "mode", "seq_len", "batch_size", "hidden_dim", "num_heads",
                  "chunk_size", "dtype", "threads", "status", "time_ms", "time_ms_p20", "time_ms_p80", "repeats",
@@ -111,25 +95,6 @@ def sample_stats(samples: Sequence[float]) -> dict:
 # ----------------------------------------------------------------------------- output paths and locks
 
 
-@contextmanager
-def locked(path: Path | str, flag: str = "--output", lock_file: Optional[Path | str] = None) -> Iterator[Path]:
-    """Hold the exclusive lock of ``path`` (the file ``<path>.lock``, or ``lock_file``) for the body
-    and remove the lock file after it; a second writer gets a ``ResultsError`` naming the lock at
-    once instead of waiting."""
-    lf = Path(lock_file) if lock_file is not None else lock_path(path)
-    try:
-        fd = acquire(lf)
-    except LockHeld:
-        raise ResultsError(f"{flag}: {path} is being written by another run (lock {lf} is held); "
-                           f"wait for it to finish or choose another {flag}") from None
-    except OSError as e:  # the first write into the place: a read-only or full location ends here
-        raise ResultsError(f"{flag}: cannot write in {lf.parent}: {e.strerror or e}") from None
-    try:
-        yield Path(path)
-    finally:
-        release(lf, fd)
-
-
 def _first_line(path: Path) -> list[str]:
     with open(path, "rb") as f:
         first = f.readline(1 << 16)
@@ -159,6 +124,30 @@ def check_header(path: Path, columns: Sequence[str] = REQUIRED_COLUMNS, flag: st
                            f"reads both files together)")
 
 
+def repair(path: Path | str) -> int:
+    """Drop a torn (unterminated) last line left by a machine that died mid-write; returns the
+    bytes removed. Only for a file whose header ``check_header`` accepted."""
+    path = Path(path)
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return 0
+    keep = data.rfind(b"\n") + 1
+    with open(path, "r+b") as f:
+        f.truncate(keep)
+    return len(data) - keep
+
+
+def has_rows(path: Path, columns: Sequence[str]) -> bool:
+    """Whether ``path`` holds anything but (at most) this tool's header line: a file that is only
+    our header is a run that was stopped before its first row, and holds nothing to lose."""
+    if not path.exists() or path.stat().st_size == 0:
+        return False
+    with open(path, "rb") as f:
+        f.readline(1 << 16)
+        rest = f.read(1)
+    return bool(rest) or tuple(_first_line(path)[: len(columns)]) != tuple(columns)
+
+
 def resume_problem(path: Path, columns: Sequence[str]) -> Optional[str]:
     """The first row of a file being resumed that cannot be kept as it is, as ``line N: why``; None
     if every row is whole and valid. An unterminated last line is not a problem: ``repair`` cuts
@@ -181,87 +170,6 @@ def resume_problem(path: Path, columns: Sequence[str]) -> Optional[str]:
     except csv.Error as e:
         return f"line {reader.line_num}: not readable as CSV ({e})"
     return None
-
-
-def _ours(meta) -> bool:
-    """Whether a parsed sidecar was written by this tool (it records a run id, a start and the
-    software), so a run that wrote no row may replace it."""
-    return isinstance(meta, dict) and "run_id" in meta and "torch_version" in meta and "command" in meta
-
-
-def repair(path: Path | str) -> int:
-    """Drop a torn (unterminated) last line left by a machine that died mid-write; returns the
-    bytes removed. Only for a file whose header ``check_header`` accepted."""
-    path = Path(path)
-    data = path.read_bytes()
-    if not data or data.endswith(b"\n"):
-        return 0
-    keep = data.rfind(b"\n") + 1
-    with open(path, "r+b") as f:
-        f.truncate(keep)
-    return len(data) - keep
-
-
-def _has_rows(path: Path, columns: Sequence[str]) -> bool:
-    """Whether ``path`` holds anything but (at most) this tool's header line: a file that is only
-    our header is a run that was stopped before its first row, and holds nothing to lose."""
-    if not path.exists() or path.stat().st_size == 0:
-        return False
-    with open(path, "rb") as f:
-        f.readline(1 << 16)
-        rest = f.read(1)
-    return bool(rest) or tuple(_first_line(path)[: len(columns)]) != tuple(columns)
-
-
-def _sidecar_is_ours(path: Path) -> bool:
-    try:
-        return _ours(read_sidecar(path))
-    except ResultsError:
-        return False
-
-
-@contextmanager
-def claim_output(path: Path | str, *, resume: bool = False, columns: Sequence[str] = REQUIRED_COLUMNS,
-                 flag: str = "--output", can_resume: bool = True, exact: bool = False) -> Iterator[list[dict]]:
-    """Everything a writing command does before its first measurement, and the lock it holds to
-    the end: validate ``path``, lock it, refuse existing output unless ``resume``, and on
-    ``resume`` check that the file is ours and every row whole and valid before repairing a torn
-    last line. Yields the rows already in the file (empty for a new file).
-
-    A run stopped before its first row (Ctrl-C, SIGTERM, an error) removes the header-only CSV and
-    the sidecar it wrote; one killed outright may leave them, and they are then replaced (they are
-    provably ours and hold no row), by a rerun as by ``--resume``."""
-    path = check_output(path, flag)
-    with locked(path, flag):
-        has_rows = _has_rows(path, columns)
-        side = sidecar_path(path)
-        if has_rows and not resume:
-            hint = "pass --resume to continue it, or choose another" if can_resume else "choose another"
-            raise ResultsError(f"{flag}: {path} already exists; {hint} {flag}")
-        if not has_rows and side.exists() and not _sidecar_is_ours(path):
-            raise ResultsError(f"{flag}: {side} already exists and would be replaced by this run's "
-                               f"sidecar; choose another {flag}")
-        kept: list[dict] = []
-        if has_rows:
-            check_header(path, columns, exact=exact)
-            problem = resume_problem(path, columns)
-            if problem:
-                raise ResultsError(f"--resume: {path} {problem}; it was left untouched: fix or delete that "
-                                   f"line and resume, or start a new {flag}")
-            repair(path)
-            kept = read_rows(path, columns)
-        else:
-            with suppress(FileNotFoundError):
-                path.unlink()  # empty, or our header only
-        try:
-            yield kept
-        except BaseException:
-            if not kept and not _has_rows(path, columns):  # stopped before its first row: leave nothing
-                with suppress(FileNotFoundError):
-                    path.unlink()
-                if _sidecar_is_ours(path):
-                    side.unlink()
-            raise
 
 
 # ----------------------------------------------------------------------------- writing
@@ -287,7 +195,7 @@ def append_row(path: Path | str, row: dict, columns: Sequence[str] = COLUMNS) ->
     path = Path(path)
     text = _csv_line([row.get(c) for c in columns])
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)  # the umask decides
     except OSError as e:
         raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
     try:

@@ -21,7 +21,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from bsbr.shell import check_positive_int
+from bsbr.checks import check_positive_int
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class TrainConfig:
         target_acc: stop as soon as validation accuracy reaches this.
         grad_clip: global gradient-norm clip.
         reinit: apply the task's re-initialisation recipe before training (recall:
-            ``evals.recall.training.reinit_for_recall``).
+            ``unit_variance_init``).
         betas: AdamW's (beta1, beta2).
         min_lr_ratio: the cosine decays to this fraction of the peak (0: to zero).
         decay_all: weight decay on every parameter (biases and gains too), as the conversion
@@ -85,6 +85,53 @@ class TrainConfig:
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio!r}")
         return self
+
+
+def unit_variance_init(model: torch.nn.Module) -> None:
+    """The suite's training initialisation (recall and lm), the same rule for every architecture.
+
+    Rule: every multiplicative map that mixes a token's features starts with unit-variance outputs.
+    ``nn.Linear`` weights are drawn from N(0, 1/fan_in) (LeCun et al., 1998), the token embedding
+    from N(0, 1) (Vaswani et al. 2017 multiply it by sqrt(D) to the same end), the per-dimension
+    scales of GAU's scale-offset (``gamma`` of ``bsbr_extras.gau.ScaleOffset``, a diagonal map,
+    fan_in = 1) from N(0, 1), and the tied LM head's logits through the final norm's gain, set to
+    d^-1/2 (each logit is a sum of d unit-variance products). Offsets, biases, the blocks' norm
+    gains and every other parameter a mixer sets itself (gates, temperatures) keep the model's own
+    values.
+
+    Why: the shared shell initialises like GPT-2 (every weight N(0, 0.02^2)) and adds
+    unit-amplitude sinusoidal positions, so the token identity is ~2% of the input next to the
+    positions. From there a 2-layer model sits on MQAR's plateau (it outputs *some* value seen in
+    context, accuracy 1/P) for thousands of steps: the query and key maps start so small that the
+    gradient that would grow a matching pattern is itself second order in them. On bytes (lm),
+    Standard at context 512 reached 4.71 bits per byte after 150 steps from the GPT-2 start and
+    3.46-3.57 from this one (rates 1e-2 and 3e-3), where the corpus's unigram entropy is 4.85.
+
+    GAU: FLASH (Hua et al., 2022) and its reference PyTorch port (lucidrains/FLASH-pytorch,
+    ``OffsetScale``) draw ``gamma`` from N(0, 0.02^2), matched to their own 0.02-scale weights.
+    The recipe replaces those weights for every model; leaving ``gamma`` at 0.02 alone makes
+    GAU's queries and keys ~50x smaller than every other model's, so relu(q.k / c)^2 and its
+    gradient start near zero (fourth power of gamma) and GAU stays at chance (the probe in
+    docs/recall.md). Treating ``gamma`` as the diagonal map it is keeps the rule uniform.
+    """
+    with torch.no_grad():
+        head = getattr(model, "lm_head", None)
+        for name, m in model.named_modules():
+            if isinstance(m, torch.nn.Linear) and m is not head:
+                torch.nn.init.normal_(m.weight, std=m.weight.shape[1] ** -0.5)  # (out, in): 1/sqrt(fan_in)
+            elif type(m).__name__ == "ScaleOffset" and isinstance(getattr(m, "gamma", None), torch.nn.Parameter):
+                torch.nn.init.normal_(m.gamma, std=1.0)  # (heads, s): diagonal maps, fan_in 1
+        embed = getattr(model, "embed", None)
+        if isinstance(embed, torch.nn.Embedding):
+            torch.nn.init.normal_(embed.weight, std=1.0)  # also the tied LM head's weight
+            norm = getattr(model, "norm", None)
+            if head is not None and head.weight is embed.weight and isinstance(norm, torch.nn.LayerNorm) \
+                    and norm.weight is not None:
+                # unit-variance logits: the final norm's output has unit variance per feature and the
+                # tied rows N(0, 1), so each logit would have variance d (initial loss ~34 at d = 64);
+                # T5 (Raffel et al., 2020) scales the output by d^-1/2 before its tied projection for
+                # the same reason. A learned gain, so the model can still sharpen its logits.
+                norm.weight.fill_(norm.weight.shape[0] ** -0.5)
 
 
 def warmup_cosine(warmup_steps: int, max_steps: int, floor: float = 0.0) -> Callable[[int], float]:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from evals.grid import Case
-from evals.registry import REGISTRY
+from evals.registry import resolve_model
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
           "bfloat16": torch.bfloat16}
@@ -91,7 +91,7 @@ def build_workload(case: Case) -> Workload:
 
 def _model_workload(case: Case, g: torch.Generator) -> Workload:
     """The model level: token ids in; forward, train (next-token loss) or cached decode steps."""
-    spec, cfg = REGISTRY[case.model], case.config
+    spec, cfg = resolve_model(case.model), case.config
     device, dtype = case.device, DTYPES[case.dtype]
     b, n, k = case.batch_size, case.seq_len, case.effective_decode_tokens
     model = spec.build(cfg).to(device=device, dtype=dtype)
@@ -121,7 +121,7 @@ def _model_workload(case: Case, g: torch.Generator) -> Workload:
 
 def _mixer_workload(case: Case, g: torch.Generator) -> Workload:
     """The layer and op levels: one mixer on (b, n, D) inputs; forward, train or cached decode steps."""
-    spec, cfg = REGISTRY[case.model], case.config
+    spec, cfg = resolve_model(case.model), case.config
     device, dtype = case.device, DTYPES[case.dtype]
     b, n, k = case.batch_size, case.seq_len, case.effective_decode_tokens
     mixer = spec.build_mixer(cfg).to(device=device, dtype=dtype)

@@ -56,11 +56,11 @@ def _build(name):
     import dataclasses
 
     import torch
-    from evals.registry import REGISTRY, ModelConfig
+    from evals.registry import ModelConfig, resolve_model
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     cfg = ModelConfig(**{k: v for k, v in CONFIG.items() if k in known})
     torch.manual_seed(0)
-    return REGISTRY[name].build(cfg).eval()
+    return resolve_model(name).build(cfg).eval()
 
 
 def _new_cache(model, max_len):

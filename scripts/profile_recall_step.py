@@ -36,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from evals.machine import machine as suite_machine  # noqa: E402
 from evals.measure import calibrate_matmul  # noqa: E402
 from evals.recall import PRESETS, RecallCase, Splits  # noqa: E402
-from evals.recall.training import evaluate, query_loss, reinit_for_recall  # noqa: E402
+from evals.recall.training import evaluate, query_loss
+from evals.train import unit_variance_init  # noqa: E402
 from evals.registry import MODEL_NAMES, resolve_model  # noqa: E402
 from evals.train import make_optimizer, shuffled_batches  # noqa: E402
 
@@ -51,7 +52,7 @@ def profile(model_name: str, n: int, P: int, D: int, size: int, preset, splits, 
     case = RecallCase(model_name, n, P, D, size, preset.train.lr, 0, "tune")
     cfg = preset.model_config(case)
     model = resolve_model(model_name).build(cfg)
-    reinit_for_recall(model)
+    unit_variance_init(model)
     model.train()
     train = preset.train
     params, opt, sched = make_optimizer(model, train)

@@ -102,7 +102,7 @@ def test_the_reference_check_sees_every_spelling(source):
     assert suite_references(source)
 
 
-def test_the_seed_command_is_served_by_whoever_registers_it(tmp_path):
+def test_the_convert_example_command_is_served_by_whoever_registers_it(tmp_path):
     # A stand-in for the installed project's metadata: the entry point pyproject.toml declares.
     import re
 
@@ -134,8 +134,9 @@ MAX_FUNCTION_LINES = 60
 LONG_FUNCTIONS_ALLOWED: set = set()
 SIZED = ("bsbr", "bsbr_extras", "evals")
 FOUNDATION = ("results", "registry", "grid", "executors", "options", "train", "measure", "workload", "figures",
-              "errors", "files", "locking", "machine", "resume", "interrupts")
-COMMANDS = ("guard", "analyze", "recall", "convert", "compare", "forms")
+              "errors", "output.paths", "output.files", "output.claims", "locking", "machine", "resume", "interrupts",
+              "console")
+COMMANDS = ("guard", "analyze", "recall", "convert", "compare", "forms", "lm", "frontier", "models", "check")
 
 
 def _sized_files(root: Path = ROOT) -> list:
@@ -184,7 +185,12 @@ def suite_import_graph(root: Path = ROOT) -> dict:
     submodule ``evals.recall.report``; ``from evals.recall import run_recall`` one to the package
     ``evals.recall`` (its ``__init__``). A submodule's parent package is imported before it
     anyway, so that is not an edge."""
-    files = {_module_name(p, root): p for p in sorted((root / "evals").rglob("*.py"))}
+    return import_graph(root, ("evals",))
+
+
+def import_graph(root: Path, packages: tuple) -> dict:
+    """:func:`suite_import_graph` over the modules of ``packages``."""
+    files = {_module_name(p, root): p for pkg in packages for p in sorted((root / pkg).rglob("*.py"))}
     graph = {}
     for name, path in files.items():
         here = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
@@ -248,6 +254,15 @@ def test_the_suite_has_no_import_cycle():
     assert find_cycle(graph) == [], " -> ".join(find_cycle(graph))
 
 
+def test_the_library_has_no_import_cycle():
+    # a function-level import counts: a circle broken by a lazy import is still a circle
+    graph = import_graph(ROOT, LIBRARY)
+    assert {"bsbr.decode", "bsbr.ops"} <= set(graph["bsbr.attention"])
+    assert "bsbr.mixer" in graph["bsbr_extras.linear"]
+    assert "bsbr.attention" not in graph["bsbr.decode"]  # the layer hands itself to its decoding
+    assert find_cycle(graph) == [], " -> ".join(find_cycle(graph))
+
+
 def test_the_foundation_imports_no_command():
     graph = suite_import_graph()
     for name in FOUNDATION:
@@ -280,3 +295,90 @@ def test_the_cycle_check_sees_every_spelling(tmp_path, files, cycle):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(code)
     assert bool(find_cycle(suite_import_graph(tmp_path))) is cycle, suite_import_graph(tmp_path)
+
+
+# ----------------------------------------------------------------------------- one shape, no facades
+
+MAX_PARAMETERS = 8  # a function that needs more takes an options object (evals.*.command.Options)
+
+
+def _parameters(node) -> int:
+    a = node.args
+    n = len(a.posonlyargs) + len(a.args) + len(a.kwonlyargs) + bool(a.vararg) + bool(a.kwarg)
+    return n - bool(a.args and a.args[0].arg in ("self", "cls"))
+
+
+def wide_functions(root: Path = ROOT) -> list:
+    """``path: name: n`` for every function of ``evals`` and ``cli.py`` with more than
+    ``MAX_PARAMETERS`` parameters (``self``/``cls`` aside; ``*args`` and ``**kw`` count one each)."""
+    out = []
+    for p in [root / "cli.py"] + sorted((root / "evals").rglob("*.py")):
+        rel = p.relative_to(root).as_posix()
+        for node in ast.walk(ast.parse(p.read_text(), filename=rel)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and _parameters(node) > MAX_PARAMETERS:
+                out.append(f"{rel}: {node.name}: {_parameters(node)}")
+    return out
+
+
+def test_no_function_of_the_suite_takes_more_than_eight_parameters():
+    assert wide_functions() == [], f"hand an options object down instead (at most {MAX_PARAMETERS} parameters)"
+
+
+def test_the_parameter_count_sees_every_kind(tmp_path):
+    (tmp_path / "evals").mkdir()
+    (tmp_path / "cli.py").write_text("def ok(a, b, *, c=1, **kw):\n    pass\n")
+    (tmp_path / "evals" / "m.py").write_text("class C:\n    def f(self, a, b, c, d, e, f, g, *rest, h=1):\n"
+                                            "        pass\n")
+    assert wide_functions(tmp_path) == ["evals/m.py: f: 9"]
+
+
+def package_inits_that_import(root: Path = ROOT) -> list:
+    """Every ``evals`` package ``__init__`` that imports anything: a package of the suite says what
+    it owns and imports nothing, so importing one of its modules never loads the others (a facade
+    that re-exported its submodules made ``evals.recall.report`` load ``launch``, which loads
+    ``report``: a circle through the package)."""
+    out = []
+    for init in sorted((root / "evals").rglob("__init__.py")):
+        tree = ast.parse(init.read_text())
+        imports = [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
+                   and not (isinstance(n, ast.ImportFrom) and n.module == "__future__")]
+        if imports:
+            out.append(init.relative_to(root).as_posix())
+    return out
+
+
+def test_no_package_of_the_suite_is_a_facade():
+    assert package_inits_that_import() == [], "import each name from the module that defines it"
+
+
+def test_the_facade_check_sees_a_re_export(tmp_path):
+    (tmp_path / "evals" / "recall").mkdir(parents=True)
+    (tmp_path / "evals" / "__init__.py").write_text('"""x"""\n')
+    (tmp_path / "evals" / "recall" / "__init__.py").write_text('"""x"""\nfrom evals.recall.launch import run\n')
+    assert package_inits_that_import(tmp_path) == ["evals/recall/__init__.py"]
+
+
+def library_self_imports(root: Path = ROOT) -> list:
+    """Modules of ``bsbr`` / ``bsbr_extras`` that import their own package's namespace
+    (``from bsbr import X`` inside ``bsbr``): the package ``__init__`` exposes the public API by
+    importing its modules, so a module importing the package back would be a circle through it."""
+    out = []
+    for pkg in LIBRARY:
+        for p in sorted((root / pkg).rglob("*.py")):
+            if p.name == "__init__.py":
+                continue
+            for node in ast.walk(ast.parse(p.read_text())):
+                if isinstance(node, ast.Import) and any(a.name == pkg for a in node.names):
+                    out.append(p.relative_to(root).as_posix())
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module == pkg:
+                    out.append(p.relative_to(root).as_posix())
+                elif isinstance(node, ast.ImportFrom) and node.level == 1 and node.module is None:
+                    # ``from . import x`` is fine for a submodule x; anything else comes from the package
+                    if any(not ((p.parent / f"{a.name}.py").is_file() or (p.parent / a.name).is_dir())
+                           for a in node.names):
+                        out.append(p.relative_to(root).as_posix())
+    return out
+
+
+def test_no_library_module_imports_its_package_back():
+    assert library_self_imports() == []

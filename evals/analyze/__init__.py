@@ -1,5 +1,5 @@
 """``bsbr-eval analyze``: how time and memory grow with length, against Standard, from the CSVs
-``bsbr-eval compare`` writes (docs/evaluation.md; the README's "Analysing a run"). Owns:
+``bsbr-eval compare`` writes (docs/evaluation.md, "bsbr-eval analyze"). Owns:
 
 - ``analysis``: the pure functions on DataFrames (loading and checking the CSVs, log-log slopes,
   the best complexity class by AICc, ratios and crossovers against Standard, FLOP rates);

@@ -11,7 +11,7 @@ Legend of the quantities used below
     k       number of distinct lengths in one fit
     p       number of non-negative coefficients of a candidate class
 
-What is computed (docs/evaluation.md and the README's "Analysing a run"):
+What is computed (docs/evaluation.md, "bsbr-eval analyze"):
 
 * **Log-log slope** ``log y = a + s log n`` by ordinary least squares with a 95% confidence
   interval from Student's t with m - 2 degrees of freedom, over the whole range and over the upper
@@ -48,7 +48,9 @@ import pandas as pd
 from scipy import optimize, stats
 
 from evals.registry import model_order
-from evals.results import REQUIRED_COLUMNS, ResultsError, read_sidecar, read_table
+from evals.results import REQUIRED_COLUMNS, read_table
+from evals.errors import ResultsError
+from evals.output.files import read_sidecar
 
 # The CSV contract (schema, statuses, which columns are numbers) lives in evals.results.
 METRICS: tuple = ("time_ms", "peak_memory_mb")

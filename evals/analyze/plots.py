@@ -113,7 +113,7 @@ def plot_scaling(df: pd.DataFrame, fits: pd.DataFrame, out_dir: Path) -> list:
                     else:
                         ax.plot(n, evaluate_class(r.to_dict(), n), "-", color=palette[r["model"]], lw=1.3)
                 _mark_failures(ax, failed[(failed["mode"] == mode) & (failed["device"] == device)], palette)
-                log_axes(ax)
+                log_axes(ax, at=sorted(sub["seq_len"].unique()))
             g.set_axis_labels(LENGTH_LABEL, METRIC_LABELS[metric])
             g.set_titles(row_template="mode: {row_name}", col_template="device: {col_name}")
             g.figure.suptitle(f"{METRIC_TITLES[metric]} vs length ({title})", y=1.02)
@@ -156,7 +156,7 @@ def plot_speedup(rel: pd.DataFrame, out_dir: Path) -> list:
                 v = here[col].astype(float)
                 # keep 1 inside with a margin, or equal ratios would sit on a degenerate log axis
                 lo, hi = min(v.min(), 1.0) if len(v) else 1.0, max(v.max(), 1.0) if len(v) else 1.0
-                log_axes(ax)
+                log_axes(ax, at=sorted(sub["seq_len"].unique()))
                 ax.set(ylim=(lo / 1.5, hi * 1.5))
             g.set_axis_labels(LENGTH_LABEL, ylabel)
             g.set_titles(row_template="mode: {row_name}", col_template="device: {col_name}")

@@ -17,14 +17,14 @@ from typing import Optional, Sequence
 
 import numpy as np
 import pandas as pd
-from rich.table import Table
 
 from evals.analyze import plots
 from evals.analyze.analysis import (CLASSES, MATERIAL, MIN_LENGTHS, MIN_SPAN, NOISY_SPREAD, PAR_TOLERANCE,
-                                    REFERENCE_MODEL, UNDERDETERMINED, Analysis, analyze, default_output_dir, load,
-                                    newest_results_csv)
+                                    REFERENCE_MODEL, UNDERDETERMINED, Analysis)
+from evals.errors import ResultsError
+from evals.output.files import sidecar_path, write_frame, write_text
 from evals.registry import model_order
-from evals.results import ResultsError, check_output_dir, locked, sidecar_path, write_frame, write_text
+from evals.results import STATUSES
 
 # Columns of the per-configuration key shown in the tables (the rest is in the report's header).
 _WHERE = ["device", "mode", "level"]
@@ -115,7 +115,7 @@ def _measured_summary(rows: pd.DataFrame) -> list:
     u = lambda c: ", ".join(map(str, model_order(rows[c]) if c == "model" else sorted(rows[c].dropna().unique())))  # noqa: E731
     lengths = " ".join(_num(v) for v in sorted(rows["seq_len"].unique()))
     counts = rows["status"].value_counts()
-    status = ", ".join(f"{counts.get(s, 0)} {s}" for s in ("ok", "oom", "error", "skipped"))
+    status = ", ".join(f"{counts.get(s, 0)} {s}" for s in STATUSES)
     return [
         f"- **models**: {u('model')}",
         f"- **devices**: {u('device')}; **modes**: {u('mode')}; **levels**: {u('level')}; **dtype**: {u('dtype')}",
@@ -253,67 +253,23 @@ def write_analysis(an: Analysis, out_dir: Path, command: Optional[str] = None) -
 REPORT_TITLE = "# bsbr-eval analysis:"
 
 
-def run_analyze(csvs: Optional[Sequence[Path]] = None, output_dir: Optional[Path] = None,
-                command: Optional[str] = None) -> tuple[Analysis, Path, dict]:
-    """``bsbr-eval analyze``: read the CSVs (default: the newest results CSV under results/), check
-    and lock the output folder before any work, analyse, write; returns the analysis, the folder
-    and what was written. ``ResultsError`` for bad input.
-
-    The folder must be new, empty, or hold an earlier analysis (a ``report.md`` this tool wrote),
-    whose files are replaced: nothing else is ever overwritten.
-    """
-    if not csvs:
-        newest = newest_results_csv("results")
-        if newest is None:
-            raise ResultsError("no CSV given and no results CSV found under results/; "
-                               "pass CSV paths, e.g. bsbr-eval analyze results/run.csv")
-        csvs = [newest]
-    target = Path(output_dir or default_output_dir(csvs[0]))
-    created = not target.exists()
-    out = check_output_dir(target)
-    try:
-        return _analyze_into(csvs, out, command)
-    except BaseException:
-        if created and out.is_dir() and not any(out.iterdir()):  # refused or failed: no empty folder left
-            out.rmdir()
-        raise
-
-
-def _analyze_into(csvs: Sequence[Path], out: Path, command: Optional[str]) -> tuple[Analysis, Path, dict]:
-    with locked(out / "report.md", "--output-dir"):
-        report = out / "report.md"
-        ours = report.is_file() and report.read_text(encoding="utf-8", errors="replace").startswith(REPORT_TITLE)
-        if any(out.iterdir()) and not ours and not all(p.name.endswith(".lock") for p in out.iterdir()):
-            raise ResultsError(f"--output-dir: {out} holds files that are not an earlier analysis; "
-                               "choose a new or empty folder")
-        df, dropped, sidecars = load(csvs)
-        an = analyze(df, dropped, sidecars)
-        written = write_analysis(an, out, command=command)
-    return an, out, written
+def is_earlier_analysis(folder: Path) -> bool:
+    """Whether ``folder`` holds an analysis this command wrote (its report.md), which a new one may
+    replace file by file."""
+    report = Path(folder) / "report.md"
+    return report.is_file() and report.read_text(encoding="utf-8", errors="replace").startswith(REPORT_TITLE)
 
 
 # ---- the terminal ----
 
-def print_run(console, an: Analysis, out: Path, written: dict) -> None:
-    """What ``bsbr-eval analyze`` prints: the terminal tables, a warning for each sidecar that
-    cannot be read, and the closing line."""
-    for table in terminal_tables(an):
-        console.print(table)
-    for src, meta in (an.sidecars or {}).items():
-        if isinstance(meta, ResultsError):
-            console.print(f"[yellow]warning: {meta}[/yellow]")
-    console.print(f"wrote {len(written)} files to {out}/ (report: {written['report']}); used {len(an.rows)} rows"
-                  + (f", left out {len(an.dropped)} (listed above)" if len(an.dropped) else ""))
+def sidecar_warnings(an: Analysis) -> list:
+    """One line per input whose sidecar could not be read (it is left out of the report's machine section)."""
+    return [f"warning: {meta}" for meta in (an.sidecars or {}).values() if isinstance(meta, ResultsError)]
 
 
-def _rich(df: pd.DataFrame, title: str) -> Table:
-    t = Table(title=title, title_justify="left", show_lines=False)
-    for c in df.columns:
-        t.add_column(str(c), justify="left" if c in ("model", "where", "verdict", "best class", "status")
-                     else "right", no_wrap=c in ("model", "where"))
-    for row in df.itertuples(index=False):
-        t.add_row(*map(str, row))
-    return t
+def _rich(df: pd.DataFrame, title: str) -> tuple:
+    """(title, columns, rows) of one terminal table (``evals.console.table`` prints it)."""
+    return title, [str(c) for c in df.columns], [tuple(map(str, row)) for row in df.itertuples(index=False)]
 
 
 def _compact(df: pd.DataFrame, drop: Sequence[str] = ()) -> pd.DataFrame:
@@ -325,7 +281,8 @@ def _compact(df: pd.DataFrame, drop: Sequence[str] = ()) -> pd.DataFrame:
 
 
 def terminal_tables(an: Analysis) -> list:
-    """Rich tables for the terminal: the time and memory fits, the crossover, the failures."""
+    """The terminal's tables, as (title, columns, rows): the time and memory fits, the crossover,
+    the failures, the rows left out."""
     out = [_rich(_compact(fits_display(an.fits, m), ["ΔAICc to next"]), f"Complexity fit: {name}")
            for m, name in (("time_ms", "time (ms)"), ("peak_memory_mb", "peak memory (MB)"))
            if (an.fits["metric"] == m).any()]

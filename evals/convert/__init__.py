@@ -1,5 +1,5 @@
 """``bsbr-eval convert``: GPT-2 -> BSBR, the evaluation side of the converter (``bsbr_extras.convert``
-is the weight map only). Run by ``bsbr-eval convert`` and by the seed's ``python -m
+is the weight map only). Run by ``bsbr-eval convert`` and by the earlier package's ``python -m
 bsbr_extras.convert_example``, which hands its command line to the same command (one set of
 options, one error style). docs/convert.md has the method and the results.
 

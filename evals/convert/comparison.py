@@ -16,6 +16,7 @@ import copy
 import logging
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -24,7 +25,8 @@ import torch.nn.functional as F
 
 from bsbr_extras.convert import convert_to_bsbr, load_gpt2
 from evals.measure import peak_memory, time_fn  # the one module that reads a clock
-from evals.results import sample_stats, utc_now
+from evals.results import sample_stats
+from evals.machine import utc_now
 
 log = logging.getLogger("bsbr.convert")
 
@@ -136,16 +138,30 @@ def compare_logits(reference, models: dict, data: torch.Tensor, *, batch_size: i
 # ----------------------------------------------------------------------------- time and memory
 
 
-def speed_rows(models: dict, lengths: Sequence[int], vocab_size: int, *, batch_size: int = 1,
-               repeats: int = 5, min_run_time: float = 0.2, seed: int = 0, threads: int = 1,
-               device: str = "cpu", dtype: str = "float32") -> list[dict]:
+@dataclass(frozen=True)
+class SpeedTiming:
+    """How ``speed_rows`` times: batch, samples, seed, pinned threads, device and dtype."""
+
+    batch_size: int = 1
+    repeats: int = 5
+    min_run_time: float = 0.2
+    seed: int = 0
+    threads: int = 1
+    device: str = "cpu"
+    dtype: str = "float32"
+
+
+def speed_rows(models: dict, lengths: Sequence[int], vocab_size: int, timing: SpeedTiming = SpeedTiming()) -> list:
     """Forward (no grad) time and peak memory of each model at each length, through the harness.
 
     Threads are pinned (default 1, as ``bsbr-eval compare``) and recorded in each row. The models
     are timed as copies on ``device`` in ``dtype`` (the originals, which may be saved, stay as they are).
     """
-    from evals.measure import DTYPES
+    from evals.workload import DTYPES
 
+    t = timing
+    batch_size, repeats, min_run_time, seed, threads, device, dtype = (t.batch_size, t.repeats, t.min_run_time, t.seed,
+                                                                       t.threads, t.device, t.dtype)
     placed = {label: copy.deepcopy(m).to(device=device, dtype=DTYPES[dtype]).eval() for label, m in models.items()}
     rows = []
     for n in lengths:
@@ -188,10 +204,12 @@ def variant_label(chunk_size: int, compression_factor: Optional[int] = None, fin
 
 def run_comparison(model_name: str, chunk_sizes: Sequence[int] = (128,), *, compression_factor: Optional[int] = None,
                    seq_len: Optional[int] = None, max_windows: Optional[int] = 32, batch_size: int = 4,
-                   speed_lengths: Optional[Sequence[int]] = None, device: str = "cpu", dtype: str = "float32") -> dict:
+                   speed: Optional[tuple] = None) -> dict:
     """Load a GPT-2, convert it at each chunk size, compare on the held-out text.
 
-    ``seq_len`` (evaluation window) defaults to ``min(512, n_positions)``.
+    ``seq_len`` (evaluation window) defaults to ``min(512, n_positions)``. ``speed``: (lengths,
+    ``SpeedTiming``) of the forward-time rows; lengths None (the default) are powers of two up to
+    ``seq_len``; timing defaults to the CPU in float32.
 
     Returns ``{"agreement": rows, "speed": rows, "info": {...}, "gpt2": model, "converted": {label: model}}``.
     """
@@ -212,9 +230,9 @@ def run_comparison(model_name: str, chunk_sizes: Sequence[int] = (128,), *, comp
     for r in rows:
         r.update(chunk_size=chunk_of.get(r["variant"], ""), compression_factor=compression_factor or "",
                  seq_len=seq_len, finetuned=False)
-    lengths = speed_lengths if speed_lengths is not None else _default_lengths(seq_len)
-    speed = speed_rows({"original": gpt2, **converted}, lengths, gpt2.config.vocab_size, device=device,
-                       dtype=dtype) if lengths else []
+    lengths, timing = speed if speed is not None else (None, SpeedTiming())
+    lengths = _default_lengths(seq_len) if lengths is None else lengths
+    speed = speed_rows({"original": gpt2, **converted}, lengths, gpt2.config.vocab_size, timing) if lengths else []
     for r in speed:
         r["chunk_size"] = chunk_of.get(r["variant"], "")
     info = dict(model=model_name, tokenizer="utf-8 bytes" if tokenizer is None else type(tokenizer).__name__,

@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from bsbr_extras.convert import convert_to_bsbr
-from evals.convert.comparison import (CORPUS, compare_logits, corpus_text, encode, lm_loss, log, logits_of,
-                                      speed_rows, variant_label, windows)
-from evals.results import utc_now
+from evals.convert.comparison import (CORPUS, SpeedTiming, compare_logits, corpus_text, encode, lm_loss, log,
+                                      logits_of, speed_rows, variant_label, windows)
+from evals.machine import utc_now
 from evals.train import TrainConfig, fit
 
 
@@ -60,12 +60,26 @@ GPT2_RECIPE = TrainConfig(betas=(0.9, 0.95), weight_decay=0.1, decay_all=True, m
                           reinit=False)
 
 
-def train_lm(model, tokens: torch.Tensor, *, steps: int, seq_len: int, batch_size: int, lr: float,
-             warmup: int, seed: int, phase: str) -> list[dict]:
+@dataclass(frozen=True)
+class Phase:
+    """One training phase of the experiment: its budget, window, batch, rate, warm-up, data seed
+    and the name its loss-curve rows carry."""
+
+    steps: int
+    seq_len: int
+    batch_size: int
+    lr: float
+    warmup: int
+    seed: int
+    name: str
+
+
+def train_lm(model, tokens: torch.Tensor, phase: Phase) -> list[dict]:
     """Train on random windows of ``tokens`` with ``evals.train.fit``; the batches depend only on
-    ``seed`` (so two models trained with the same seed see the same data in the same order).
+    ``phase.seed`` (so two models trained with the same seed see the same data in the same order).
     Returns the loss curve."""
-    g = torch.Generator().manual_seed(seed)
+    steps, seq_len, batch_size, lr, warmup = phase.steps, phase.seq_len, phase.batch_size, phase.lr, phase.warmup
+    g = torch.Generator().manual_seed(phase.seed)
 
     def next_batch():
         start = torch.randint(0, tokens.numel() - seq_len, (batch_size,), generator=g)
@@ -74,9 +88,9 @@ def train_lm(model, tokens: torch.Tensor, *, steps: int, seq_len: int, batch_siz
     curve, t0 = [], time.perf_counter()
 
     def on_step(step, loss, _score):
-        curve.append(dict(phase=phase, step=step, loss=loss, elapsed_s=time.perf_counter() - t0))
+        curve.append(dict(phase=phase.name, step=step, loss=loss, elapsed_s=time.perf_counter() - t0))
         if step % 10 == 0 or step == 1:
-            log.info("%s step %d/%d loss %.3f (%.0f s)", phase, step, steps, loss, curve[-1]["elapsed_s"])
+            log.info("%s step %d/%d loss %.3f (%.0f s)", phase.name, step, steps, loss, curve[-1]["elapsed_s"])
 
     cfg = GPT2_RECIPE.with_(max_steps=steps, lr=lr, warmup_steps=warmup, batch_size=batch_size)
     fit(model, next_batch, lambda m, ids: lm_loss(logits_of(m, ids), ids), cfg, on_step=on_step)
@@ -109,8 +123,8 @@ def _run_experiment(cfg: ExperimentConfig, gpt2_dir: Optional[Path]) -> dict:
                       n_head=cfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                       bos_token_id=0, eos_token_id=0)
     gpt2 = GPT2LMHeadModel(gcfg)
-    curve = train_lm(gpt2, train_tok, steps=cfg.pretrain_steps, seq_len=cfg.n_positions, batch_size=cfg.batch_size,
-                     lr=cfg.lr, warmup=cfg.warmup_steps, seed=cfg.seed, phase="pretrain gpt2")
+    curve = train_lm(gpt2, train_tok, Phase(cfg.pretrain_steps, cfg.n_positions, cfg.batch_size, cfg.lr,
+                                            cfg.warmup_steps, cfg.seed, "pretrain gpt2"))
     if gpt2_dir is not None:
         gpt2.save_pretrained(gpt2_dir)
 
@@ -124,13 +138,10 @@ def _run_experiment(cfg: ExperimentConfig, gpt2_dir: Optional[Path]) -> dict:
     # 2. fine-tune the conversion at one chunk size, and the original for the same steps (control)
     ft_seed = cfg.seed + 1
     bsbr_ft = convert_to_bsbr(gpt2, chunk_size=cfg.finetune_chunk)
-    curve += train_lm(bsbr_ft, train_tok, steps=cfg.finetune_steps, seq_len=cfg.n_positions,
-                      batch_size=cfg.batch_size, lr=cfg.finetune_lr, warmup=5, seed=ft_seed,
-                      phase=f"finetune {variant_label(cfg.finetune_chunk)}")
+    ft = Phase(cfg.finetune_steps, cfg.n_positions, cfg.batch_size, cfg.finetune_lr, 5, ft_seed, "")
+    curve += train_lm(bsbr_ft, train_tok, replace(ft, name=f"finetune {variant_label(cfg.finetune_chunk)}"))
     gpt2_ft = copy.deepcopy(gpt2)
-    curve += train_lm(gpt2_ft, train_tok, steps=cfg.finetune_steps, seq_len=cfg.n_positions,
-                      batch_size=cfg.batch_size, lr=cfg.finetune_lr, warmup=5, seed=ft_seed,
-                      phase="finetune gpt2 (control)")
+    curve += train_lm(gpt2_ft, train_tok, replace(ft, name="finetune gpt2 (control)"))
     ft_label = variant_label(cfg.finetune_chunk, finetuned=True)
     ft_rows = compare_logits(gpt2, {ft_label: bsbr_ft, "original-ft": gpt2_ft}, data,
                              first_chunk={ft_label: cfg.finetune_chunk})
@@ -142,8 +153,8 @@ def _run_experiment(cfg: ExperimentConfig, gpt2_dir: Optional[Path]) -> dict:
         r["seq_len"] = cfg.n_positions
 
     # 3. forward time and memory against length, through the harness
-    speed = speed_rows({"original": gpt2, **converted}, cfg.speed_lengths, 256, threads=cfg.threads,
-                       device=cfg.speed_device, dtype=cfg.speed_dtype)
+    speed = speed_rows({"original": gpt2, **converted}, cfg.speed_lengths, 256,
+                       SpeedTiming(threads=cfg.threads, device=cfg.speed_device, dtype=cfg.speed_dtype))
     for r in speed:
         r["chunk_size"] = chunk_of.get(r["variant"], "")
 

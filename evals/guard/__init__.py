@@ -1,4 +1,4 @@
-"""The performance-regression guard, ``bsbr-eval regress`` (docs/evaluation.md, "bsbr-eval regress").
+"""The performance-regression guard, ``bsbr-eval guard`` (docs/guard.md).
 
 Owns one timing method, the paired A/B rule against the accepted commit, and the exact metrics:
 

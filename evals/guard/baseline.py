@@ -18,12 +18,15 @@ from typing import Callable, Optional
 
 import pandas as pd
 
-from evals.guard.findings import EXACT_COLUMNS, KEY_COLUMNS, config_label
+from evals.output import files
+from evals.output import claims
+from evals import machine
+from evals.guard.findings import EXACT_COLUMNS, BASELINE_KEY, config_label
 from evals.guard.timing import GUARD_THREADS, case_from_row, exact_metrics, guard_cases
 
 KIND = "baseline"
 # What reading a baseline requires: the configuration and its exact metrics.
-REQUIRED = tuple(KEY_COLUMNS) + ("status",) + tuple(EXACT_COLUMNS)
+REQUIRED = tuple(BASELINE_KEY) + ("status",) + tuple(EXACT_COLUMNS)
 
 
 def sidecar_kind(meta: Optional[dict]) -> Optional[str]:
@@ -38,7 +41,8 @@ def sidecar_kind(meta: Optional[dict]) -> Optional[str]:
 
 def check_replaceable(path: Path) -> None:
     """``--update`` replaces ``path`` only when it is absent or proven a baseline by its sidecar."""
-    from evals.results import ResultsError, read_sidecar, sidecar_path
+    from evals.errors import ResultsError
+    from evals.output.files import read_sidecar, sidecar_path
 
     if not Path(path).exists():
         return
@@ -58,7 +62,7 @@ def exact_row(row, *, threads: int = GUARD_THREADS) -> dict:
     A configuration that cannot be built is a row with status ``error``, never a crash."""
     import torch
 
-    from evals.results import one_line
+    from evals.errors import one_line
     from evals.workload import build_workload
 
     case = case_from_row(row)
@@ -74,9 +78,9 @@ def exact_row(row, *, threads: int = GUARD_THREADS) -> dict:
     return out
 
 
-def default_rows() -> pd.DataFrame:
-    """The guard's grid as rows (``--update`` with no baseline file yet)."""
-    return pd.DataFrame([dict(c.fields(), threads=GUARD_THREADS) for c in guard_cases()])
+def default_rows(models=None) -> pd.DataFrame:
+    """The guard's grid as rows (``--update`` with no baseline file yet), for ``models`` or the built-ins."""
+    return pd.DataFrame([dict(c.fields(), threads=GUARD_THREADS) for c in guard_cases(models)])
 
 
 def measure_baseline(rows: pd.DataFrame, *, measure: Optional[Callable] = None,
@@ -104,10 +108,9 @@ def settings() -> dict:
 
 def write_baseline(path: Path, frame: pd.DataFrame, *, start: str, source: str) -> None:
     """The baseline and its sidecar (kind ``baseline``), each written whole, under the file's lock."""
-    from evals import results
 
-    with results.locked(path, "--baseline"):
-        results.write_frame(path, frame)
-        results.write_sidecar(path, dict(results.environment(), kind=KIND, utc_start=start,
-                                         utc_end=results.utc_now(), source=source, guard=settings(),
+    with claims.locked(path, "--baseline"):
+        files.write_frame(path, frame)
+        files.write_sidecar(path, dict(machine.environment(), kind=KIND, utc_start=start,
+                                         utc_end=machine.utc_now(), source=source, guard=settings(),
                                          rows=len(frame)))

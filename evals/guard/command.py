@@ -1,6 +1,6 @@
-"""``bsbr-eval regress``: the command's logic, so that ``cli.py`` only parses and maps exit codes.
+"""``bsbr-eval guard``, the performance guard: its ``Options``, their checks, and ``main``.
 
-One timing method (docs/evaluation.md, "bsbr-eval regress"):
+One timing method (docs/guard.md):
 
 - ``--against REF`` (what CI runs): REF and the working tree measured side by side now
   (``evals.guard.runner``), decided pair by pair (``evals.guard.findings.ab_check``), the
@@ -9,50 +9,69 @@ One timing method (docs/evaluation.md, "bsbr-eval regress"):
   the verdicts (``evals.guard.report``);
 - ``--update`` rewrites the baseline's exact metrics (``evals.guard.baseline``).
 
-Every function here returns the exit code (0 pass, 1 fail) or raises ``ResultsError`` (exit 2,
-one line): a bad option, a torn or short baseline, a file that is not a baseline, an unknown ref
-or one whose code cannot be imported.
+``main`` returns the exit code (0 pass, 1 fail) or raises ``ResultsError`` (exit 2, one line):
+a bad option, a torn or short baseline, a file that is not a baseline, an unknown ref or one
+whose code cannot be imported. The work itself is ``evals.guard.run``.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from rich.console import Console
-from rich.progress import Progress
-
-from evals import results
-from evals.guard import baseline as bl
-from evals.guard import findings as fd
-from evals.guard import report
-from evals.guard.rule import finite_number
-from evals.results import ResultsError
-
-STEP_SUMMARY = "GITHUB_STEP_SUMMARY"
+from evals.errors import ResultsError
+from evals.options import models_option, option
 
 
-@dataclass
+@dataclass(frozen=True)
 class Options:
-    """What the user asked for (``check`` validates it before anything runs)."""
+    """Guard performance: exit 0 pass, 1 regression, 2 the check could not run, 143 SIGTERM.
 
-    baseline: Path
-    against: Optional[str] = None
-    update: bool = False
-    threshold: Optional[float] = None
-    alpha: float = 0.01
-    rounds: Optional[int] = None
-    self_test: Optional[float] = None
-    power: Optional[Path] = None
-    power_runs: int = 10
-    show_all: bool = False
-    json_path: Optional[Path] = None
-    summary_path: Optional[Path] = None
+    With --against REF (what CI runs): the accepted commit and the working tree are timed side by
+    side, interleaved; a configuration whose paired ratio exceeds 1 + --threshold is measured again,
+    and regresses if the fresh pairs exceed it too with Wilcoxon p < --alpha. FLOPs, parameters and
+    the traced memory must match --baseline exactly. No stored time is ever compared. A baseline
+    with a torn row, missing columns or a non-numeric value is refused (exit 2), never passed."""
+
+    baseline: Path = option(Path("results/baselines/cpu.csv"), "The committed baseline CSV (its JSON sidecar sits "
+                            "beside it): the guard's configurations and their exact metrics (FLOPs, parameters, "
+                            "traced memory).")
+    against: Optional[str] = option(None, "A git ref (e.g. $(cat results/baselines/ref), or a pull request's merge "
+                                    "base): measure it and the working tree side by side now, interleaved, and "
+                                    "compare their times pair by pair.", flags=("--against",), show_default=False)
+    update: bool = option(False, "Rewrite the baseline's exact metrics, measured now, and exit 0 (only a file "
+                          "whose sidecar says it is a baseline is replaced). With no baseline file yet, measures "
+                          "the guard's default grid.", flags=("--update",))
+    threshold: Optional[float] = option(None, "Smallest slowdown that can count as a regression (0.2 = 20%). "
+                                        "Default: the one chosen from results/guard/power/ (0.2 until it "
+                                        "exists).", show_default=False)
+    alpha: float = option(0.01, "Significance level of the one-sided Wilcoxon signed-rank test on the paired log "
+                          "ratios.")
+    rounds: Optional[int] = option(None, "With --against: interleaved A/B pairs per configuration. Default: chosen "
+                                   "from results/guard/power/ (16 until it exists).", show_default=False)
+    self_test: Optional[float] = option(None, "With --against: make every model FACTOR times slower on the "
+                                        "working-tree side; exit 0 only if every model is caught in every level "
+                                        "and mode of the grid.", flags=("--self-test",), show_default=False)
+    power: Optional[Path] = option(None, "With --against: measure the guard's power curve (detection of 1.1x-1.5x "
+                                   "injected, false alarms on clean runs) and write it to this folder.",
+                                   flags=("--power",), show_default=False)
+    power_runs: int = option(10, "With --power: runs per injected factor, and clean runs.")
+    json_path: Optional[Path] = option(None, "With --against: write the verdicts as JSON (per configuration: ratio "
+                                       "B/A, its 95% interval, p, verdict, machine; and the exit code).",
+                                       flags=("--json",), show_default=False)
+    summary_path: Optional[Path] = option(None, "With --against: write a Markdown summary (also appended to "
+                                          "$GITHUB_STEP_SUMMARY when that is set).", flags=("--summary",),
+                                          show_default=False)
+    show_all: bool = option(False, "Show every check, not only what moved.", flags=("--all",))
+    models: Optional[tuple] = models_option("Only these models' configurations (names or import paths). With "
+                                            "--update and no baseline file yet: the guard's grid for these models, "
+                                            "plugins included. Default: every model of the baseline.")
 
 
 def _finite(flag: str, value, above: float = 0.0) -> None:
+    from evals.guard.rule import finite_number
+
     try:
         finite_number(flag, value, above=above)
     except ValueError as e:
@@ -61,6 +80,9 @@ def _finite(flag: str, value, above: float = 0.0) -> None:
 
 def check(o: Options) -> None:
     """Every option, before anything is read or measured: one line naming what is wrong."""
+    from evals.guard import report
+    from evals.output.paths import check_target
+
     if o.threshold is not None:
         _finite("--threshold", o.threshold)
     if not (0 < o.alpha < 1):
@@ -85,7 +107,7 @@ def check(o: Options) -> None:
     if o.power_runs < 2:
         raise ResultsError(f"--power-runs must be at least 2 (a re-measurement pairs two runs), got {o.power_runs}")
     if o.power is not None:
-        results.check_output_dir(o.power, "--power")
+        check_target(o.power, "--power", folder=True)
         if (Path(o.power) / "power.csv").exists():
             raise ResultsError(f"--power {o.power} already holds a power curve (power.csv); remove it or give "
                                "another folder")
@@ -95,108 +117,11 @@ def check(o: Options) -> None:
         report.check_report_path(o.summary_path, "--summary", ".md")
 
 
-def run_regress(console: Console, o: Options) -> int:
-    """The whole command: check, read strictly, then the A/B check or the update."""
+
+
+def main(o: Options) -> int:
+    from evals.console import out
+    from evals.guard.run import run_guard
+
     check(o)
-    if not o.update and not o.baseline.is_file():
-        raise ResultsError(f"no baseline at {o.baseline}; create it with: "
-                           f"bsbr-eval regress --baseline {o.baseline} --update")
-    base = results.read_table(o.baseline, required=bl.REQUIRED, what="baseline").rows if o.baseline.is_file() else None
-    if o.update:
-        results.check_output(o.baseline, "--baseline")
-        bl.check_replaceable(o.baseline)
-        return _update(console, base, o.baseline)
-    return _against(console, base, o)
-
-
-def _update(console: Console, base, path: Path) -> int:
-    start = results.utc_now()
-    rows = base if base is not None else bl.default_rows()
-    with Progress(console=console, transient=True) as bar:
-        task = bar.add_task("measuring exact metrics", total=len(rows))
-        new = bl.measure_baseline(rows, progress=lambda label: bar.update(task, description=label, advance=1))
-    broken = new[new["status"] != "ok"]
-    if len(broken):  # a baseline row that is not ok would switch the guard off for it
-        for _, r in broken.iterrows():
-            console.print(f"{fd.config_label(r)}: {r['status']} {r.get('error', '')}")
-        console.print(f"FAIL: not writing {path}: {len(broken)} configuration(s) did not measure ok")
-        return 1
-    bl.write_baseline(path, new, start=start, source="measured now")
-    console.print(f"wrote baseline {path} ({len(new)} rows) and {results.sidecar_path(path)}")
-    return 0
-
-
-def _inject(o: Options) -> dict:
-    from evals.measure import parse_inject
-    from evals.registry import MODEL_NAMES
-
-    if o.self_test is not None:
-        return {m: float(o.self_test) for m in MODEL_NAMES}
-    try:
-        return parse_inject()  # side B only: the workers never read the variable themselves
-    except ValueError as e:
-        raise ResultsError(str(e)) from None
-
-
-def _against(console: Console, base, o: Options) -> int:
-    """``regress --against REF``: the A/B check, its self-test, or the power measurement."""
-    from evals.guard import power as pw
-    from evals.guard import runner
-
-    settings = fd.ab_settings()
-    threshold = settings["threshold"] if o.threshold is None else o.threshold
-    rounds = settings["rounds"] if o.rounds is None else o.rounds
-    inject = _inject(o)
-    todo = int((base["status"] == "ok").sum())
-
-    def measure_power(session):
-        return pw.measure_power(session, runs=o.power_runs, rounds=rounds, progress=lambda *_: None)
-
-    try:
-        with Progress(console=console, transient=True) as bar:
-            task = bar.add_task(f"A/B against {o.against}", total=todo if o.power is None else None)
-            done = runner.against(o.against, base, rounds=rounds, threshold=threshold, alpha=o.alpha, inject=inject,
-                                  exact=o.self_test is None and o.power is None,
-                                  progress=lambda i: bar.update(task, advance=1),
-                                  run=measure_power if o.power is not None else None)
-    except runner.ABError as e:
-        raise ResultsError(str(e)) from None
-    console.print(done.sides())
-    console.print(fd.exactness(base))
-    if o.power is not None:
-        written = pw.write_power(o.power, done.result, alpha=o.alpha, ref=o.against, ref_sha=done.ref_sha,
-                                 tree=done.tree, baseline=str(o.baseline))
-        console.print(f"wrote {', '.join(str(p) for p in written)}")
-        return 0
-    return _verdict(console, base, o, done)
-
-
-def _verdict(console: Console, base, o: Options, done) -> int:
-    """Show the findings, decide the exit code, and hand the verdicts on (JSON, Markdown)."""
-    findings = done.result.findings
-    console.print(report.render(findings, show_all=o.show_all, title=f"bsbr-eval regress --against {o.against}"))
-    summary = fd.ab_summary(findings, ref=f"{o.against} ({done.ref_sha[:12]})", baseline=str(o.baseline))
-    if o.self_test is None:
-        code = 1 if not fd.failures(findings).empty else 0
-        line = summary
-    else:
-        st = fd.self_test(findings, base, done.inject)
-        console.print(report.render_self_test(st))
-        other = fd.failures(findings)
-        other = other[other["metric"] != fd.AB_TIME_METRIC]
-        code = 0 if bool(st["ok"].all()) and other.empty else 1
-        missed = [f"{r.model} {r.group}" for r in st.itertuples() if not r.ok]
-        line = (f"SELF-TEST {'PASS' if code == 0 else 'FAIL'}: {o.self_test:g}x injected into every model, "
-                + ("caught in every model, level and mode" if not missed else f"missed: {', '.join(missed)}")
-                + ("" if other.empty else f"; other failures: {summary}"))
-    console.print(line)
-    step = os.environ.get(STEP_SUMMARY) or None
-    if o.json_path or o.summary_path or step:
-        header = dict(command="regress", ref=o.against, ref_sha=done.ref_sha, tree=done.tree, rounds=done.rounds,
-                      threshold=done.threshold, alpha=done.alpha, self_test=o.self_test, inject=done.inject,
-                      sides=done.sides(), baseline=str(o.baseline))
-        rep = report.verdicts(findings, base, done.result.pairs, env=results.machine(), header=header,
-                              exit_code=code, summary=line)
-        for p in report.write_reports(rep, json_path=o.json_path, summary_path=o.summary_path, step_summary=step):
-            console.print(f"wrote {p}")
-    return code
+    return run_guard(out(), o)

@@ -1,6 +1,6 @@
 """What the guard finds: every check of an A/B run, one row per (configuration, metric).
 
-Two kinds of check, and nothing else (docs/evaluation.md, "bsbr-eval regress"):
+Two kinds of check, and nothing else (docs/guard.md):
 
 1. **Exact metrics** (``flops``, ``params``, and ``peak_memory_mb`` when it comes from a
    deterministic trace) of the working tree must equal the committed baseline's, to the unit.
@@ -8,8 +8,8 @@ Two kinds of check, and nothing else (docs/evaluation.md, "bsbr-eval regress"):
    with the change that caused it.
 2. **Time** is decided by the paired A/B rule alone (``evals.guard.rule.paired_verdict``) on
    samples of the accepted commit and the working tree taken back to back now. No stored time
-   is ever compared. A configuration that regresses is measured once more (fresh pairs, the
-   same workers) and reported only if it regresses again; otherwise it is ``transient``. One
+   is ever compared. A configuration that regresses is measured once more (fresh pairs, on two
+   newly started workers) and reported only if it regresses again; otherwise it is ``transient``. One
    whose ratio is over the threshold but not significant is measured once more too, and the
    fresh pairs decide it (``evals.guard.rule.looks_again``).
 
@@ -35,18 +35,19 @@ from evals.guard.rule import (AB_ROUNDS, AB_THRESHOLD, CHANGED, DEFAULT_ALPHA, F
                               REGRESSION, TRANSIENT, UNTESTABLE, looks_again, paired_verdict)
 from evals.guard.sampling import interleave
 
-# What identifies one configuration of the baseline (its CSV columns).
-KEY_COLUMNS = ("model", "device", "mode", "level", "dtype", "batch_size", "seq_len",
+# What identifies one configuration of the baseline (its CSV columns; a compare row is identified by
+# more: evals.grid.KEY_COLUMNS).
+BASELINE_KEY = ("model", "device", "mode", "level", "dtype", "batch_size", "seq_len",
                "hidden_dim", "num_layers", "num_heads", "chunk_size")
 # Counted, not timed: the same code must give the same numbers.
 EXACT_COLUMNS = ("flops", "params")
 # Memory methods whose number is a pure function of the code, configuration and thread count
-# (every guard configuration, five fresh processes: tests/test_exact_memory.py); only those are
+# (every guard configuration, five fresh processes: tests/evals/guard/test_exact_memory.py); only those are
 # compared exactly. Any other method (the first call's ``cpu_alloc_trace``, or a baseline from
 # an older harness) is shown and never fails the check.
 EXACT_MEMORY_METHODS = ("cpu_alloc_trace_steady",)
 AB_TIME_METRIC = "time B/A"
-POWER_FILE = "results/regress_power/power.json"
+POWER_FILE = "results/guard/power/power.json"
 FINDING_COLUMNS = ["config", "model", "mode", "seq_len", "metric", "baseline", "current", "change", "p_value",
                    "verdict", "i"]
 
@@ -185,13 +186,17 @@ class ABResult:
 
 def ab_check(rows: pd.DataFrame, built: dict, sample: Callable[[str, int], float], *, rounds: int = AB_ROUNDS,
              threshold: float = AB_THRESHOLD, alpha: float = DEFAULT_ALPHA,
-             progress: Optional[Callable[[int], None]] = None) -> ABResult:
+             progress: Optional[Callable[[int], None]] = None,
+             fresh: Optional[Callable[[list], Callable[[str, int], float]]] = None) -> ABResult:
     """Measure every configuration both sides built (``rounds`` interleaved pairs each), decide,
     and measure each time regression once more (it stands only if it regresses again) and each
     unsettled ratio once more (the fresh pairs decide it).
 
     ``sample(side, i) -> ms`` takes one sample ("A" or "B") of row ``i``: the workers' in a real
-    run (``evals.guard.runner.Session.sample``), a synthetic one in the tests.
+    run (``evals.guard.runner.Session.sample``), a synthetic one in the tests. ``fresh(indices)``,
+    when given, returns the sampler of the second look: in a real run, two newly started workers
+    with only those configurations built, so a bias that belongs to one worker process (where its
+    heap put the buffers) is drawn anew rather than measured twice.
     """
     if not (isinstance(rounds, int) and rounds >= 1):
         raise ValueError(f"rounds must be a positive integer, got {rounds!r}")
@@ -203,7 +208,8 @@ def ab_check(rows: pd.DataFrame, built: dict, sample: Callable[[str, int], float
     first = {int(i): v for i, c, v in zip(t["i"], t["change"], t["verdict"]) if looks_again(c, v, threshold=threshold)}
     if not first:
         return ABResult(findings, pairs, [])
-    pairs = {**pairs, **interleave(list(first), rounds, sample, progress)}
+    again = fresh(list(first)) if fresh is not None else sample
+    pairs = {**pairs, **interleave(list(first), rounds, again, progress)}
     second = ab_findings(rows, built, pairs, threshold=threshold, alpha=alpha)
     was_regression = second["i"].map(lambda i: first.get(int(i)) == REGRESSION) & (second["metric"] == AB_TIME_METRIC)
     second.loc[was_regression & (second["verdict"] != REGRESSION), "verdict"] = TRANSIENT

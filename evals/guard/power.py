@@ -1,4 +1,4 @@
-"""The power curve of the A/B guard (``bsbr-eval regress --against REF --power DIR``).
+"""The power curve of the A/B guard (``bsbr-eval guard --against REF --power DIR``).
 
 How often does the guard catch a slowdown of a given size, and how often does it fail unchanged
 code? Both are measured, on the machine the guard runs on, with the guard's own workers:
@@ -27,6 +27,8 @@ Axis legend: ``s`` paired samples of one configuration.
 
 from __future__ import annotations
 
+from evals.output import files
+from evals import machine
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -175,7 +177,6 @@ def write_power(out_dir, samples: pd.DataFrame, *, alpha: float, ref: str, ref_s
     Each file is written to a temporary name and renamed; returns the paths."""
     import gzip
 
-    from evals import results
     from evals.guard.figure import plot_power
 
     out = Path(out_dir)
@@ -184,13 +185,13 @@ def write_power(out_dir, samples: pd.DataFrame, *, alpha: float, ref: str, ref_s
     table = power_table(dec)
     chosen = choose(table)
     written = []
-    written.append(results.write_bytes(out / "samples.csv.gz",
+    written.append(files.write_bytes(out / "samples.csv.gz",
                                        gzip.compress(samples.to_csv(index=False).encode("utf-8"))))
-    written.append(results.write_frame(out / "power.csv", table))
-    info = dict(results.environment(), ref=ref, ref_sha=ref_sha, working_tree=tree, baseline=baseline, alpha=alpha,
+    written.append(files.write_frame(out / "power.csv", table))
+    info = dict(machine.environment(), ref=ref, ref_sha=ref_sha, working_tree=tree, baseline=baseline, alpha=alpha,
                 factors=list(FACTORS), thresholds=list(THRESHOLDS), round_choices=list(ROUND_CHOICES),
                 runs=int(samples["run"].nunique()) if len(samples) else 0, chosen=chosen)
-    written.append(results.write_sidecar(out / "power.csv", info))
+    written.append(files.write_sidecar(out / "power.csv", info))
     written.extend(plot_power(table, chosen, out))
     return written
 
@@ -201,7 +202,6 @@ def reanalyse(out_dir) -> list:
     measurement (machine, code, command). For a change of the decision rule, not of the data."""
     import json
 
-    from evals import results
     from evals.guard.figure import plot_power
 
     out = Path(out_dir)
@@ -209,6 +209,6 @@ def reanalyse(out_dir) -> list:
     info = json.loads((out / "power.json").read_text(encoding="utf-8"))
     table = power_table(decisions(samples, alpha=float(info["alpha"])))
     info["chosen"] = choose(table)
-    info["reanalysed_utc"] = results.utc_now()
-    written = [results.write_frame(out / "power.csv", table), results.write_sidecar(out / "power.csv", info)]
+    info["reanalysed_utc"] = machine.utc_now()
+    written = [files.write_frame(out / "power.csv", table), files.write_sidecar(out / "power.csv", info)]
     return written + list(plot_power(table, info["chosen"], out))

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from evals.output import files
+from evals import errors
 from evals.guard.findings import AB_TIME_METRIC, failures
 from evals.guard.rule import (CHANGED, FAILING, FASTER, MISSING, NEW, OK, REGRESSION, TRANSIENT, UNTESTABLE,
                               ratio_interval)
@@ -44,7 +46,7 @@ def _moved(findings: pd.DataFrame) -> pd.Series:
     return (findings["verdict"] != OK) | ((findings["metric"] == AB_TIME_METRIC) & (findings["change"].abs() > 0.1))
 
 
-def render(findings: pd.DataFrame, *, show_all: bool = False, title: str = "bsbr-eval regress",
+def render(findings: pd.DataFrame, *, show_all: bool = False, title: str = "bsbr-eval guard",
            columns: tuple = ("A (ms)", "B (ms)")):
     """A rich Table of what moved and by how much (every row with ``show_all``)."""
     from rich.table import Table
@@ -157,7 +159,7 @@ def markdown(report: dict) -> str:
     confs = report["configurations"]
     moved = [c for c in confs if c["verdict"] != OK or (c["ratio"] is not None and abs(c["ratio"] - 1) > 0.1)]
     icon = "✅" if report["passed"] else "❌"
-    out = [f"## {icon} bsbr-eval regress: {'PASS' if report['passed'] else 'FAIL'} (exit {report['exit_code']})",
+    out = [f"## {icon} bsbr-eval guard: {'PASS' if report['passed'] else 'FAIL'} (exit {report['exit_code']})",
            "", _md_cell(report["summary"]), "", f"- {_md_cell(report.get('sides', ''))}",
            f"- machine: {_md_cell(report['machine']['name'])}", ""]
     if moved:
@@ -170,35 +172,32 @@ def markdown(report: dict) -> str:
 
 def check_report_path(path, flag: str, suffix: str) -> Path:
     """Validate ``--json`` / ``--summary`` before anything is measured (one line, exit 2)."""
-    from evals.results import ResultsError, check_output_dir
+    from evals.errors import ResultsError
+    from evals.output.paths import check_target
 
     path = Path(path)
     if path.suffix.lower() != suffix:
         raise ResultsError(f"{flag}: {path} must end in {suffix}")
-    if path.is_dir():
-        raise ResultsError(f"{flag}: {path} is a directory; give a file path such as {path / ('regress' + suffix)}")
-    check_output_dir(path.parent, flag)
-    return path
+    return check_target(path, flag, folder=False)
 
 
 def write_reports(report: dict, *, json_path=None, summary_path=None, step_summary=None) -> list:
     """Write the JSON and the Markdown where asked (each file whole, atomically); append the
     Markdown to ``step_summary`` (``$GITHUB_STEP_SUMMARY``: GitHub's per-step file, appended to by
     design, in one write). Returns the paths written."""
-    from evals import results
 
     done = []
     if json_path is not None:
-        done.append(results.write_text(json_path, json.dumps(report, indent=2, allow_nan=False) + "\n"))
+        done.append(files.write_text(json_path, json.dumps(report, indent=2, allow_nan=False) + "\n"))
     text = markdown(report)
     if summary_path is not None:
-        done.append(results.write_text(summary_path, text))
+        done.append(files.write_text(summary_path, text))
     if step_summary:
         try:
             with open(step_summary, "a", encoding="utf-8") as f:
                 f.write(text + "\n")
         except OSError as e:
-            raise results.OutputError(f"cannot append to $GITHUB_STEP_SUMMARY ({step_summary}): "
+            raise errors.OutputError(f"cannot append to $GITHUB_STEP_SUMMARY ({step_summary}): "
                                       f"{e.strerror or e}") from None
         done.append(Path(step_summary))
     return done

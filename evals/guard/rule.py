@@ -1,8 +1,7 @@
 """The guard's one timing rule: the paired A/B verdict, and the names of every verdict.
 
 The accepted commit (side A) and the working tree (side B) are timed back to back, ``s`` pairs
-per configuration; a configuration is decided on its pairs alone (docs/evaluation.md,
-"bsbr-eval regress"):
+per configuration; a configuration is decided on its pairs alone (docs/guard.md):
 
 - the paired ratio is the geometric mean of ``b_k / a_k`` over the pairs;
 - ``regression`` when that ratio exceeds ``1 + threshold`` *and* the one-sided Wilcoxon
@@ -37,7 +36,7 @@ FAILING = (REGRESSION, CHANGED, MISSING)
 VERDICTS = (REGRESSION, CHANGED, MISSING, TRANSIENT, FASTER, OK, NEW, UNTESTABLE)
 
 DEFAULT_ALPHA = 0.01
-# Provisional defaults, until results/regress_power/power.json records the ones chosen from the
+# Provisional defaults, until results/guard/power/power.json records the ones chosen from the
 # measured power curve (``evals.guard.findings.ab_settings``).
 AB_THRESHOLD = 0.2
 AB_ROUNDS = 16

@@ -1,4 +1,4 @@
-"""The A/B runner of ``bsbr-eval regress --against REF``: materialise the accepted commit, start
+"""The A/B runner of ``bsbr-eval guard --against REF``: materialise the accepted commit, start
 one worker per side, and collect interleaved, paired samples.
 
 Times do not transfer between machines, so the guard never compares a stored time: it measures
@@ -319,17 +319,46 @@ class Against:
                 + (f"; wall time: {took}" if took else ""))
 
 
-def against(ref: str, rows, *, rounds: int, threshold: float, alpha: float, inject: dict, threads: int = 1,
-            exact: bool = True, root: Optional[Path] = None, b_tree: Optional[Path] = None,
+def _fresh_sampler(stack: contextlib.ExitStack, session: Session, a_tree: Path, b_tree: Path, a_what: str,
+                   threads: int) -> Callable[[list], Callable[[str, int], float]]:
+    """For the second look: stop the first pair of workers' sampling, start a new pair, build only
+    the configurations ``indices`` there (no exact metrics: those were checked), and sample them
+    under their original indices."""
+
+    def fresh(indices: list) -> Callable[[str, int], float]:
+        ws = stack.enter_context(workers(a_tree, b_tree, a_what=a_what))
+        sub = session.rows.iloc[list(indices)]
+        again = open_session(ws, sub, threads=threads, inject=session.inject, exact=False)
+        where = {i: k for k, i in enumerate(indices)}
+        return lambda side, i: again.sample(side, where[i])
+    return fresh
+
+
+@dataclass(frozen=True)
+class ABPlan:
+    """How a check runs: pairs per configuration, the rule's threshold and alpha, side B's injected
+    slowdown, threads, and whether side B's exact metrics are checked (the self-test skips them:
+    the clean check has just done them)."""
+
+    rounds: int
+    threshold: float
+    alpha: float
+    inject: dict = field(default_factory=dict)
+    threads: int = 1
+    exact: bool = True
+
+
+def against(ref: str, rows, plan: ABPlan, *, root: Optional[Path] = None, b_tree: Optional[Path] = None,
             progress: Optional[Callable[[int], None]] = None, run: Optional[Callable] = None) -> Against:
     """Materialise ``ref``, build ``rows`` on both sides, and run the check.
 
     ``run(session) -> result`` replaces the default check (``evals.guard.findings.ab_check``), e.g.
     with the power measurement. ``b_tree`` defaults to the working tree this harness runs from.
-    ``exact=False`` skips the exact metrics (the self-test: the clean check has done them).
     """
     from evals.guard.findings import ab_check
 
+    rounds, threshold, alpha, inject, threads, exact = (plan.rounds, plan.threshold, plan.alpha, plan.inject,
+                                                         plan.threads, plan.exact)
     root = root or repo_root()
     b_tree = Path(b_tree or root)
     state = tree_state(b_tree)
@@ -339,7 +368,7 @@ def against(ref: str, rows, *, rounds: int, threshold: float, alpha: float, inje
         nonlocal t0
         phases[name], t0 = time.monotonic() - t0, time.monotonic()
 
-    with ref_worktree(ref, root) as (path, sha):
+    with ref_worktree(ref, root) as (path, sha), contextlib.ExitStack() as later:
         with workers(path, b_tree, a_what=f"ref {ref} ({sha[:12]})") as ws:
             lap("start")
             session = open_session(ws, rows, threads=threads, inject=inject, exact=exact)
@@ -347,7 +376,8 @@ def against(ref: str, rows, *, rounds: int, threshold: float, alpha: float, inje
             if run is not None:
                 result = run(session)
             else:
+                fresh = _fresh_sampler(later, session, path, b_tree, f"ref {ref} ({sha[:12]})", threads)
                 result = ab_check(rows, session.built, session.sample, rounds=rounds, threshold=threshold,
-                                     alpha=alpha, progress=progress)
+                                  alpha=alpha, progress=progress, fresh=fresh)
             lap("measure")
     return Against(result, ref, sha, state, dict(inject), rounds, threshold, alpha, phases)

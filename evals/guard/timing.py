@@ -24,12 +24,8 @@ GUARD_CONFIG = dict(vocab_size=256, hidden_dim=64, num_layers=2, num_heads=4, ff
                     chunk_size=32, window_size=32, qk_dim=32)
 GUARD_LENGTHS = (128, 256, 512)
 GUARD_MODES = ("forward", "train")
-# Decode at two lengths, so that the self-test's decode group does not stand on one configuration:
-# on a noisy 2-core EPYC a 1.5x injection into one decode configuration read as a regression on the
-# first pass and not on the second (GAU; SlidingWindow and Hopfield) in two self-tests of three. A
-# second length for every group (84 configurations) was tried and made the clean check fail on
-# identical-cost code in three runs of three there (more configurations, more chances for a burst
-# of load to hit both passes), so only the decode group, the one that missed, got one.
+# Decode at two lengths, so that the self-test's decode group does not stand on one configuration
+# (the measurements that chose this grid: docs/guard.md, "The grid").
 GUARD_DECODE_LENGTHS = (128, 256)      # model level, decode mode
 GUARD_LAYER_LENGTHS = (512,)           # layer level, forward and train
 # One thread: on a shared 2-core box a second thread turns every barrier into a wait on whoever
@@ -38,17 +34,18 @@ GUARD_THREADS = 1
 STEADY_METHOD = "cpu_alloc_trace_steady"
 
 
-def guard_cases() -> list:
-    """The cases of a fresh baseline (``--update`` with no baseline file yet), model by model."""
-    from evals.grid import expand_grid
+def guard_cases(models=None) -> list:
+    """The cases of a fresh baseline (``--update`` with no baseline file yet), model by model: the
+    built-ins, or ``models`` (names or import paths, a plugin's too)."""
+    from evals.grid import GridSpec, expand_grid
     from evals.registry import MODEL_NAMES, ModelConfig
 
     cfg = ModelConfig(**GUARD_CONFIG)
     out = []
-    for m in MODEL_NAMES:
-        out += expand_grid([m], GUARD_LENGTHS, modes=GUARD_MODES, config=cfg)
-        out += expand_grid([m], GUARD_DECODE_LENGTHS, modes=["decode"], config=cfg)
-        out += expand_grid([m], GUARD_LAYER_LENGTHS, modes=GUARD_MODES, level="layer", config=cfg)
+    for m in models or MODEL_NAMES:
+        out += expand_grid([m], GUARD_LENGTHS, modes=GUARD_MODES, spec=GridSpec(config=cfg))
+        out += expand_grid([m], GUARD_DECODE_LENGTHS, modes=["decode"], spec=GridSpec(config=cfg))
+        out += expand_grid([m], GUARD_LAYER_LENGTHS, modes=GUARD_MODES, spec=GridSpec(level="layer", config=cfg))
     return out
 
 

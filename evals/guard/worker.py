@@ -10,7 +10,7 @@ tree for both: ``python <working tree>/evals/guard/worker.py TREE``. What comes 
   The registry is how a tree builds its models, so it belongs to the code under test;
 - **the harness** comes from the directory of this file, the working tree, on *both* sides:
   ``evals.results`` (sample statistics, case keys, the one-line error) with the modules it is
-  made of (``errors``, ``files``, ``locking``, ``machine``, ``resume``), ``evals.workload``
+  made of (``errors``, ``locking``, ``machine``, ``resume``, the ``output`` package), ``evals.workload``
   (workload building), ``evals.measure`` (``time_fn``, FLOP counting, memory trace, injection)
   and the ``evals.guard`` package (``timing``: ``RunqueueWait``, ``steady_memory``,
   ``case_from_row``), installed in place of whatever the tree has under those names, so a ref
@@ -46,12 +46,12 @@ from pathlib import Path
 from typing import Optional
 
 HARNESS = Path(__file__).resolve().parents[1]  # the working tree's evals/
-# in import order: the results layer's own modules first (an accepted commit from before
-# results.py was split has none of them), then the results layer, which the workload builder and
-# measure import (sample statistics, case keys); the guard package is installed whole (its
-# submodules load from the working tree)
-HARNESS_MODULES = ("errors", "files", "locking", "machine", "resume", "results", "workload", "measure")
-HARNESS_PACKAGES = ("guard",)
+# (name, is a package), in import order: what the results layer is made of first (an accepted
+# commit may have none of them: it predates the output package, or results.py's split), then the
+# results layer, which the workload builder and measure import (sample statistics, case keys);
+# packages are installed whole (their submodules load from the working tree)
+HARNESS_MODULES = (("errors", False), ("locking", False), ("machine", False), ("resume", False), ("output", True),
+                   ("results", False), ("workload", False), ("measure", False), ("guard", True))
 
 
 def _one_line(err: BaseException) -> str:
@@ -81,10 +81,8 @@ def load(tree: Path) -> dict:
     got = Path(evals.__file__).resolve().parent
     if got != tree / "evals":
         raise ImportError(f"evals resolved to {got}, not {tree / 'evals'}")
-    for name in HARNESS_MODULES:
-        _install(evals, name, HARNESS / f"{name}.py", package=False)
-    for name in HARNESS_PACKAGES:
-        _install(evals, name, HARNESS / name, package=True)
+    for name, package in HARNESS_MODULES:
+        _install(evals, name, HARNESS / (name if package else f"{name}.py"), package=package)
     import bsbr
     import torch
 

@@ -1,5 +1,5 @@
-"""``bsbr-eval lm`` after parsing: its options, the run folder, the two phases of the protocol on
-an executor, and rows streamed to ``lm.csv`` as each training finishes.
+"""``bsbr-eval lm``'s sweep: the preset its options make, the two phases of the protocol on an
+executor, and rows streamed to ``lm.csv`` as each training finishes.
 
 The folder is a ``evals.output.RunFolder``: new or empty without ``--resume``; with it, a folder
 holding an ``lm.csv`` whose recorded settings (preset, contexts, corpus checksum, device, threads)
@@ -11,50 +11,31 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from evals.lm.sweep import COLUMNS, LMCase, LMPreset, lm_grid, row_key, run_case, seed_cases
+from evals.lm.sweep import LMCase, LMPreset, lm_grid, row_key, run_case, seed_cases
 
 KIND = "lm"
 
 
-@dataclass(frozen=True)
-class Options:
-    """Every flag of ``bsbr-eval lm``; ``None`` means the preset's value."""
-
-    preset: str = "quick"
-    models: Optional[tuple] = None
-    contexts: Optional[tuple] = None
-    lrs: Optional[tuple] = None
-    seeds: Optional[int] = None
-    max_steps: Optional[int] = None
-    device: str = "cpu"
-    threads: int = 1
-    jobs: Optional[int] = None
-    executor: str = "local"
-    address: Optional[str] = None
-    output_dir: Optional[Path] = None
-    resume: bool = False
-
-
-def configure(o: Options) -> LMPreset:
+def configure(o) -> LMPreset:
     """The named preset with the options' overrides, checked (one-line ValueError otherwise); the
     contexts are checked against the corpus (a context must fit its shortest document)."""
     from evals.lm.corpus import load_documents
     from evals.lm.data import check_context
     from evals.lm.sweep import PRESETS
-    from evals.options import check_finite, check_positive
+    from evals.options import check_finite, check_jobs, check_positive, positive_ints, split_list
 
     if o.preset not in PRESETS:
         raise ValueError(f"--preset: unknown value {o.preset!r}; valid: {', '.join(PRESETS)}")
     base = PRESETS[o.preset]
     check_positive(seeds=o.seeds, max_steps=o.max_steps, jobs=o.jobs, threads=o.threads)
-    for v in o.lrs or ():
-        check_finite("--lrs", v, low=0, low_open=True)
-    p = base.with_(contexts=tuple(o.contexts) if o.contexts else base.contexts,
-                   lrs=tuple(float(v) for v in o.lrs) if o.lrs else base.lrs,
-                   seeds=tuple(range(o.seeds)) if o.seeds else base.seeds, jobs=o.jobs or base.jobs,
+    lrs = [check_finite("--lrs", v, low=0, low_open=True) for v in split_list(o.lrs)]
+    contexts = positive_ints("--contexts", o.contexts)
+    jobs = check_jobs(o.jobs, o.threads, o.executor, default=base.jobs)
+    p = base.with_(contexts=tuple(contexts) if contexts else base.contexts,
+                   lrs=tuple(lrs) if lrs else base.lrs,
+                   seeds=tuple(range(o.seeds)) if o.seeds else base.seeds, jobs=jobs,
                    train=base.train.with_(max_steps=o.max_steps) if o.max_steps else base.train)
     p.check()
     docs = load_documents()
@@ -77,16 +58,24 @@ def _task(case: LMCase, *, preset: LMPreset, device: str, threads: int) -> dict:
     return run_case(case, preset, device=device, threads=threads)
 
 
-def run_lm(models: Sequence[str], preset: LMPreset, folder, *, executor, device: str = "cpu", threads: int = 1,
-           run_id: str = "", on_start: Optional[Callable[[int], None]] = None,
-           on_row: Optional[Callable[[dict], None]] = None) -> list:
-    """Phase 1 (every rate at the first seed), then phase 2 (every further seed at each group's
+@dataclass(frozen=True)
+class LMRun:
+    """What every training of one run shares besides the preset: where it trains and its run id."""
+
+    device: str = "cpu"
+    threads: int = 1
+    run_id: str = ""
+
+
+def run_lm(models: Sequence[str], preset: LMPreset, folder, *, executor, run: LMRun = LMRun(),
+           on_start: Optional[Callable[[int], None]] = None, on_row: Optional[Callable[[dict], None]] = None) -> list:
+    """Phase 1 (every rate at the first seed), then phase 2 (every further seed at each configuration's
     best rate), appending each row to ``folder`` as it arrives; every row of the run, old first.
     ``on_start(kept)`` is called once the folder is claimed, with how many of this run's trainings
     it already holds; ``on_row(row)`` after each append."""
     rows = {row_key(r): r for r in folder.rows}
     tune = lm_grid(models, preset)
-    fn = partial(_task, preset=preset, device=device, threads=threads)
+    fn = partial(_task, preset=preset, device=run.device, threads=run.threads)
     if on_start is not None:
         wanted = {c.key() for c in tune} | {c.key() for c in seed_cases(tune, rows, preset)}
         on_start(len(wanted & set(rows)))
@@ -95,7 +84,7 @@ def run_lm(models: Sequence[str], preset: LMPreset, folder, *, executor, device:
             todo = tune if phase == "tune" else seed_cases(tune, rows, preset)
             todo = [c for c in todo if c.key() not in rows]
             for case, row in executor.map_unordered(fn, todo):
-                row["run_id"] = run_id
+                row["run_id"] = run.run_id
                 folder.append(row)
                 rows[case.key()] = row
                 if on_row is not None:

@@ -21,7 +21,7 @@ SUMMARY_COLUMNS = ["model", "context", "lr", "seeds", "test_bpb", "test_bpb_std"
 
 
 def _best_rows(rows: Sequence[dict]) -> dict:
-    """``{(model, context): (lr, [ok rows at lr])}``; a group with no ok row maps to (None, [its rows])."""
+    """``{(model, context): (lr, [ok rows at lr])}``; a configuration with no ok row maps to (None, [its rows])."""
     groups: dict = {}
     for r in rows:
         groups.setdefault((str(r["model"]), int(r["context"])), []).append(r)

@@ -1,6 +1,6 @@
 """The language-modelling sweep: its cases, its presets, matched models, and one run -> one row.
 
-The protocol is recall's (``evals.recall.sweep``): for every model and context (a *group*), train
+The protocol is recall's (``evals.recall.sweep``): for every model and context (a *configuration*), train
 once per learning rate at the first seed, choose the rate with the best *validation* bits per
 byte, then train every other seed at that rate. Test bits per byte is reported, never used to
 choose.
@@ -33,11 +33,11 @@ class LMCase:
     seed: int
     phase: str = "tune"
 
-    def group(self) -> tuple:
+    def config(self) -> tuple:
         return (self.model, self.context)
 
     def key(self) -> tuple:
-        return self.group() + (float(self.lr), int(self.seed))
+        return self.config() + (float(self.lr), int(self.seed))
 
     def label(self) -> str:
         return f"{self.model} context={self.context} lr={self.lr:g} seed={self.seed}"
@@ -139,15 +139,15 @@ def best_lr(rows: Sequence[dict]) -> Optional[float]:
 
 
 def seed_cases(tune: Sequence[LMCase], rows_by_key: dict, preset: LMPreset) -> list:
-    """Each group once per further seed at its best rate, once all its tune rows are in."""
+    """Each configuration once per further seed at its best rate, once all its tune rows are in."""
     out = []
-    for group in dict.fromkeys(c.group() for c in tune):
-        rows = [rows_by_key.get(group + (float(lr), preset.seeds[0])) for lr in preset.lrs]
+    for config in dict.fromkeys(c.config() for c in tune):
+        rows = [rows_by_key.get(config + (float(lr), preset.seeds[0])) for lr in preset.lrs]
         if any(r is None for r in rows):
             continue
         lr = best_lr(rows)
         if lr is not None:
-            out += [LMCase(*group, lr, s, "seed") for s in preset.seeds[1:]]
+            out += [LMCase(*config, lr, s, "seed") for s in preset.seeds[1:]]
     return out
 
 
@@ -168,8 +168,9 @@ PRESETS: dict = {
     # at the best: 56 trainings, two at a time, one thread each. Chunk and window 64, so the
     # window's edge and BSBR's chunk both sit well inside either context. Validation and test are
     # each split's first documents up to 500 kB (scoring all 1.9 MB took as long as the training).
+    # Rates around the best of a 150-step pilot (Standard, context 512: 1e-2 beat 3e-3).
     "cpu": LMPreset(contexts=(512, 2048), hidden_dim=128, num_layers=2, num_heads=4, target_params=400_000,
-                    chunk_size=64, window_size=64, tokens_per_step=8192, lrs=(1e-3, 3e-3, 1e-2), seeds=(0, 1),
+                    chunk_size=64, window_size=64, tokens_per_step=8192, lrs=(3e-3, 1e-2, 3e-2), seeds=(0, 1),
                     jobs=2, qk_dim=64, eval_bytes=500_000,
                     train=TrainConfig(max_steps=500, batch_size=16, lr=3e-3, weight_decay=0.1, warmup_steps=50,
                                       eval_every=500, betas=(0.9, 0.95), min_lr_ratio=0.1)),
@@ -189,8 +190,9 @@ COLUMNS = (
     "test_bpb", "val_bpb", "final_loss", "steps", "tokens_seen", "train_time_s", "tokens_per_s", "eval_time_s",
     "params", "hidden_dim", "num_layers", "num_heads", "ff_dim", "chunk_size", "window_size", "qk_dim",
     "batch_size", "max_steps", "warmup_steps", "weight_decay", "test_bytes", "val_bytes", "corpus_sha256",
-    "threads", "test_loss_by_position", "error",
+    "init", "threads", "test_loss_by_position", "error",
 )
+INIT = "unit variance (evals.train.unit_variance_init): Linear N(0,1/fan_in), embedding N(0,1), final norm gain d^-1/2"
 # what differs between two runs of one case however deterministic the training is
 VOLATILE_COLUMNS = ("run_id", "train_time_s", "tokens_per_s", "eval_time_s")
 
@@ -225,14 +227,15 @@ def run_case(case: LMCase, preset: LMPreset, *, device: str = "cpu", threads: in
     from evals.lm.corpus import SHA256, load_documents, split_documents
     from evals.lm.data import train_batches
     from evals.lm.training import loss_by_position, train_and_evaluate
-    from evals.train import deterministic
+    from evals.train import deterministic, unit_variance_init
 
     tr = preset.train_for(case)
     row = dict(task="lm", model=case.model, device=device, phase=case.phase, context=case.context,
                lr=float(case.lr), seed=case.seed, hidden_dim=preset.hidden_dim, num_layers=preset.num_layers,
                num_heads=preset.num_heads, chunk_size=preset.chunk_size, window_size=preset.window_size,
                batch_size=tr.batch_size, max_steps=tr.max_steps, warmup_steps=tr.warmup_steps,
-               weight_decay=tr.weight_decay, corpus_sha256=SHA256, threads=threads, error="")
+               weight_decay=tr.weight_decay, corpus_sha256=SHA256, init=INIT if tr.reinit else "model's own",
+               threads=threads, error="")
     try:
         cfg, params = matched_config(case.model, preset.base_config(case.context), preset.target_params)
         row.update(ff_dim=cfg.ff_dim, qk_dim=cfg.qk_dim, params=params)
@@ -241,6 +244,8 @@ def run_case(case: LMCase, preset: LMPreset, *, device: str = "cpu", threads: in
         batches = train_batches(train_docs, case.context, tr.batch_size, seed=case.seed)
         with deterministic(case.seed, threads):
             model = resolve_model(case.model).build(cfg)  # initial weights: a function of the seed
+            if tr.reinit:
+                unit_variance_init(model)
             res = train_and_evaluate(model, batches, val, test, tr, device=device, on_step=on_step,
                                      eval_batch=max(1, preset.eval_batch_tokens // case.context))
         seen = res.steps * tr.batch_size * case.context

@@ -1,4 +1,4 @@
-"""``bsbr-eval recall`` and ``bsbr-eval frontier`` (docs/recall.md): multi-query associative recall
+"""``bsbr-eval recall`` (docs/recall.md): multi-query associative recall
 (MQAR; Arora et al., 2023): can each architecture retrieve what it saw? Split along zoology's
 lines, one job per module:
 
@@ -6,20 +6,11 @@ lines, one job per module:
 - ``training``: the shared initialisation recipe, the loss and accuracy, one model trained
   (through ``evals.train.fit``), and the measured decoding-state size;
 - ``sweep``: cases, presets (``quick``, ``cpu``, ``zoology``), the learning-rate protocol, one run;
-- ``launch``: the output folder (lock, resume), the phases on an executor (``evals.executors``);
+- ``command``: the options and ``main``;
+- ``launch``: the preset the options make, the run folder, the phases on an executor;
 - ``report``: best rate per configuration, mean/std/min over seeds, the Standard check, figures;
 - ``plots``: the figures (accuracy vs task, accuracy vs state size; the markers the frontier shares);
-- ``frontier``: ``bsbr-eval frontier``, decode cost and state bytes of every trained configuration,
-  measured through compare's harness and joined to its accuracy.
+
+Its cost x accuracy frontier is ``evals.frontier``. Nothing is imported here: import each module
+from where it is defined.
 """
-
-from evals.recall.data import FILLER, IGNORE, MQARConfig, Splits, make_mqar, query_accuracy
-from evals.recall.launch import OutputError, run_recall
-from evals.recall.sweep import (COLUMNS, PRESETS, RecallCase, RecallPreset, best_lr, recall_grid, run_case,
-                                seed_cases)
-from evals.recall.training import decoding_state_bytes, reinit_for_recall, train_and_evaluate
-from evals.train import TrainConfig, warmup_cosine
-
-__all__ = ["FILLER", "IGNORE", "MQARConfig", "Splits", "make_mqar", "query_accuracy", "OutputError", "run_recall",
-           "COLUMNS", "PRESETS", "RecallCase", "RecallPreset", "best_lr", "recall_grid", "run_case", "seed_cases",
-           "decoding_state_bytes", "reinit_for_recall", "train_and_evaluate", "TrainConfig", "warmup_cosine"]

@@ -3,7 +3,7 @@
     plot_recall_task(df, out_dir, ..) MQAR accuracy vs length and vs pairs, per model
     plot_recall_state(df, out_dir)    MQAR accuracy vs measured decoding-state size, per model
 
-and the recall markers and legend the frontier figure (``evals.recall.frontier``) shares. A failed
+and the recall markers and legend the frontier figure (``evals.frontier.recall``) shares. A failed
 run is a marker on the floor, never an accuracy of 0.
 """
 

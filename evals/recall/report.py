@@ -54,28 +54,23 @@ def broken_configs(summary: pd.DataFrame) -> list:
     return [f"n={r.seq_len} P={r.num_pairs} d={r.hidden_dim} size={r.size}" for r in bad.itertuples()]
 
 
-def summary_table(summary: pd.DataFrame, title: str):
-    """A rich table: one row per model, one column per configuration; each cell the held-out
-    accuracy (%) at the best rate, mean ± std over seeds, and the minimum."""
-    from rich.table import Table
-
+def summary_rows(summary: pd.DataFrame) -> tuple:
+    """(columns, rows) of the terminal table: one row per model, one column per configuration;
+    each cell the held-out accuracy (%) at the best rate, mean ± std over seeds, and the minimum."""
     from evals.registry import model_order
 
     cfg = ("n" + summary["seq_len"].astype(str) + " P" + summary["num_pairs"].astype(str) + " d"
            + summary["hidden_dim"].astype(str) + " s" + summary["size"].astype(str))
     s = summary.assign(config=cfg)
     configs = list(dict.fromkeys(s["config"]))
-    table = Table(title=title)
-    table.add_column("model", no_wrap=True, min_width=13)
-    for c in configs:
-        table.add_column(c, justify="right")
+    rows = []
     for m in model_order(s["model"]):
         cells = []
         for c in configs:
             r = s[(s["model"] == m) & (s["config"] == c)]
             cells.append("" if r.empty else format_cell(r.iloc[0]))
-        table.add_row(m, *cells)
-    return table
+        rows.append((m, *cells))
+    return ("model", *configs), rows
 
 
 def format_cell(r) -> str:

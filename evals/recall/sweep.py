@@ -1,7 +1,7 @@
 """The recall sweep: its cases, its presets, the learning-rate protocol, and one run -> one row.
 
 The protocol (zoology's, Arora et al. 2023, plus seeds): for every model and configuration
-(a *group*: model, length, pairs, width, chunk/window size),
+(a *configuration*: model, length, pairs, width, chunk/window size),
 
 1. *tune*: train once per learning rate in ``preset.lrs`` at the first seed;
 2. choose the rate with the best validation accuracy (ties: fewer steps, then the smaller rate);
@@ -44,12 +44,12 @@ class RecallCase:
     seed: int
     phase: str = "tune"
 
-    def group(self) -> tuple:
+    def config(self) -> tuple:
         """The configuration this run belongs to (everything but the rate and the seed)."""
         return (self.model, self.seq_len, self.num_pairs, self.hidden_dim, self.size)
 
     def key(self) -> tuple:
-        return self.group() + (float(self.lr), int(self.seed))
+        return self.config() + (float(self.lr), int(self.seed))
 
     def label(self) -> str:
         return (f"{self.model} n={self.seq_len} P={self.num_pairs} d={self.hidden_dim} size={self.size} "
@@ -153,7 +153,7 @@ class RecallPreset:
         The base task must fit, the vocabulary must hold the largest pair count, and every given
         length and pair count must take part in at least one point that fits.
         """
-        from bsbr.shell import check_heads
+        from bsbr.checks import check_heads
 
         self.train.validate()
         for name in ("seq_lens", "num_pairs", "hidden_dims", "sizes"):
@@ -211,17 +211,11 @@ PRESETS: dict = {
         train=TrainConfig(max_steps=600, schedule_steps=1500, batch_size=64, lr=3e-3, weight_decay=0.0,
                           warmup_steps=30, num_train=8192, num_val=256, num_test=1024, eval_every=50,
                           target_acc=0.995)),
-    # The protocol on a 2-core CPU, chosen to separate the models (docs/recall.md, "The cpu preset"):
-    # vocabulary 128 (63 keys), (32, 8) at widths 64 and 128 and (64, 16) at width 64, chunk/window
-    # 8, 3 rates, 3 seeds. The axis that moves state against demand is keys against the head size:
-    # a d x d state keeps at most ~d keys apart, so at d_head = 32 (width 64) 63 keys do not fit and
-    # at d_head = 64 (width 128) they do. Pilots at vocabulary 128, width 64: Standard 99.6/99.6/99.7%
-    # on seeds 0-2 at (64, 16), rate 1e-3, in 1,400-1,900 steps; at (32, 8), rate 3e-3, Standard
-    # 99.5% and Linear 20.9%. Width 32 is no recall point: there Standard solves MQAR on some seeds
-    # and not others (results/recall_cpu_d32, results/recall_cpu_steps). At vocabulary 64 (31 keys)
-    # width 64 already fits every key, and Linear and DeltaNet recall 16 pairs (99.7%,
-    # results/recall_cpu_v64, a run cut at 32 of 105 trainings); at vocabulary 32
-    # (results/recall_cpu_v32) the fixed-state models keep up at width 32.
+    # The protocol on a 2-core CPU, chosen to separate the models: vocabulary 128 (63 keys), (32, 8)
+    # at widths 64 and 128 and (64, 16) at width 64, chunk/window 8, 3 rates, 3 seeds. The axis
+    # that moves state against demand is keys against the head size: a d x d state keeps at most
+    # ~d keys apart, so at d_head = 32 (width 64) 63 keys do not fit and at d_head = 64 (width 128)
+    # they do. The pilots and earlier runs that chose it: docs/recall.md, "The cpu preset".
     "cpu": RecallPreset(
         vocab_size=128, seq_lens=(32, 64), num_pairs=(8, 16), base_seq_len=32, base_num_pairs=8,
         hidden_dims=(64, 128), sizes=(8,), base_hidden_dim=64, base_size=8,
@@ -283,28 +277,28 @@ def best_lr(rows: Sequence[dict]) -> Optional[float]:
 
 
 def seed_cases(tune_cases: Sequence[RecallCase], rows_by_key: dict, preset: RecallPreset) -> list:
-    """The *seed* cases: each group of ``tune_cases`` once per further seed, at its best rate
+    """The *seed* cases: each configuration of ``tune_cases`` once per further seed, at its best rate
     (from the tune rows in ``rows_by_key``). Groups whose tune rows are incomplete or all failed
     get none."""
     out = []
-    for group in dict.fromkeys(c.group() for c in tune_cases):
-        rows = [rows_by_key.get(group + (float(lr), preset.seeds[0])) for lr in preset.lrs]
+    for config in dict.fromkeys(c.config() for c in tune_cases):
+        rows = [rows_by_key.get(config + (float(lr), preset.seeds[0])) for lr in preset.lrs]
         if any(r is None for r in rows):
             continue
         lr = best_lr(rows)
         if lr is not None:
-            out += [RecallCase(*group, lr, s, "seed") for s in preset.seeds[1:]]
+            out += [RecallCase(*config, lr, s, "seed") for s in preset.seeds[1:]]
     return out
 
 
-def shard_groups(cases: Sequence[RecallCase], i: int, n: int) -> list:
-    """The i-th of N disjoint round-robin slices (1-based) of the *groups* of ``cases``: a group's
+def shard_configs(cases: Sequence[RecallCase], i: int, n: int) -> list:
+    """The i-th of N disjoint round-robin slices (1-based) of the *configurations* of ``cases``: a configuration's
     rates and seeds stay together, because its seed runs depend on its tune runs."""
     if not (n >= 1 and 1 <= i <= n):
         raise ValueError(f"shard index must satisfy 1 <= i <= N, got {i}/{n}")
-    groups = list(dict.fromkeys(c.group() for c in cases))
-    mine = set(groups[i - 1::n])
-    return [c for c in cases if c.group() in mine]
+    configs = list(dict.fromkeys(c.config() for c in cases))
+    mine = set(configs[i - 1::n])
+    return [c for c in cases if c.config() in mine]
 
 
 COLUMNS = (

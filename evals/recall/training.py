@@ -11,52 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from evals.recall.data import IGNORE, Splits
-from evals.train import TrainConfig, fit, shuffled_batches
-
-
-def reinit_for_recall(model: torch.nn.Module) -> None:
-    """The recall recipe's initialisation, the same rule for every architecture.
-
-    Rule: every multiplicative map that mixes a token's features starts with unit-variance outputs.
-    ``nn.Linear`` weights are drawn from N(0, 1/fan_in) (LeCun et al., 1998), the token embedding
-    from N(0, 1) (Vaswani et al. 2017 multiply it by sqrt(D) to the same end), the per-dimension
-    scales of GAU's scale-offset (``gamma`` of ``bsbr_extras.gau.ScaleOffset``, a diagonal map,
-    fan_in = 1) from N(0, 1), and the tied LM head's logits through the final norm's gain, set to
-    d^-1/2 (each logit is a sum of d unit-variance products). Offsets, biases, the blocks' norm
-    gains and every other parameter a mixer sets itself (gates, temperatures) keep the model's own
-    values.
-
-    Why: the shared shell initialises like GPT-2 (every weight N(0, 0.02^2)) and adds
-    unit-amplitude sinusoidal positions. From there a 2-layer model sits on MQAR's plateau (it
-    outputs *some* value seen in context, accuracy 1/P) for thousands of steps: the query and key
-    maps start so small that the gradient that would grow a matching pattern is itself second
-    order in them, and the token identity is ~2% of the input next to the positions.
-
-    GAU: FLASH (Hua et al., 2022) and its reference PyTorch port (lucidrains/FLASH-pytorch,
-    ``OffsetScale``) draw ``gamma`` from N(0, 0.02^2), matched to their own 0.02-scale weights.
-    The recipe replaces those weights for every model; leaving ``gamma`` at 0.02 alone makes
-    GAU's queries and keys ~50x smaller than every other model's, so relu(q.k / c)^2 and its
-    gradient start near zero (fourth power of gamma) and GAU stays at chance (the probe in
-    docs/recall.md). Treating ``gamma`` as the diagonal map it is keeps the rule uniform.
-    """
-    with torch.no_grad():
-        head = getattr(model, "lm_head", None)
-        for name, m in model.named_modules():
-            if isinstance(m, torch.nn.Linear) and m is not head:
-                torch.nn.init.normal_(m.weight, std=m.weight.shape[1] ** -0.5)  # (out, in): 1/sqrt(fan_in)
-            elif type(m).__name__ == "ScaleOffset" and isinstance(getattr(m, "gamma", None), torch.nn.Parameter):
-                torch.nn.init.normal_(m.gamma, std=1.0)  # (heads, s): diagonal maps, fan_in 1
-        embed = getattr(model, "embed", None)
-        if isinstance(embed, torch.nn.Embedding):
-            torch.nn.init.normal_(embed.weight, std=1.0)  # also the tied LM head's weight
-            norm = getattr(model, "norm", None)
-            if head is not None and head.weight is embed.weight and isinstance(norm, torch.nn.LayerNorm) \
-                    and norm.weight is not None:
-                # unit-variance logits: the final norm's output has unit variance per feature and the
-                # tied rows N(0, 1), so each logit would have variance d (initial loss ~34 at d = 64);
-                # T5 (Raffel et al., 2020) scales the output by d^-1/2 before its tied projection for
-                # the same reason. A learned gain, so the model can still sharpen its logits.
-                norm.weight.fill_(norm.weight.shape[0] ** -0.5)
+from evals.train import TrainConfig, fit, shuffled_batches, unit_variance_init
 
 
 @torch.no_grad()
@@ -93,7 +48,7 @@ def query_logits(model: torch.nn.Module, x: torch.Tensor, sel: torch.Tensor) -> 
     Why: only the query positions carry a label (P of n, 8 of 128 in the cpu preset), and the
     vocabulary projection at every position is most of a small model's cost at V = 1024. The
     shell's forward ends in ``lm_head(norm(h))``, so the head is swapped for the call; the result
-    equals ``model(x)[sel]`` (tests/test_recall.py checks it). Models without ``lm_head`` get the
+    equals ``model(x)[sel]`` (tests/evals/recall/test_recall.py checks it). Models without ``lm_head`` get the
     plain forward.
     """
     head = getattr(model, "lm_head", None)
@@ -133,7 +88,7 @@ def train_and_evaluate(model: torch.nn.Module, splits: Splits, train: TrainConfi
     """
     train.validate()
     if train.reinit:
-        reinit_for_recall(model)
+        unit_variance_init(model)
     model.to(device)
     batches = shuffled_batches(*splits.train, train.batch_size, seed + 1, device)
     res = fit(model, lambda: next(batches), query_loss, train,
