@@ -49,13 +49,21 @@ def plot_loss_by_position(table: pd.DataFrame, out_dir: Path, *, window: int, ch
     models = model_order(table["model"])
     pal = model_palette(models)
     fig, axes = plt.subplots(1, len(contexts), figsize=(6 * len(contexts), 4.2), squeeze=False)
+    marks = {}  # position -> what sits there (the window and the chunk may coincide)
+    for at, name in ((window, "window"), (chunk, "chunk")):
+        marks[at] = f"{marks[at]} = {name}" if at in marks else name
     for ax, c in zip(axes[0], contexts):
         t = table[(table["context"] == c) & (table["pos_lo"] > 0)]  # position 0 has no context: off a log axis
+        drawn = {}
         for m in models:
             p = t[t["model"] == m].sort_values("pos_lo")
             x = (p["pos_lo"] * (p["pos_hi"] - 1)).clip(lower=1) ** 0.5
-            ax.plot(x, p["bits_per_byte"], color=pal[m], lw=1.4, label=m)
-        for at, name in ((window, "window"), (chunk, "chunk")):
+            y = tuple(p["bits_per_byte"])
+            same = next((o for o, oy in drawn.items() if oy == y), None)  # identical numbers: say so
+            ax.plot(x, p["bits_per_byte"], color=pal[m], lw=1.4, ls=":" if same else "-",
+                    label=f"{m} (= {same})" if same else m)
+            drawn[m] = y
+        for at, name in marks.items():
             if at < c:
                 ax.axvline(at, color="0.5", ls="--", lw=0.9)
                 ax.text(at, 0.98, f" {name} {at}", transform=ax.get_xaxis_transform(), va="top", fontsize=8,
