@@ -2,7 +2,7 @@
 
 ``results/baselines/cpu.csv`` holds, per configuration of the guard's grid, the FLOPs (per
 token in decode mode), the parameter count and the steady-state traced memory
-(``cpu_alloc_trace_steady``), which ``regress --against`` holds the working tree to, to the
+(``cpu_alloc_trace_steady``), which ``guard --against`` holds the working tree to, to the
 unit. Times are never read from it (they do not transfer between machines; a baseline from
 before this rule may still carry time columns, which are ignored).
 

@@ -96,7 +96,7 @@ def check(o: Options) -> None:
             if given:
                 raise ResultsError(f"{flag} only applies with --against REF")
         if not o.update:
-            raise ResultsError("regress needs --against REF (the A/B check, e.g. --against $(cat "
+            raise ResultsError("guard needs --against REF (the A/B check, e.g. --against $(cat "
                                "results/baselines/ref)) or --update (rewrite the baseline's exact metrics)")
     elif o.update:
         raise ResultsError("--against measures both sides now; it cannot be combined with --update")

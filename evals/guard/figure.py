@@ -1,4 +1,4 @@
-"""The guard's one figure: its power curve (``regress --against REF --power DIR``).
+"""The guard's one figure: its power curve (``guard --against REF --power DIR``).
 
 Drawn with the suite's shared figure conventions (``evals.figures``: a colour and a marker per
 model, the PNG written whole through the results layer).

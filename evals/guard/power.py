@@ -173,7 +173,7 @@ def write_power(out_dir, samples: pd.DataFrame, *, alpha: float, ref: str, ref_s
     """Analyse ``samples`` and write, under ``out_dir``: ``samples.csv.gz`` (every raw pair; 50
     trials of the guard's grid are ~75k rows, so it is compressed),
     ``power.csv`` (``power_table``), ``power.json`` (its sidecar: the machine, the code, the
-    command and ``chosen``, which ``regress --against`` then uses) and ``power.png``.
+    command and ``chosen``, which ``guard --against`` then uses) and ``power.png``.
     Each file is written to a temporary name and renamed; returns the paths."""
     import gzip
 

@@ -83,7 +83,7 @@ def _inject(o, base) -> dict:
 
 
 def _against(console: Console, base, o) -> int:
-    """``regress --against REF``: the A/B check, its self-test, or the power measurement."""
+    """``guard --against REF``: the A/B check, its self-test, or the power measurement."""
     from evals.guard import power as pw
     from evals.guard import runner
 
@@ -135,7 +135,7 @@ def _verdict(console: Console, base, o, done) -> int:
     console.print(line)
     step = os.environ.get(STEP_SUMMARY) or None
     if o.json_path or o.summary_path or step:
-        header = dict(command="regress", ref=o.against, ref_sha=done.ref_sha, tree=done.tree, rounds=done.rounds,
+        header = dict(command="guard", ref=o.against, ref_sha=done.ref_sha, tree=done.tree, rounds=done.rounds,
                       threshold=done.threshold, alpha=done.alpha, self_test=o.self_test, inject=done.inject,
                       sides=done.sides(), baseline=str(o.baseline))
         rep = report.verdicts(findings, base, done.result.pairs, env=machine.machine(), header=header,
