@@ -39,18 +39,17 @@ def repo(tmp_path_factory):
     git(root, "add", ".")
     git(root, "commit", "-qm", "good")
     git(root, "tag", "good")
-    init = root / "bsbr" / "__init__.py"
-    text = init.read_text()
-    init.write_text('raise ImportError("broken on purpose")\n' + text)
-    git(root, "commit", "-qam", "broken")
-    git(root, "tag", "broken")
-    init.write_text(text)
-    harness = root / "evals" / "measure.py"
-    code = harness.read_text()
-    harness.write_text('raise ImportError("an older harness")\n' + code)
-    git(root, "commit", "-qam", "old harness")
-    git(root, "tag", "old-harness")
-    harness.write_text(code)
+
+    def tag_failing_import(module: Path, why: str, tag: str) -> None:
+        """Commit ``module`` raising ImportError(why) as ``tag``, then restore it in the tree."""
+        text = module.read_text()
+        module.write_text(f'raise ImportError("{why}")\n' + text)
+        git(root, "commit", "-qam", tag)
+        git(root, "tag", tag)
+        module.write_text(text)
+
+    tag_failing_import(root / "bsbr" / "__init__.py", "broken on purpose", "broken")
+    tag_failing_import(root / "evals" / "measure.py", "an older harness", "old-harness")
     # a ref from before the guard moved into evals/guard/, before results.py was split and before
     # the commands moved into packages: flat modules under the old names, which must never be
     # imported (the workers install the working tree's harness instead), and none of the new ones
